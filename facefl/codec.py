@@ -162,7 +162,9 @@ def delta(new: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Tens
     return {k: (np.asarray(new[k], np.float32) - np.asarray(base[k], np.float32)) for k in new}
 
 
-def apply_delta(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], scale: float = 1.0) -> TensorDict:
+def apply_delta(
+    base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], scale: float = 1.0
+) -> TensorDict:
     """base + scale * update; names absent from `update` are copied from `base`."""
     out: TensorDict = {}
     for k, v in base.items():

@@ -1,0 +1,1 @@
+"""facefl aggregation service (FastAPI): rounds, updates, aggregation and model versions."""

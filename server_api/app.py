@@ -1,0 +1,83 @@
+"""App factory: `uvicorn --factory server_api.app:create_app` or `facefl serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from server_api import db as dbmod
+from server_api.errors import ApiError
+from server_api.routes import devices, health, models, rounds, tasks
+from server_api.services import rounds as round_service
+from server_api.services.context import ServiceContext, log
+from server_api.settings import Settings
+
+
+async def _ticker(ctx: ServiceContext) -> None:
+    """Deadlines and recovery, checked periodically off the event loop (no in-memory timer owns them)."""
+    while True:
+        try:
+            await run_in_threadpool(round_service.tick, ctx)
+        except Exception:
+            log.exception("tick failed")
+        await asyncio.sleep(ctx.settings.tick_interval_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            await run_in_threadpool(dbmod.upgrade, settings.database_url)
+        ctx = ServiceContext.from_settings(settings)
+        app.state.ctx = ctx
+        ticker = asyncio.create_task(_ticker(ctx))
+        if settings.dev_mode:
+            log.warning(
+                "FACEFL_DEV_MODE is on: well-known dev tokens may be in use; never expose this server"
+            )
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await run_in_threadpool(ctx.close)
+
+    app = FastAPI(
+        title="facefl aggregation server",
+        version="0.1.0",
+        description="Federated face recognition: rounds, updates, aggregation and model versions.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": exc.detail, "code": exc.code}, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:10]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "code": "invalid_request"})
+
+    for module in (health, devices, tasks, rounds, models):
+        app.include_router(module.router)
+    return app
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -1,0 +1,59 @@
+"""FastAPI dependencies, injected as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server_api import security
+from server_api.errors import forbidden, unauthorized
+from server_api.services import devices
+from server_api.services.context import ServiceContext
+from server_api.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="device token, or the admin token for admin endpoints")
+
+
+def get_context(request: Request) -> ServiceContext:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx
+
+
+Context = Annotated[ServiceContext, Depends(get_context)]
+
+
+def get_settings(ctx: Context) -> Settings:
+    return ctx.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def current_device(ctx: Context, creds: Bearer) -> str:
+    if creds is None:
+        raise unauthorized()
+    return devices.authenticate(ctx, creds.credentials)
+
+
+def require_admin(ctx: Context, creds: Bearer) -> None:
+    if creds is None:
+        raise unauthorized()
+    if not security.constant_time_equals(creds.credentials, ctx.settings.admin_token_value):
+        raise forbidden("admin token required") if "." in creds.credentials else unauthorized()
+
+
+def any_principal(ctx: Context, creds: Bearer) -> str:
+    """Admin or a registered device (read-only status endpoints)."""
+    if creds is None:
+        raise unauthorized()
+    if security.constant_time_equals(creds.credentials, ctx.settings.admin_token_value):
+        return "admin"
+    return devices.authenticate(ctx, creds.credentials)
+
+
+CurrentDevice = Annotated[str, Depends(current_device)]
+Admin = Annotated[None, Depends(require_admin)]
+Principal = Annotated[str, Depends(any_principal)]

@@ -1,0 +1,150 @@
+"""SQLAlchemy 2 ORM models (typed Mapped[...]). The schema changes only through Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+# Round states. "open" and "aggregating" are active; at most one active round per task (partial index).
+ROUND_OPEN = "open"
+ROUND_AGGREGATING = "aggregating"
+ROUND_AGGREGATED = "aggregated"
+ROUND_ABANDONED = "abandoned"
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    capabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime | None]
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    algorithm: Mapped[str] = mapped_column(String(32))
+    architecture: Mapped[str] = mapped_column(String(32))
+    embedding_dim: Mapped[int]
+    image_size: Mapped[int]
+    rounds: Mapped[int]
+    hyperparams: Mapped[dict[str, Any]]
+    policy: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    # no FK: tasks and model_versions reference each other; the service keeps this consistent
+    current_version: Mapped[int | None]
+    aggregated_rounds: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), index=True)
+    parent_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+    # unique: exactly one model version per round, whatever the number of workers
+    # (no FK to rounds: rounds.base_version already points here, and a cycle would complicate DDL)
+    round_id: Mapped[int | None] = mapped_column(unique=True)
+    architecture: Mapped[str] = mapped_column(String(32))
+    blob_key: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int]
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (
+        UniqueConstraint("task_id", "number", name="uq_rounds_task_number"),
+        Index(
+            "uq_rounds_one_active_per_task",
+            "task_id",
+            unique=True,
+            sqlite_where=text("status IN ('open', 'aggregating')"),
+            postgresql_where=text("status IN ('open', 'aggregating')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    number: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16), default=ROUND_OPEN)
+    base_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    result_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+    target_reports: Mapped[int]
+    min_reports: Mapped[int]
+    max_assignments: Mapped[int]
+    assigned: Mapped[int] = mapped_column(default=0)
+    reported: Mapped[int] = mapped_column(default=0)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+    aggregation_started_at: Mapped[datetime | None]
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("round_id", "device_id", name="uq_assignments_round_device"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    upload_token_hash: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reported: Mapped[bool] = mapped_column(default=False)
+
+
+class Update(Base):
+    __tablename__ = "updates"
+    __table_args__ = (UniqueConstraint("round_id", "device_id", name="uq_updates_round_device"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int]
+    num_samples: Mapped[int]
+    norm: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

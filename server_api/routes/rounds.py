@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+
+from server_api.deps import Context, CurrentDevice, Principal
+from server_api.errors import not_found, too_large
+from server_api.orm import Round
+from server_api.schemas import CheckinIn, CheckinOut, ErrorOut, RoundOut, UpdateAccepted, WaitAction
+from server_api.services import rounds, updates
+
+router = APIRouter(prefix="/v1", tags=["rounds"])
+
+_FLUSH_BYTES = 1 << 20
+
+
+@router.post("/checkin", response_model=CheckinOut, responses={401: {"model": ErrorOut}})
+async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, response: Response) -> CheckinOut:
+    """Offer this device for training: an assignment, or a wait with Retry-After (pace steering)."""
+    result = await run_in_threadpool(rounds.checkin, ctx, device_id, body)
+    if isinstance(result, WaitAction):
+        response.headers["Retry-After"] = str(max(1, round(result.retry_after_s)))
+    return result
+
+
+@router.get("/rounds/{round_id}", response_model=RoundOut, responses={404: {"model": ErrorOut}})
+async def get_round(round_id: int, ctx: Context, _: Principal) -> RoundOut:
+    def load() -> RoundOut:
+        with ctx.db.read() as s:
+            rnd = s.get(Round, round_id)
+            if rnd is None:
+                raise not_found(f"round {round_id}")
+            return RoundOut.model_validate(rnd)
+
+    return await run_in_threadpool(load)
+
+
+@router.post(
+    "/rounds/{round_id}/updates",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=UpdateAccepted,
+    responses={c: {"model": ErrorOut} for c in (401, 403, 404, 409, 410, 413, 422)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_update(
+    round_id: int,
+    request: Request,
+    ctx: Context,
+    device_id: CurrentDevice,
+    num_samples: Annotated[int, Query(ge=1, le=1_000_000_000)],
+    x_upload_token: Annotated[str, Header(min_length=1, max_length=256)],
+    x_metrics: Annotated[str | None, Header(max_length=4096)] = None,
+) -> UpdateAccepted:
+    """Upload this device's model delta (safetensors body). Durable before 202."""
+    limit = ctx.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    metrics = updates.parse_metrics(x_metrics)
+    await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
+    staged = await run_in_threadpool(ctx.blobs.staging_file)
+    try:
+        received = 0
+        buffer = bytearray()
+        async with await anyio.open_file(staged, "wb") as f:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:  # refused while streaming: never held in memory or on disk whole
+                    raise too_large(limit)
+                buffer += chunk
+                if len(buffer) >= _FLUSH_BYTES:
+                    await f.write(bytes(buffer))
+                    buffer.clear()
+            await f.write(bytes(buffer))
+        return await run_in_threadpool(
+            lambda: updates.accept(
+                ctx,
+                round_id=round_id,
+                device_id=device_id,
+                upload_token=x_upload_token,
+                staged=staged,
+                num_samples=num_samples,
+                metrics=metrics,
+            )
+        )
+    finally:
+        staged.unlink(missing_ok=True)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+from fastapi.concurrency import run_in_threadpool
+
+from server_api.deps import Admin, Context, Principal
+from server_api.schemas import ErrorOut, RoundOut, TaskIn, TaskOut
+from server_api.services import tasks
+
+router = APIRouter(prefix="/v1", tags=["tasks"])
+
+
+@router.post(
+    "/tasks",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskOut,
+    responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+)
+async def create_task(body: TaskIn, ctx: Context, _: Admin) -> TaskOut:
+    """Create a federated task: builds its initial model version and opens round 1 (admin)."""
+    return await run_in_threadpool(tasks.create, ctx, body)
+
+
+@router.get("/tasks", response_model=list[TaskOut])
+async def list_tasks(ctx: Context, _: Principal) -> list[TaskOut]:
+    return await run_in_threadpool(tasks.listing, ctx)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskOut, responses={404: {"model": ErrorOut}})
+async def get_task(task_id: int, ctx: Context, _: Principal) -> TaskOut:
+    return await run_in_threadpool(tasks.get, ctx, task_id)
+
+
+@router.get("/tasks/{task_id}/rounds", response_model=list[RoundOut], responses={404: {"model": ErrorOut}})
+async def task_rounds(task_id: int, ctx: Context, _: Principal) -> list[RoundOut]:
+    return await run_in_threadpool(tasks.rounds_of, ctx, task_id)

@@ -1,0 +1,178 @@
+"""Pydantic schemas of the HTTP API (separate from the ORM models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Architecture = Literal["small", "mobilefacenet"]
+Algorithm = Literal["fedavg", "fedprox"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Capabilities(Strict):
+    accelerator: Annotated[str, Field(max_length=32)] = "cpu"
+    num_samples: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+
+
+class RegisterIn(Strict):
+    enrollment_secret: Annotated[str, Field(min_length=1, max_length=256)]
+    name: Annotated[str | None, Field(max_length=128)] = None
+    capabilities: Capabilities | None = None
+
+
+class RegisterOut(BaseModel):
+    device_id: str
+    token: str
+
+
+class Hyperparams(Strict):
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 5e-4
+    mu: Annotated[float, Field(ge=0, le=100)] = 0.0
+    scale: Annotated[float, Field(gt=0, le=128)] = 30.0
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.4
+
+
+class RoundPolicy(Strict):
+    target_reports: Annotated[int, Field(ge=1, le=100_000)] = 10
+    over_selection: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
+    min_reports: Annotated[int | None, Field(ge=1, le=100_000)] = None
+    round_timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
+    update_norm_bound: Annotated[float | None, Field(gt=0)] = None
+
+    @model_validator(mode="after")
+    def _defaults(self) -> RoundPolicy:
+        if self.min_reports is None:
+            self.min_reports = max(1, self.target_reports // 2)
+        if self.min_reports > self.target_reports:
+            raise ValueError("min_reports must not exceed target_reports")
+        return self
+
+
+class TaskIn(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    algorithm: Algorithm = "fedavg"
+    architecture: Architecture = "small"
+    embedding_dim: Annotated[int | None, Field(ge=8, le=4096)] = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    rounds: Annotated[int, Field(ge=1, le=100_000)] = 10
+    initial_version: Annotated[int | None, Field(ge=1)] = None
+    hyperparams: Hyperparams = Field(default_factory=Hyperparams)
+    policy: RoundPolicy = Field(default_factory=RoundPolicy)
+
+    @model_validator(mode="after")
+    def _fedprox_needs_mu(self) -> TaskIn:
+        if self.algorithm == "fedprox" and self.hyperparams.mu <= 0:
+            raise ValueError("fedprox needs hyperparams.mu > 0")
+        return self
+
+
+class RoundOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    task_id: int
+    number: int
+    status: str
+    base_version: int
+    result_version: int | None
+    target_reports: int
+    min_reports: int
+    max_assignments: int
+    assigned: int
+    reported: int
+    opened_at: datetime
+    deadline: datetime
+    closed_at: datetime | None
+    metrics: dict[str, Any]
+
+
+class TaskOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    algorithm: str
+    architecture: str
+    embedding_dim: int
+    image_size: int
+    rounds: int
+    hyperparams: dict[str, Any]
+    policy: dict[str, Any]
+    status: str
+    current_version: int | None
+    aggregated_rounds: int
+    current_round: RoundOut | None = None
+    created_at: datetime
+
+
+class ModelVersionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    version: int
+    task_id: int | None
+    parent_version: int | None
+    round_id: int | None
+    architecture: str
+    sha256: str
+    size_bytes: int
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class CheckinIn(Strict):
+    task_id: Annotated[int | None, Field(ge=1)] = None
+    capabilities: Capabilities | None = None
+
+
+class AssignmentOut(BaseModel):
+    round_id: int
+    task_id: int
+    round_number: int
+    base_version: int
+    algorithm: str
+    architecture: str
+    embedding_dim: int
+    image_size: int
+    hyperparams: dict[str, Any]
+    deadline: datetime
+    upload_token: str
+
+
+class TrainAction(BaseModel):
+    action: Literal["train"] = "train"
+    assignment: AssignmentOut
+
+
+class WaitAction(BaseModel):
+    action: Literal["wait"] = "wait"
+    retry_after_s: float
+    reason: Literal["no_open_round", "round_full", "already_participated", "task_completed", "no_task"]
+
+
+CheckinOut = Annotated[TrainAction | WaitAction, Field(discriminator="action")]
+
+
+class UpdateAccepted(BaseModel):
+    update_id: int
+    round_id: int
+    reports: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    db: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    code: str

@@ -1,0 +1,118 @@
+"""Aggregation of a round into a new model version: streaming, off the event loop, exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from facefl import codec
+from facefl.algorithms.fedavg import WeightedMean
+from server_api.orm import ModelVersion, Round, Task, utcnow
+from server_api.services import models, queries, rounds
+from server_api.services.context import ServiceContext, log
+
+
+def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
+    """Aggregate the round if this caller wins the compare-and-set; returns the new version or None.
+
+    Memory is O(model): updates are read from the blob store one at a time into a running weighted
+    mean (FedAvg and FedProx share this server step). The new version, the round's closure and the next
+    round are committed in one transaction, fenced by the lease timestamp we set when we took the round.
+    """
+    now = utcnow()
+    stale_before = now - timedelta(seconds=ctx.settings.aggregation_lease_s)
+    with ctx.db.write() as s:
+        if not queries.start_aggregation(s, round_id, now, stale_before):
+            return None
+        rnd = s.get(Round, round_id)
+        assert rnd is not None
+        s.refresh(rnd)
+        lease = rnd.aggregation_started_at
+        base = s.get(ModelVersion, rnd.base_version)
+        task = s.get(Task, rnd.task_id)
+        assert base is not None and task is not None and lease is not None
+        base_key, architecture, task_id = base.blob_key, base.architecture, task.id
+        updates = [(u.blob_key, u.num_samples, dict(u.metrics)) for u in queries.updates_of(s, round_id)]
+
+    t0 = time.perf_counter()
+    mean = WeightedMean()
+    metric_sums: dict[str, float] = defaultdict(float)
+    for blob_key, num_samples, metrics in updates:
+        mean.add(codec.load_file(ctx.blobs.path(blob_key)), float(num_samples))
+        for name, value in metrics.items():
+            metric_sums[name] += float(value) * num_samples
+    total = sum(n for _, n, _ in updates)
+    new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), mean.result())
+    blob = models.store_weights(ctx, new_weights, architecture)
+    agg_seconds = time.perf_counter() - t0
+    round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
+    round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
+
+    try:
+        version = _commit(
+            ctx,
+            round_id,
+            task_id,
+            rnd.base_version,
+            lease,
+            architecture,
+            blob,
+            len(updates),
+            total,
+            round_metrics,
+        )
+    except _LostLease:
+        log.warning("aggregation of round %s lost its lease; result discarded", round_id)
+        return None
+    log.info(
+        "round aggregated",
+        extra={
+            "round_id": round_id,
+            "model_version": version,
+            "reports": len(updates),
+            "seconds": agg_seconds,
+        },
+    )
+    return version
+
+
+class _LostLease(Exception):
+    """Another worker took the round over (our lease expired): our transaction must roll back."""
+
+
+def _commit(
+    ctx: ServiceContext,
+    round_id: int,
+    task_id: int,
+    base_version: int,
+    lease: datetime,
+    architecture: str,
+    blob: tuple[str, int, str],
+    reports: int,
+    samples: int,
+    round_metrics: dict[str, float],
+) -> int:
+    with ctx.db.write() as s:
+        mv = models.add_version(
+            s,
+            task_id=task_id,
+            parent=base_version,
+            round_id=round_id,
+            architecture=architecture,
+            blob=blob,
+            metrics={"reports": reports, "samples": samples},
+        )
+        if not queries.finish_aggregation(
+            s, round_id, lease, utcnow(), result_version=mv.version, metrics=round_metrics
+        ):
+            raise _LostLease
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.current_version = mv.version
+        task.aggregated_rounds += 1
+        if task.aggregated_rounds >= task.rounds:
+            task.status = "completed"
+        else:
+            rounds.open_round(s, task)
+        return mv.version

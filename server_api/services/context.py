@@ -1,0 +1,49 @@
+"""What every service needs: settings, the database, the blob store and the aggregation executor."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from server_api.blobstore import FileBlobStore
+from server_api.db import Database
+from server_api.settings import Settings
+
+log = logging.getLogger("facefl.server")
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    db: Database
+    blobs: FileBlobStore
+    # Aggregation runs on this thread, never on the event loop; one per process keeps memory at
+    # O(model); workers on other processes are kept out by the compare-and-set on the round row.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="facefl-aggregate")
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServiceContext:
+        return cls(
+            settings=settings,
+            db=Database(settings.database_url),
+            blobs=FileBlobStore(settings.data_dir / "blobs"),
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        def _run() -> Any:
+            try:
+                return fn(*args)
+            except Exception:  # logged, and retried by the ticker (the round stays recoverable)
+                log.exception("background job %s%r failed", getattr(fn, "__name__", fn), args)
+                raise
+
+        return self.executor.submit(_run)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=False)
+        self.db.dispose()

@@ -1,0 +1,92 @@
+"""Model versions: creation (with lineage), listing and blob access."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from facefl import codec
+from server_api.errors import not_found
+from server_api.orm import ModelVersion
+from server_api.schemas import ModelVersionOut
+from server_api.services import queries
+from server_api.services.context import ServiceContext
+
+
+def store_weights(
+    ctx: ServiceContext, tensors: Mapping[str, np.ndarray], architecture: str
+) -> tuple[str, int, str]:
+    """Write weights to the blob store; returns (blob key, size, sha256). Safe to call outside a txn."""
+    key, size = ctx.blobs.put_bytes(codec.encode(tensors, metadata={"architecture": architecture}))
+    return key, size, key  # content-addressed: the key is the sha256
+
+
+def add_version(
+    s: Session,
+    *,
+    task_id: int | None,
+    parent: int | None,
+    round_id: int | None,
+    architecture: str,
+    blob: tuple[str, int, str],
+    metrics: dict[str, float] | None = None,
+) -> ModelVersion:
+    key, size, sha = blob
+    mv = ModelVersion(
+        task_id=task_id,
+        parent_version=parent,
+        round_id=round_id,
+        architecture=architecture,
+        blob_key=key,
+        sha256=sha,
+        size_bytes=size,
+        metrics=metrics or {},
+    )
+    s.add(mv)
+    s.flush()
+    return mv
+
+
+def info(ctx: ServiceContext, version: int) -> ModelVersionOut:
+    with ctx.db.read() as s:
+        mv = s.get(ModelVersion, version)
+        if mv is None:
+            raise not_found(f"model version {version}")
+        return ModelVersionOut.model_validate(mv)
+
+
+def listing(ctx: ServiceContext, task_id: int | None) -> list[ModelVersionOut]:
+    with ctx.db.read() as s:
+        return [ModelVersionOut.model_validate(mv) for mv in queries.model_versions(s, task_id)]
+
+
+def blob_path(ctx: ServiceContext, version: int) -> tuple[Path, str]:
+    with ctx.db.read() as s:
+        mv = s.get(ModelVersion, version)
+        if mv is None:
+            raise not_found(f"model version {version}")
+        return ctx.blobs.path(mv.blob_key), mv.sha256
+
+
+def expected_specs(ctx: ServiceContext, version: int) -> dict[str, codec.TensorSpec]:
+    """Names and shapes an update against this base version must have (read from the blob header)."""
+    path, _ = blob_path(ctx, version)
+    return _specs_cached(str(path))
+
+
+@lru_cache(maxsize=256)
+def _specs_cached(path: str) -> dict[str, codec.TensorSpec]:
+    # model blobs are immutable and content-addressed, so a cached header never goes stale
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    return {
+        name: codec.TensorSpec(shape=tuple(entry["shape"]), dtype=entry["dtype"])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }

@@ -1,0 +1,149 @@
+"""Every query of the service layer, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from server_api.orm import (
+    ROUND_AGGREGATING,
+    ROUND_OPEN,
+    Assignment,
+    ModelVersion,
+    Round,
+    Task,
+    Update,
+)
+
+ACTIVE = (ROUND_OPEN, ROUND_AGGREGATING)
+
+
+def active_round(s: Session, task_id: int) -> Round | None:
+    return s.scalars(select(Round).where(Round.task_id == task_id, Round.status.in_(ACTIVE))).first()
+
+
+def next_round_number(s: Session, task_id: int) -> int:
+    return (
+        int(s.scalar(select(func.coalesce(func.max(Round.number), 0)).where(Round.task_id == task_id)) or 0)
+        + 1
+    )
+
+
+def pick_task(s: Session, task_id: int | None) -> Task | None:
+    if task_id is not None:
+        return s.get(Task, task_id)
+    # the oldest running task that has an open round, else the oldest running task
+    with_open = s.scalars(
+        select(Task)
+        .join(Round, Round.task_id == Task.id)
+        .where(Task.status == "running", Round.status == ROUND_OPEN)
+        .order_by(Task.id)
+    ).first()
+    return with_open or s.scalars(select(Task).where(Task.status == "running").order_by(Task.id)).first()
+
+
+def assignment_of(s: Session, round_id: int, device_id: str) -> Assignment | None:
+    return s.scalars(
+        select(Assignment).where(Assignment.round_id == round_id, Assignment.device_id == device_id)
+    ).first()
+
+
+def claim_assignment_slot(s: Session, round_id: int) -> bool:
+    """Compare-and-set: take one of the round's assignment slots if it is open and not full."""
+    res = s.execute(
+        update(Round)
+        .where(Round.id == round_id, Round.status == ROUND_OPEN, Round.assigned < Round.max_assignments)
+        .values(assigned=Round.assigned + 1)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def count_report(s: Session, round_id: int, now: datetime) -> bool:
+    """Compare-and-set: count one report on a round that is still open and before its deadline."""
+    res = s.execute(
+        update(Round)
+        .where(Round.id == round_id, Round.status == ROUND_OPEN, Round.deadline > now)
+        .values(reported=Round.reported + 1)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def start_aggregation(s: Session, round_id: int, now: datetime, stale_before: datetime) -> bool:
+    """Compare-and-set open -> aggregating (or take over an aggregation whose lease expired)."""
+    res = s.execute(
+        update(Round)
+        .where(
+            Round.id == round_id,
+            (Round.status == ROUND_OPEN)
+            | ((Round.status == ROUND_AGGREGATING) & (Round.aggregation_started_at < stale_before)),
+        )
+        .values(status=ROUND_AGGREGATING, aggregation_started_at=now)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish_round(
+    s: Session, round_id: int, from_status: str, to_status: str, now: datetime, **values: object
+) -> bool:
+    """Compare-and-set the round's final status; False when another worker got there first."""
+    res = s.execute(
+        update(Round)
+        .where(Round.id == round_id, Round.status == from_status)
+        .values(status=to_status, closed_at=now, **values)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish_aggregation(s: Session, round_id: int, lease: datetime, now: datetime, **values: object) -> bool:
+    """aggregating -> aggregated, fenced by our lease so a taken-over aggregation cannot finish twice."""
+    res = s.execute(
+        update(Round)
+        .where(Round.id == round_id, Round.status == ROUND_AGGREGATING, Round.aggregation_started_at == lease)
+        .values(status="aggregated", closed_at=now, **values)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def updates_of(s: Session, round_id: int) -> Sequence[Update]:
+    return s.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.id)).all()
+
+
+def rounds_needing_attention(s: Session, now: datetime, stale_before: datetime) -> Sequence[Round]:
+    return s.scalars(
+        select(Round).where(
+            (
+                (Round.status == ROUND_OPEN)
+                & ((Round.deadline <= now) | (Round.reported >= Round.target_reports))
+            )
+            | ((Round.status == ROUND_AGGREGATING) & (Round.aggregation_started_at < stale_before))
+        )
+    ).all()
+
+
+def running_tasks_without_active_round(s: Session) -> Sequence[Task]:
+    active = select(Round.task_id).where(Round.status.in_(ACTIVE))
+    return s.scalars(select(Task).where(Task.status == "running", Task.id.not_in(active))).all()
+
+
+def blob_referenced(s: Session, key: str) -> bool:
+    in_updates = s.scalar(select(func.count()).select_from(Update).where(Update.blob_key == key))
+    in_models = s.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.blob_key == key))
+    return bool(in_updates) or bool(in_models)
+
+
+def rounds_of(s: Session, task_id: int) -> Sequence[Round]:
+    return s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.number)).all()
+
+
+def tasks(s: Session) -> Sequence[Task]:
+    return s.scalars(select(Task).order_by(Task.id)).all()
+
+
+def model_versions(s: Session, task_id: int | None) -> Sequence[ModelVersion]:
+    q = select(ModelVersion).order_by(ModelVersion.version)
+    if task_id is not None:
+        q = q.where(ModelVersion.task_id == task_id)
+    return s.scalars(q).all()

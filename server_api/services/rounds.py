@@ -1,0 +1,148 @@
+"""Round lifecycle: opening, check-in (selection with over-selection and pace steering), deadlines."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from server_api import security
+from server_api.orm import (
+    ROUND_ABANDONED,
+    ROUND_AGGREGATING,
+    ROUND_OPEN,
+    Assignment,
+    Device,
+    Round,
+    Task,
+    utcnow,
+)
+from server_api.round_policy import RoundAction, RoundCounters, decide, max_assignments, retry_after
+from server_api.schemas import AssignmentOut, CheckinIn, TrainAction, WaitAction
+from server_api.services import queries
+from server_api.services.context import ServiceContext, log
+
+
+def open_round(s: Session, task: Task) -> Round:
+    """Open the task's next round on its current model version (caller owns the transaction)."""
+    policy = task.policy
+    assert task.current_version is not None
+    now = utcnow()
+    rnd = Round(
+        task_id=task.id,
+        number=queries.next_round_number(s, task.id),
+        status=ROUND_OPEN,
+        base_version=task.current_version,
+        target_reports=policy["target_reports"],
+        min_reports=policy["min_reports"],
+        max_assignments=max_assignments(policy["target_reports"], policy["over_selection"]),
+        assigned=0,
+        reported=0,
+        opened_at=now,
+        deadline=now + timedelta(seconds=float(policy["round_timeout_s"])),
+        metrics={},
+    )
+    s.add(rnd)
+    s.flush()
+    log.info("round opened", extra={"task_id": task.id, "round_id": rnd.id, "round_number": rnd.number})
+    return rnd
+
+
+def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:
+    st = ctx.settings
+    now = utcnow()
+
+    def wait(seconds: float, reason: str) -> WaitAction:
+        return WaitAction(
+            retry_after_s=retry_after(seconds, st.min_retry_after_s, st.max_retry_after_s), reason=reason
+        )  # type: ignore[arg-type]
+
+    with ctx.db.write() as s:
+        device = s.get(Device, device_id)
+        if device is not None:
+            device.last_seen_at = now
+            if body.capabilities is not None:
+                device.capabilities = body.capabilities.model_dump()
+        task = queries.pick_task(s, body.task_id)
+        if task is None:
+            return wait(st.max_retry_after_s, "no_task")
+        if task.status != "running":
+            return wait(st.max_retry_after_s, "task_completed")
+        rnd = queries.active_round(s, task.id)
+        if rnd is None or rnd.status != ROUND_OPEN or rnd.deadline <= now:
+            return wait(st.tick_interval_s, "no_open_round")
+        until_deadline = (rnd.deadline - now).total_seconds()
+        token = security.new_secret()
+        assignment = queries.assignment_of(s, rnd.id, device_id)
+        if assignment is not None:
+            if assignment.reported:
+                return wait(until_deadline, "already_participated")
+            # the device lost its token (crash, reinstall): a fresh one replaces it, the old one dies
+            assignment.upload_token_hash = security.hash_secret(token)
+        else:
+            if not queries.claim_assignment_slot(s, rnd.id):
+                return wait(until_deadline, "round_full")
+            s.add(
+                Assignment(
+                    round_id=rnd.id, device_id=device_id, upload_token_hash=security.hash_secret(token)
+                )
+            )
+        return TrainAction(
+            assignment=AssignmentOut(
+                round_id=rnd.id,
+                task_id=task.id,
+                round_number=rnd.number,
+                base_version=rnd.base_version,
+                algorithm=task.algorithm,
+                architecture=task.architecture,
+                embedding_dim=task.embedding_dim,
+                image_size=task.image_size,
+                hyperparams=task.hyperparams,
+                deadline=rnd.deadline,
+                upload_token=token,
+            )
+        )
+
+
+def abandon(ctx: ServiceContext, round_id: int) -> bool:
+    """open -> abandoned, and a new round on the same base model opens in the same transaction."""
+    now = utcnow()
+    with ctx.db.write() as s:
+        if not queries.finish_round(s, round_id, ROUND_OPEN, ROUND_ABANDONED, now):
+            return False
+        rnd = s.get(Round, round_id)
+        assert rnd is not None
+        s.refresh(rnd)
+        task = s.get(Task, rnd.task_id)
+        assert task is not None
+        log.info("round abandoned", extra={"round_id": round_id, "reported": rnd.reported})
+        open_round(s, task)
+        return True
+
+
+def tick(ctx: ServiceContext) -> list[tuple[int, RoundAction]]:
+    """Enforce deadlines and recover: any worker may run this; compare-and-set keeps it exactly-once."""
+    from server_api.services import aggregation
+
+    now = utcnow()
+    stale_before = now - timedelta(seconds=ctx.settings.aggregation_lease_s)
+    with ctx.db.read() as s:
+        due = [
+            (r.id, r.status, RoundCounters(r.reported, r.target_reports, r.min_reports, r.deadline))
+            for r in queries.rounds_needing_attention(s, now, stale_before)
+        ]
+        orphaned_tasks = [t.id for t in queries.running_tasks_without_active_round(s)]
+    done: list[tuple[int, RoundAction]] = []
+    for round_id, status, counters in due:
+        action = RoundAction.AGGREGATE if status == ROUND_AGGREGATING else decide(counters, now)
+        if action is RoundAction.AGGREGATE:
+            if aggregation.aggregate_round(ctx, round_id) is not None:
+                done.append((round_id, action))
+        elif action is RoundAction.ABANDON and abandon(ctx, round_id):
+            done.append((round_id, action))
+    for task_id in orphaned_tasks:  # e.g. a crash between closing a round and opening the next
+        with ctx.db.write() as s:
+            task = s.get(Task, task_id)
+            if task is not None and task.status == "running" and queries.active_round(s, task_id) is None:
+                open_round(s, task)
+    return done

@@ -1,0 +1,85 @@
+"""Task creation (initial model version + first round) and task status."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from server_api.errors import invalid, not_found
+from server_api.orm import ModelVersion, Task
+from server_api.schemas import RoundOut, TaskIn, TaskOut
+from server_api.services import models, queries, rounds
+from server_api.services.context import ServiceContext
+
+
+def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
+    from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
+
+    arch = ARCHITECTURES[body.architecture]
+    embedding_dim = body.embedding_dim or arch.default_embedding_dim
+    blob = None
+    if body.initial_version is None:
+        # CPU work (building and serializing the model) happens before the transaction opens
+        backbone = build_backbone(body.architecture, embedding_dim=embedding_dim, seed=body.seed)
+        blob = models.store_weights(ctx, state_to_numpy(backbone), body.architecture)
+    with ctx.db.write() as s:
+        if body.initial_version is not None:
+            base = s.get(ModelVersion, body.initial_version)
+            if base is None:
+                raise invalid(
+                    "unknown_model_version", f"initial_version {body.initial_version} does not exist"
+                )
+            if base.architecture != body.architecture:
+                raise invalid(
+                    "architecture_mismatch",
+                    f"initial_version {base.version} is a {base.architecture} model, not {body.architecture}",
+                )
+        task = Task(
+            name=body.name,
+            algorithm=body.algorithm,
+            architecture=body.architecture,
+            embedding_dim=embedding_dim,
+            image_size=arch.image_size,
+            rounds=body.rounds,
+            hyperparams=body.hyperparams.model_dump(),
+            policy=body.policy.model_dump(),
+            status="running",
+            aggregated_rounds=0,
+        )
+        s.add(task)
+        s.flush()
+        if blob is not None:
+            mv = models.add_version(
+                s, task_id=task.id, parent=None, round_id=None, architecture=body.architecture, blob=blob
+            )
+            task.current_version = mv.version
+        else:
+            task.current_version = body.initial_version
+        rounds.open_round(s, task)
+        return _task_out(s, task)
+
+
+def get(ctx: ServiceContext, task_id: int) -> TaskOut:
+    with ctx.db.read() as s:
+        task = s.get(Task, task_id)
+        if task is None:
+            raise not_found(f"task {task_id}")
+        return _task_out(s, task)
+
+
+def listing(ctx: ServiceContext) -> list[TaskOut]:
+    with ctx.db.read() as s:
+        return [_task_out(s, t) for t in queries.tasks(s)]
+
+
+def rounds_of(ctx: ServiceContext, task_id: int) -> list[RoundOut]:
+    with ctx.db.read() as s:
+        if s.get(Task, task_id) is None:
+            raise not_found(f"task {task_id}")
+        return [RoundOut.model_validate(r) for r in queries.rounds_of(s, task_id)]
+
+
+def _task_out(s: Session, task: Task) -> TaskOut:
+    active = queries.active_round(s, task.id)
+    out = TaskOut.model_validate(task)
+    out.current_round = RoundOut.model_validate(active) if active is not None else None
+    return out

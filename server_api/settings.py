@@ -1,0 +1,71 @@
+"""Server settings: one pydantic-settings class read from FACEFL_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_ENROLLMENT_SECRET = "dev-enrollment-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEFL_", env_file=None, extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///facefl-data/facefl.db",
+        description="SQLAlchemy URL; SQLite file by default, postgresql+psycopg://... for several workers",
+    )
+    data_dir: Path = Field(default=Path("facefl-data"), description="blob store root (content-addressed)")
+    dev_mode: bool = Field(default=False, description="allow the well-known dev admin token and secret")
+    admin_token: SecretStr | None = None
+    enrollment_secret: SecretStr | None = None
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    tick_interval_s: float = Field(default=1.0, gt=0, description="how often deadlines are checked")
+    min_retry_after_s: float = Field(default=1.0, ge=0, description="pace steering: shortest Retry-After")
+    max_retry_after_s: float = Field(default=60.0, gt=0)
+    aggregation_lease_s: float = Field(
+        default=600.0, gt=0, description="an aggregation not finished after this long is retried"
+    )
+    migrate_on_start: bool = True
+
+    @model_validator(mode="after")
+    def _require_secrets_outside_dev(self) -> Settings:
+        if self.dev_mode:
+            if self.admin_token is None:
+                self.admin_token = SecretStr(DEV_ADMIN_TOKEN)
+            if self.enrollment_secret is None:
+                self.enrollment_secret = SecretStr(DEV_ENROLLMENT_SECRET)
+        missing = [
+            name
+            for name, value in (
+                ("FACEFL_ADMIN_TOKEN", self.admin_token),
+                ("FACEFL_ENROLLMENT_SECRET", self.enrollment_secret),
+            )
+            if value is None or len(value.get_secret_value()) < 8
+        ]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} must be set (at least 8 characters) unless FACEFL_DEV_MODE=1"
+            )
+        if self.min_retry_after_s > self.max_retry_after_s:
+            raise ValueError("FACEFL_MIN_RETRY_AFTER_S exceeds FACEFL_MAX_RETRY_AFTER_S")
+        return self
+
+    @property
+    def admin_token_value(self) -> str:
+        assert self.admin_token is not None  # guaranteed by the validator
+        return self.admin_token.get_secret_value()
+
+    @property
+    def enrollment_secret_value(self) -> str:
+        assert self.enrollment_secret is not None
+        return self.enrollment_secret.get_secret_value()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
