@@ -76,7 +76,10 @@ class Api:
 
     def snapshot(self) -> dict[str, Any]:
         with self.ctx.db.read() as s:
-            counts = {m.__name__: s.scalar(select(func.count()).select_from(m)) for m in (Device, Task, ModelVersion, Round, Assignment, Update)}  # fmt: skip
+            counts = {
+                m.__name__: s.scalar(select(func.count()).select_from(m))
+                for m in (Device, Task, ModelVersion, Round, Assignment, Update)
+            }
             rounds = [
                 (r.id, r.status, r.assigned, r.reported) for r in s.scalars(select(Round).order_by(Round.id))
             ]
@@ -201,7 +204,12 @@ def test_task_from_initial_version(api: Api) -> None:
     api.task()
     t2 = api.task(initial_version=1, name="second")
     assert t2["current_version"] == 1
-    r = unchanged(api, lambda: api.c.post("/v1/tasks", json=task_body(initial_version=1, architecture="mobilefacenet"), headers=ADMIN_H))  # fmt: skip
+    r = unchanged(
+        api,
+        lambda: api.c.post(
+            "/v1/tasks", json=task_body(initial_version=1, architecture="mobilefacenet"), headers=ADMIN_H
+        ),
+    )
     assert r.status_code == 422 and r.json()["code"] == "architecture_mismatch"
 
 
@@ -310,7 +318,14 @@ def test_upload_with_forged_device_token_is_401(
     dev, a = assigned
     body = api.delta_bytes(a)
     for h in ({}, {"Authorization": "Bearer x.y"}, {"Authorization": dev["Authorization"] + "x"}):
-        r = unchanged(api, lambda h=h: api.c.post(f"/v1/rounds/{a['round_id']}/updates?num_samples=1", content=body, headers={**h, "X-Upload-Token": a["upload_token"]}))  # fmt: skip
+        r = unchanged(
+            api,
+            lambda h=h: api.c.post(
+                f"/v1/rounds/{a['round_id']}/updates?num_samples=1",
+                content=body,
+                headers={**h, "X-Upload-Token": a["upload_token"]},
+            ),
+        )
         assert r.status_code == 401
 
 
@@ -392,7 +407,14 @@ def test_body_above_limit_is_413_declared_and_streamed(
         for _ in range(80):
             yield b"\0" * 65536
 
-    r = unchanged(api, lambda: api.c.post(f"/v1/rounds/{a['round_id']}/updates?num_samples=1", content=chunks(), headers={**dev, "X-Upload-Token": a["upload_token"]}))  # fmt: skip
+    r = unchanged(
+        api,
+        lambda: api.c.post(
+            f"/v1/rounds/{a['round_id']}/updates?num_samples=1",
+            content=chunks(),
+            headers={**dev, "X-Upload-Token": a["upload_token"]},
+        ),
+    )
     assert r.status_code == 413
     assert not list((api.ctx.blobs.root / "staging").iterdir())
 
@@ -453,15 +475,28 @@ def test_invalid_payloads_are_422(
 
 @pytest.mark.parametrize(
     ("query", "headers"),
-    [("num_samples=0", {}), ("num_samples=abc", {}), ("", {}), ("num_samples=5", {"X-Metrics": "{bad"}),
-     ("num_samples=5", {"X-Metrics": '{"loss": "high"}'}), ("num_samples=5", {"X-Metrics": "[1, 2]"})],
-)  # fmt: skip
+    [
+        ("num_samples=0", {}),
+        ("num_samples=abc", {}),
+        ("", {}),
+        ("num_samples=5", {"X-Metrics": "{bad"}),
+        ("num_samples=5", {"X-Metrics": '{"loss": "high"}'}),
+        ("num_samples=5", {"X-Metrics": "[1, 2]"}),
+    ],
+)
 def test_bad_upload_parameters_are_422(
     api: Api, assigned: tuple[dict[str, str], dict[str, Any]], query: str, headers: dict[str, str]
 ) -> None:
     dev, a = assigned
     body = api.delta_bytes(a)
-    r = unchanged(api, lambda: api.c.post(f"/v1/rounds/{a['round_id']}/updates?{query}", content=body, headers={**dev, "X-Upload-Token": a["upload_token"], **headers}))  # fmt: skip
+    r = unchanged(
+        api,
+        lambda: api.c.post(
+            f"/v1/rounds/{a['round_id']}/updates?{query}",
+            content=body,
+            headers={**dev, "X-Upload-Token": a["upload_token"], **headers},
+        ),
+    )
     assert r.status_code == 422, r.text
 
 
