@@ -1,0 +1,5 @@
+import sys
+
+from facefl.cli import main
+
+sys.exit(main())
