@@ -8,6 +8,8 @@ sessions keep a plain BEGIN so that readers never queue behind writers.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +67,11 @@ class Database:
         self.engine = create_db_engine(self.url)
         self._rw = sessionmaker(self.engine, expire_on_commit=False)
         self._ro = sessionmaker(self.engine.execution_options(**{_READONLY: True}), expire_on_commit=False)
+        # SQLite has one writer: queueing writers on a lock here is fairer and faster than SQLite's
+        # busy handler, whose back-off sleeps grow to 100 ms under contention (p99 tails of ~1 s).
+        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -73,7 +80,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A transaction that commits on success and rolls back on any exception."""
-        with self._rw() as session, session.begin():
+        with self._write_lock, self._rw() as session, session.begin():
             yield session
 
     @contextmanager

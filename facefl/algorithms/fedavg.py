@@ -18,6 +18,7 @@ class WeightedMean:
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
+        self._scratch = np.empty(0, np.float64)  # reused: one weighted copy at a time, no per-add temporaries
         self._total_weight = 0.0
         self.count = 0
 
@@ -38,8 +39,11 @@ class WeightedMean:
             else:
                 if acc.shape != arr.shape:
                     raise ValueError(f"tensor {name!r}: shape {arr.shape} != {acc.shape}")
-                # in place: no temporary of the model's size beyond the float64 cast of `arr`
-                acc += arr.astype(np.float64, copy=False) * weight
+                if self._scratch.size < arr.size:
+                    self._scratch = np.empty(arr.size, np.float64)
+                weighted = self._scratch[: arr.size].reshape(arr.shape)
+                np.multiply(arr, weight, out=weighted)  # upcast and scale in one pass
+                acc += weighted
         self._total_weight += float(weight)
         self.count += 1
 
