@@ -23,7 +23,11 @@ from safetensors.numpy import save as _st_save
 TensorDict = dict[str, np.ndarray]
 
 # dtypes we accept on the wire; the server converts to float32 for aggregation.
-_WIRE_DTYPES = {"F32": np.dtype("float32"), "F16": np.dtype("float16"), "F64": np.dtype("float64")}
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("float32"),
+    "F16": np.dtype("float16"),
+    "F64": np.dtype("float64"),
+}
 
 
 class CodecError(ValueError):

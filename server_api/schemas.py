@@ -153,10 +153,13 @@ class TrainAction(BaseModel):
     assignment: AssignmentOut
 
 
+WaitReason = Literal["no_open_round", "round_full", "already_participated", "task_completed", "no_task"]
+
+
 class WaitAction(BaseModel):
     action: Literal["wait"] = "wait"
     retry_after_s: float
-    reason: Literal["no_open_round", "round_full", "already_participated", "task_completed", "no_task"]
+    reason: WaitReason
 
 
 CheckinOut = Annotated[TrainAction | WaitAction, Field(discriminator="action")]

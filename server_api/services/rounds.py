@@ -18,7 +18,7 @@ from server_api.orm import (
     utcnow,
 )
 from server_api.round_policy import RoundAction, RoundCounters, decide, max_assignments, retry_after
-from server_api.schemas import AssignmentOut, CheckinIn, TrainAction, WaitAction
+from server_api.schemas import AssignmentOut, CheckinIn, TrainAction, WaitAction, WaitReason
 from server_api.services import queries
 from server_api.services.context import ServiceContext, log
 
@@ -52,10 +52,10 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
     st = ctx.settings
     now = utcnow()
 
-    def wait(seconds: float, reason: str) -> WaitAction:
+    def wait(seconds: float, reason: WaitReason) -> WaitAction:
         return WaitAction(
             retry_after_s=retry_after(seconds, st.min_retry_after_s, st.max_retry_after_s), reason=reason
-        )  # type: ignore[arg-type]
+        )
 
     with ctx.db.write() as s:
         device = s.get(Device, device_id)

@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export, int8 quantization and parity checks (see the on-device recognition milestone)."""
