@@ -1,0 +1,74 @@
+"""facefl device SDK: what an app embeds to take part in federated training of a face model.
+
+Typical use::
+
+    from device_sdk import FederatedClient, LocalDataset, Trainer, run_round
+
+    with FederatedClient(server_url, token=token, device_id=device_id) as client:
+        report = run_round(client, Trainer(), LocalDataset.from_folder("faces/", 64), "state/", task_id=1)
+
+Only model deltas, sample counts and numeric training metrics leave the device; its images, its local
+classifier and its credentials stay on it.
+"""
+
+from .client import (
+    Assignment,
+    DeviceCredentials,
+    FederatedClient,
+    RoundInfo,
+    TaskInfo,
+    TransferStats,
+    UploadReceipt,
+    WaitInstruction,
+)
+from .dataset import LocalDataset
+from .device import RoundReport, run_round
+from .errors import (
+    APIError,
+    AssignmentTimeout,
+    AuthError,
+    DuplicateUpload,
+    FaceflError,
+    InvalidRequest,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    RoundClosed,
+    ServerError,
+    TaskCompleted,
+    TransportError,
+    UpdateRejected,
+)
+from .trainer import AssignmentLike, TrainConfig, Trainer, TrainResult
+
+__all__ = [
+    "APIError",
+    "Assignment",
+    "AssignmentLike",
+    "AssignmentTimeout",
+    "AuthError",
+    "DeviceCredentials",
+    "DuplicateUpload",
+    "FaceflError",
+    "FederatedClient",
+    "InvalidRequest",
+    "LocalDataset",
+    "NotFound",
+    "ProtocolError",
+    "RateLimited",
+    "RoundClosed",
+    "RoundInfo",
+    "RoundReport",
+    "ServerError",
+    "TaskCompleted",
+    "TaskInfo",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TransferStats",
+    "TransportError",
+    "UpdateRejected",
+    "UploadReceipt",
+    "WaitInstruction",
+    "run_round",
+]

@@ -1,0 +1,128 @@
+"""Backbone registry and the NumPy <-> module weight bridge.
+
+Every backbone takes float32 NCHW images of shape (N, 3, S, S), preprocessed by
+:class:`facefl.data.Preprocessing` with ``image_size == Architecture.image_size``, and returns
+L2-normalised embeddings of shape (N, d). The wire format (and the server) only ever sees
+:func:`state_to_numpy` output, so the server can aggregate without instantiating models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from facefl.models.heads import CosFaceHead
+from facefl.models.mobilefacenet import FastPReLU, MobileFaceNet
+from facefl.models.small import SmallFaceNet
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "CosFaceHead",
+    "FastPReLU",
+    "MobileFaceNet",
+    "SmallFaceNet",
+    "build_backbone",
+    "get_architecture",
+    "load_numpy_state",
+    "state_to_numpy",
+]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    image_size: int
+    default_embedding_dim: int
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "small": Architecture("small", image_size=64, default_embedding_dim=128),
+    # 128-d as in the MobileFaceNet paper (Chen et al. 2018); also keeps updates small on the wire.
+    "mobilefacenet": Architecture("mobilefacenet", image_size=112, default_embedding_dim=128),
+}
+
+_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "small": lambda d: SmallFaceNet(embedding_dim=d),
+    "mobilefacenet": lambda d: MobileFaceNet(embedding_dim=d),
+}
+
+
+def get_architecture(architecture: str) -> Architecture:
+    """The registry entry for ``architecture``; ValueError naming the known ones otherwise."""
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"unknown architecture {architecture!r}; known architectures: {known}") from None
+
+
+def build_backbone(architecture: str, embedding_dim: int | None = None, seed: int | None = None) -> nn.Module:
+    """Instantiate a backbone. With ``seed`` the initial weights are reproducible across processes.
+
+    The seed is applied inside a forked RNG so building a model never perturbs the caller's global
+    torch random state.
+    """
+    arch = get_architecture(architecture)
+    dim = arch.default_embedding_dim if embedding_dim is None else int(embedding_dim)
+    if dim <= 0:
+        raise ValueError(f"embedding_dim must be positive, got {dim}")
+    if seed is None:
+        return _BUILDERS[arch.name](dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BUILDERS[arch.name](dim)
+
+
+def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    """The floating-point tensors of ``module.state_dict()`` as float32, CPU, contiguous copies.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are skipped: they are bookkeeping, not
+    weights, and averaging them across devices would be meaningless. BatchNorm running statistics are
+    float buffers and are included, so that a global model evaluates with aggregated statistics.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point():
+            out[name] = np.array(
+                tensor.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, copy=True
+            )
+    return out
+
+
+def load_numpy_state(module: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
+    """Copy ``tensors`` (as produced by :func:`state_to_numpy`) into ``module`` in place.
+
+    Strict: the names must be exactly the module's floating-point state entries and every shape must
+    match; nothing is modified unless all of them do. Values are cast to each tensor's own dtype.
+    """
+    state = module.state_dict()
+    expected = {name for name, t in state.items() if t.is_floating_point()}
+    given = set(tensors)
+    if given != expected:
+        missing = sorted(expected - given)
+        unexpected = sorted(given - expected)
+        raise ValueError(
+            "state mismatch: "
+            f"missing {len(missing)} tensor(s) {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected {len(unexpected)} tensor(s) {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name in sorted(expected):
+        shape = tuple(np.shape(tensors[name]))
+        if shape != tuple(state[name].shape):
+            raise ValueError(
+                f"shape mismatch for {name!r}: module has {tuple(state[name].shape)}, got {shape}"
+            )
+    with torch.no_grad():
+        for name in expected:
+            # native-endian contiguous float32; decoded wire payloads may be read-only, which torch
+            # cannot wrap without a warning, so copy those.
+            src = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            if not src.flags.writeable:
+                src = src.copy()
+            target = state[name]  # shares storage with the module's parameter / buffer
+            target.copy_(torch.from_numpy(src).to(target.dtype))

@@ -1,0 +1,197 @@
+"""Command line of the simulator: ``facefl simulate ...`` or ``python -m simulator ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the heavy imports (torch, ...) wait until a simulation actually runs
+    from .run import SimulationConfig
+
+__all__ = ["add_arguments", "main", "run"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's options to ``parser`` (used by ``facefl simulate`` and ``python -m simulator``)."""
+    g = parser.add_argument_group("simulation")
+    g.add_argument("--devices", type=_positive_int, default=20, help="number of simulated devices (20)")
+    g.add_argument("--rounds", type=_positive_int, default=2, help="federated rounds to run (2)")
+    g.add_argument("--model", choices=["small", "mobilefacenet"], default="small", help="backbone (small)")
+    g.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (generated faces, the default) or an image folder <DIR>/<identity>/<image>",
+    )
+    g.add_argument("--ids-per-device", type=_positive_int, default=5, help="identities per device (5)")
+    g.add_argument(
+        "--images-per-id",
+        type=_positive_int,
+        default=None,
+        help="images per identity: synthetic 10 by default; with a directory, a cap (default: all)",
+    )
+    g.add_argument(
+        "--heldout-ids", type=_positive_int, default=50, help="held-out identities for evaluation (50)"
+    )
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of data, model and schedule (0)")
+    g.add_argument(
+        "--dropout",
+        type=_non_negative_float,
+        default=0.0,
+        help="probability that a device trains but never uploads (0)",
+    )
+
+    t = parser.add_argument_group("training (the task's hyper-parameters)")
+    t.add_argument("--algorithm", choices=["fedavg", "fedprox"], default="fedavg", help="(fedavg)")
+    t.add_argument("--mu", type=_non_negative_float, default=None, help="FedProx mu (0.01 with fedprox)")
+    t.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round (1)")
+    t.add_argument("--batch-size", type=_positive_int, default=16, help="local batch size (16)")
+    t.add_argument("--lr", type=_positive_float, default=0.05, help="local SGD learning rate (0.05)")
+
+    p = parser.add_argument_group("round policy")
+    p.add_argument(
+        "--target-reports", type=_positive_int, default=None, help="reports that close a round (N)"
+    )
+    p.add_argument(
+        "--min-reports", type=_positive_int, default=None, help="reports needed to aggregate (ceil(target/2))"
+    )
+    p.add_argument("--round-timeout-s", type=_positive_float, default=300.0, help="round deadline (300)")
+
+    s = parser.add_argument_group("server and execution")
+    s.add_argument("--server", default=None, help="URL of a running server (default: start one on 127.0.0.1)")
+    s.add_argument(
+        "--db", default=None, help="SQLAlchemy URL for the started server (default: SQLite in work dir)"
+    )
+    s.add_argument(
+        "--admin-token", default=None, help="admin token (default: $FACEFL_ADMIN_TOKEN or dev token)"
+    )
+    s.add_argument(
+        "--enrollment-secret",
+        default=None,
+        help="enrollment secret (default: $FACEFL_ENROLLMENT_SECRET or dev)",
+    )
+    s.add_argument("--workers", type=_positive_int, default=None, help="worker processes (CPU count)")
+    s.add_argument(
+        "--work-dir",
+        default=None,
+        metavar="DIR",
+        help="keep each run's server DB and log, blobs and device state under DIR/run-* "
+        "(default: a temporary directory, removed afterwards)",
+    )
+    s.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write results as JSON")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    from .run import SimulationConfig
+
+    return SimulationConfig(
+        devices=args.devices,
+        rounds=args.rounds,
+        model=args.model,
+        data=args.data,
+        ids_per_device=args.ids_per_device,
+        images_per_id=args.images_per_id,
+        heldout_ids=args.heldout_ids,
+        server=args.server,
+        db=args.db,
+        admin_token=args.admin_token,
+        enrollment_secret=args.enrollment_secret,
+        json_path=args.json_path,
+        workers=args.workers,
+        seed=args.seed,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        algorithm=args.algorithm,
+        mu=args.mu,
+        target_reports=args.target_reports,
+        min_reports=args.min_reports,
+        round_timeout_s=args.round_timeout_s,
+        dropout=args.dropout,
+        work_dir=args.work_dir,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a simulation from parsed arguments; prints the per-round table. Exit status: 0 ok,
+    1 the run failed, 2 invalid arguments, 130 interrupted."""
+    import httpx
+
+    from device_sdk import FaceflError
+
+    from .run import SimulationError, simulate
+    from .server import ServerStartError
+
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as exc:
+        print(f"facefl simulate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = simulate(config)
+    except ValueError as exc:  # e.g. a data directory too small for the requested run
+        print(f"facefl simulate: error: {exc}", file=sys.stderr)
+        return 2
+    except (SimulationError, ServerStartError, FaceflError, httpx.HTTPError) as exc:
+        print(f"facefl simulate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("facefl simulate: interrupted", file=sys.stderr)
+        return 130
+    print(result.table())
+    for err in result.errors[:20]:
+        print(f"warning: {err}", file=sys.stderr)
+    if config.json_path:
+        print(f"results written to {config.json_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator", description="Simulate federated devices against a real facefl server."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

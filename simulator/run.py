@@ -1,0 +1,532 @@
+"""Drive N simulated devices (device_sdk in worker processes) against a real facefl server.
+
+Per run: start a server (or use ``--server``), create a task through the admin API, register the devices,
+then for each round dispatch one job per device (check in, train, upload) to a pool of worker processes,
+wait until the server closes the round (aggregated or abandoned), and measure rank-1 identification of
+the new global model on held-out identities that no device holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from device_sdk import DeviceCredentials, FederatedClient, LocalDataset, RoundInfo, Trainer
+from facefl.data import ImageFolder, partition_identities
+from facefl.models import ARCHITECTURES
+
+from .evaluation import rank1_identification
+from .server import LocalServer
+from .worker import (
+    DROPPED,
+    FAILED,
+    NOT_SELECTED,
+    UPLOADED,
+    DataSpec,
+    DeviceJob,
+    JobResult,
+    init_worker,
+    run_device_job,
+    warm_up,
+)
+
+__all__ = ["RoundResult", "SimulationConfig", "SimulationError", "SimulationResult", "simulate"]
+
+# synthetic held-out identities are numbered from here: disjoint from every device's identities
+HELDOUT_OFFSET = 1_000_000
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not run (server failure, bad data directory, task creation refused...)."""
+
+
+@dataclass
+class SimulationConfig:
+    """Everything a run depends on; ``validate()`` checks it and fills the derived defaults."""
+
+    devices: int = 20
+    rounds: int = 2
+    model: str = "small"
+    data: str = "synthetic"  # "synthetic" or an image-folder directory
+    ids_per_device: int = 5
+    images_per_id: int | None = None  # synthetic: 10; folder: all images (a cap when given)
+    heldout_ids: int = 50
+    server: str | None = None
+    db: str | None = None
+    admin_token: str | None = None
+    enrollment_secret: str | None = None
+    json_path: str | None = None
+    workers: int | None = None  # default: CPU count
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    algorithm: str = "fedavg"
+    mu: float | None = None  # default: 0.01 for fedprox, 0 for fedavg
+    target_reports: int | None = None  # default: devices
+    min_reports: int | None = None  # default: ceil(target / 2)
+    over_selection: float = 1.3
+    round_timeout_s: float = 300.0
+    dropout: float = 0.0  # probability that a device trains but never uploads
+    work_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> SimulationConfig:
+        """Raise ValueError with a message naming the option; fill derived defaults in place."""
+
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise ValueError(message)
+
+        need(self.devices >= 1, f"--devices must be >= 1 (got {self.devices})")
+        need(self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})")
+        need(
+            self.model in ARCHITECTURES,
+            f"--model must be one of {', '.join(sorted(ARCHITECTURES))} (got {self.model!r})",
+        )
+        need(self.ids_per_device >= 1, f"--ids-per-device must be >= 1 (got {self.ids_per_device})")
+        if self.images_per_id is None and self.data == "synthetic":
+            self.images_per_id = 10
+        if self.images_per_id is not None:
+            need(self.images_per_id >= 1, f"--images-per-id must be >= 1 (got {self.images_per_id})")
+            need(
+                self.ids_per_device * self.images_per_id >= 2,
+                "each device needs at least two images (--ids-per-device x --images-per-id >= 2)",
+            )
+        need(self.heldout_ids >= 2, f"--heldout-ids must be >= 2 (got {self.heldout_ids})")
+        if self.data == "synthetic":
+            need(
+                self.images_per_id is not None and self.images_per_id >= 2,
+                "--images-per-id must be >= 2 with synthetic data (held-out gallery + probe)",
+            )
+        else:
+            need(
+                Path(self.data).is_dir(),
+                f"--data must be 'synthetic' or an existing directory (got {self.data!r})",
+            )
+        if self.workers is None:
+            self.workers = os.cpu_count() or 1
+        need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
+        need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
+        need(self.batch_size >= 2, f"--batch-size must be >= 2 (got {self.batch_size})")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
+        need(
+            self.algorithm in ("fedavg", "fedprox"),
+            f"--algorithm must be fedavg or fedprox (got {self.algorithm!r})",
+        )
+        if self.mu is None:
+            self.mu = 0.01 if self.algorithm == "fedprox" else 0.0
+        need(self.mu >= 0, f"--mu must be >= 0 (got {self.mu})")
+        need(self.algorithm != "fedprox" or self.mu > 0, "--algorithm fedprox needs --mu > 0")
+        if self.target_reports is None:
+            self.target_reports = self.devices
+        need(self.target_reports >= 1, f"--target-reports must be >= 1 (got {self.target_reports})")
+        need(
+            self.target_reports <= self.devices,
+            f"--target-reports ({self.target_reports}) cannot exceed --devices ({self.devices})",
+        )
+        if self.min_reports is None:
+            self.min_reports = max(1, math.ceil(self.target_reports / 2))
+        need(self.min_reports >= 1, f"--min-reports must be >= 1 (got {self.min_reports})")
+        need(
+            self.min_reports <= self.target_reports,
+            f"--min-reports ({self.min_reports}) cannot exceed --target-reports ({self.target_reports})",
+        )
+        need(self.over_selection >= 1.0, f"--over-selection must be >= 1 (got {self.over_selection})")
+        need(self.round_timeout_s > 0, f"--round-timeout-s must be > 0 (got {self.round_timeout_s})")
+        need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
+        need(self.seed >= 0, f"--seed must be >= 0 (got {self.seed})")
+        need(
+            self.server is None or self.db is None,
+            "--db applies to the server the simulator starts; not with --server",
+        )
+        if self.server is not None:
+            need(
+                self.server.startswith(("http://", "https://")),
+                f"--server must be an http(s) URL (got {self.server!r})",
+            )
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"admin_token": None, "enrollment_secret": None}  # never write secrets
+
+
+@dataclass
+class RoundResult:
+    round: int
+    round_id: int
+    status: str
+    reports: int
+    assigned: int
+    dropped: int
+    model_version: int
+    wall_s: float
+    mb_uploaded: float
+    heldout_accuracy: float
+    train_loss: float | None = None
+    jobs: dict[str, int] = field(default_factory=dict)  # job outcome -> count
+    job_seconds: dict[str, float] = field(default_factory=dict)  # mean seconds per phase of a job
+
+
+@dataclass
+class SimulationResult:
+    config: SimulationConfig
+    rounds: list[RoundResult]
+    initial_heldout_accuracy: float
+    total_wall_s: float
+    task_id: int = 0
+    chance_accuracy: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "task_id": self.task_id,
+            "initial_heldout_accuracy": self.initial_heldout_accuracy,
+            "chance_accuracy": self.chance_accuracy,
+            "total_wall_s": self.total_wall_s,
+            "rounds": [asdict(r) for r in self.rounds],
+            "errors": self.errors,
+        }
+
+    def table(self) -> str:
+        header = (
+            f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
+            f"{'heldout acc':>11}"
+        )
+        lines = [
+            f"initial held-out rank-1 accuracy: {self.initial_heldout_accuracy:.3f} "
+            f"(chance {self.chance_accuracy:.3f})",
+            header,
+            "-" * len(header),
+        ]
+        for r in self.rounds:
+            lines.append(
+                f"{r.round:>5}  {r.status:<10} {r.reports:>7} {r.dropped:>7} {r.wall_s:>7.1f} "
+                f"{r.mb_uploaded:>7.2f} {r.heldout_accuracy:>11.3f}"
+            )
+        lines.append(f"total wall time: {self.total_wall_s:.1f} s")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ data plan
+
+
+@dataclass(frozen=True)
+class _DataPlan:
+    device_specs: list[DataSpec]
+    heldout: LocalDataset
+
+
+def _plan_data(cfg: SimulationConfig, image_size: int) -> _DataPlan:
+    """Which identities each device holds (disjoint), and the held-out identities (disjoint from all)."""
+    n, k = cfg.devices, cfg.ids_per_device
+    if cfg.data == "synthetic":
+        parts = partition_identities(list(range(n * k)), n, k, cfg.seed)
+        specs = [DataSpec("synthetic", tuple(p), image_size, cfg.images_per_id, cfg.seed) for p in parts]
+        heldout_ids = list(range(HELDOUT_OFFSET, HELDOUT_OFFSET + cfg.heldout_ids))
+        heldout = LocalDataset.synthetic(heldout_ids, cfg.images_per_id or 10, image_size, cfg.seed)
+        return _DataPlan(specs, heldout)
+
+    root = Path(cfg.data)
+    folder = ImageFolder(root)  # DataError (a ValueError) when the layout is wrong
+    counts = Counter(label for _, label in folder.samples)
+    cap = cfg.images_per_id
+    usable = {name: min(counts[i], cap) if cap else counts[i] for i, name in enumerate(folder.identities)}
+    order = [folder.identities[int(i)] for i in np.random.default_rng(cfg.seed).permutation(len(usable))]
+    heldout_names = [name for name in order if usable[name] >= 2][: cfg.heldout_ids]
+    taken = set(heldout_names)
+    rest = [name for name in order if name not in taken]
+    if len(heldout_names) < cfg.heldout_ids or len(rest) < n * k:
+        raise ValueError(
+            f"--data {root} has {len(usable)} identity folders "
+            f"({sum(c >= 2 for c in usable.values())} with two or more images); this run needs "
+            f"{cfg.heldout_ids} held-out identities with >= 2 images (--heldout-ids) plus "
+            f"{n * k} device identities (--devices x --ids-per-device)"
+        )
+    specs = []
+    for i, part in enumerate(partition_identities(rest, n, k, cfg.seed)):
+        if sum(usable[name] for name in part) < 2:
+            raise ValueError(f"device {i} would hold fewer than two images; raise --ids-per-device")
+        specs.append(DataSpec("folder", tuple(part), image_size, cap, cfg.seed, str(root.resolve())))
+    heldout = LocalDataset.from_folder(
+        root, image_size, identities=heldout_names, max_images_per_identity=cap
+    )
+    return _DataPlan(specs, heldout)
+
+
+# ------------------------------------------------------------------------------------------ admin API
+
+
+class _Admin:
+    """The few admin calls the simulator makes (task creation); reads go through FederatedClient."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60.0
+        )
+
+    def create_task(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            resp = self._http.post("/v1/tasks", json=body)
+        except httpx.TransportError as exc:
+            raise SimulationError(f"cannot reach the server at {self._http.base_url}: {exc}") from exc
+        if resp.status_code != 201:
+            raise SimulationError(f"creating the task failed: {resp.status_code} {resp.text[:500]}")
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def close(self) -> None:
+        self._http.close()
+
+
+# ------------------------------------------------------------------------------------------- simulate
+
+
+def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = None) -> SimulationResult:
+    """Run the simulation described by ``config`` against a real server; see the module docstring."""
+    cfg = config.validate()
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    arch = ARCHITECTURES[cfg.model]
+    admin_token = cfg.admin_token or os.environ.get("FACEFL_ADMIN_TOKEN") or "dev-admin-token"
+    secret = cfg.enrollment_secret or os.environ.get("FACEFL_ENROLLMENT_SECRET") or "dev-enrollment-secret"
+    plan = _plan_data(cfg, arch.image_size)  # before anything is created: bad data fails fast
+    chance = 1.0 / plan.heldout.num_identities
+
+    with contextlib.ExitStack() as stack:
+        if cfg.work_dir:  # kept: server DB and log, blobs, device credentials and local heads
+            run_dir = Path(cfg.work_dir) / f"run-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+            run_dir.mkdir(parents=True, exist_ok=False)
+        else:  # removed at the end (registered first, so it runs after the server has stopped)
+            run_dir = Path(tempfile.mkdtemp(prefix="facefl-sim-"))
+            stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+        # worker processes first: they import torch while the server starts
+        workers = min(cfg.workers or 1, cfg.devices)
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
+        )
+        stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+        for _ in range(workers):
+            pool.submit(warm_up)
+        if cfg.server is None:
+            server = LocalServer(
+                run_dir / "server",
+                database_url=cfg.db,
+                admin_token=admin_token,
+                enrollment_secret=secret,
+                min_retry_after_s=0.2,
+            )
+            say(f"starting server (log: {server.log_path})")
+            stack.enter_context(server)
+            base_url = server.base_url
+        else:
+            base_url = cfg.server.rstrip("/")
+        say(f"server {base_url}; work dir {run_dir}")
+
+        admin = _Admin(base_url, admin_token)
+        stack.callback(admin.close)
+        task = admin.create_task(_task_body(cfg))
+        task_id = int(task["id"])
+
+        reader = FederatedClient(base_url, token=admin_token, timeout=60.0)
+        stack.callback(reader.close)
+
+        device_dirs = _register_devices(base_url, secret, run_dir, plan.device_specs)
+
+        trainer = Trainer(num_threads=1)  # evaluation: small batches, one thread is fastest
+        accuracy_cache: dict[int, float] = {}
+
+        def accuracy(version: int) -> float:
+            if version not in accuracy_cache:
+                weights = reader.download_model(version)
+                emb = trainer.embed(weights, plan.heldout.images, architecture=cfg.model)
+                accuracy_cache[version] = rank1_identification(emb, plan.heldout.labels)
+            return accuracy_cache[version]
+
+        initial_version = int(task["current_version"])
+        initial_acc = accuracy(initial_version)
+        result = SimulationResult(
+            config=cfg,
+            rounds=[],
+            initial_heldout_accuracy=initial_acc,
+            total_wall_s=0.0,
+            task_id=task_id,
+            chance_accuracy=chance,
+        )
+
+        bar = tqdm(
+            total=cfg.rounds * cfg.devices,
+            desc="simulate",
+            unit="device",
+            disable=not cfg.progress,
+            file=sys.stderr,
+        )
+        stack.callback(bar.close)
+        drop_rng = random.Random(cfg.seed + 7919)
+        seen_rounds: set[int] = set()
+
+        for r in range(1, cfg.rounds + 1):
+            round_started = time.perf_counter()
+            open_round = _wait_for_open_round(
+                reader, task_id, seen_rounds, timeout_s=cfg.round_timeout_s + 60
+            )
+            if open_round is None:
+                result.errors.append(f"round {r}: the task has no open round (completed?)")
+                break
+            seen_rounds.add(open_round.id)
+            bar.set_postfix_str(f"round {r}/{cfg.rounds}")
+            jobs = [
+                DeviceJob(
+                    base_url=base_url,
+                    task_id=task_id,
+                    device_index=i,
+                    device_dir=str(device_dirs[i]),
+                    data=plan.device_specs[i],
+                    expected_round_id=open_round.id,
+                    seed=cfg.seed * 1_000_003 + r * 10_007 + i,
+                    assignment_timeout_s=min(60.0, cfg.round_timeout_s),
+                    drop_after_training=drop_rng.random() < cfg.dropout,
+                )
+                for i in range(cfg.devices)
+            ]
+            futures: list[Future[JobResult]] = [pool.submit(run_device_job, job) for job in jobs]
+            job_results: list[JobResult] = []
+            for fut in as_completed(futures):
+                job_results.append(fut.result())
+                bar.update(1)
+            job_results.sort(key=lambda jr: jr.device_index)
+            for jr in job_results:
+                if jr.status not in (UPLOADED, DROPPED, NOT_SELECTED):
+                    result.errors.append(f"round {r} device {jr.device_index}: {jr.status}: {jr.error}")
+            if all(jr.status == FAILED for jr in job_results):
+                raise SimulationError(f"round {r}: every device failed; first error: {job_results[0].error}")
+            closed = _wait_until_closed(reader, open_round.id, timeout_s=cfg.round_timeout_s + 60)
+            wall_s = round(time.perf_counter() - round_started, 3)
+            version = (
+                closed.result_version if closed.status == "aggregated" and closed.result_version else None
+            )
+            model_version = version if version is not None else closed.base_version
+            losses = [jr.metrics["train_loss"] for jr in job_results if "train_loss" in jr.metrics]
+            result.rounds.append(
+                RoundResult(
+                    round=r,
+                    round_id=closed.id,
+                    status=closed.status,
+                    reports=closed.reported,
+                    assigned=closed.assigned,
+                    dropped=closed.assigned - closed.reported,
+                    model_version=model_version,
+                    wall_s=wall_s,
+                    mb_uploaded=round(sum(jr.bytes_sent for jr in job_results) / 1e6, 4),
+                    heldout_accuracy=accuracy(model_version),
+                    train_loss=float(np.mean(losses)) if losses else None,
+                    jobs=dict(Counter(jr.status for jr in job_results)),
+                    job_seconds=_mean_phases(job_results),
+                )
+            )
+        bar.close()
+        pool.shutdown(wait=True)
+
+    result.total_wall_s = round(time.perf_counter() - started, 3)
+    if cfg.json_path:
+        path = Path(cfg.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _mean_phases(results: Sequence[JobResult]) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for jr in results:
+        for name, seconds in {**jr.phases, "total": jr.seconds}.items():
+            totals.setdefault(name, []).append(seconds)
+    return {name: round(float(np.mean(v)), 4) for name, v in totals.items()}
+
+
+def _task_body(cfg: SimulationConfig) -> dict[str, Any]:
+    return {
+        "name": f"simulate-{datetime.now():%Y%m%d-%H%M%S}",
+        "algorithm": cfg.algorithm,
+        "architecture": cfg.model,
+        "embedding_dim": None,
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "hyperparams": {
+            "local_epochs": cfg.local_epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+            "mu": cfg.mu,
+            "scale": 30.0,
+            "margin": 0.4,
+        },
+        "policy": {
+            "target_reports": cfg.target_reports,
+            "over_selection": cfg.over_selection,
+            "min_reports": cfg.min_reports,
+            "round_timeout_s": cfg.round_timeout_s,
+        },
+    }
+
+
+def _register_devices(base_url: str, secret: str, run_dir: Path, specs: Sequence[DataSpec]) -> list[Path]:
+    """Enroll every simulated device; credentials go to ``run_dir/devices/<i>/credentials.json``."""
+    dirs: list[Path] = []
+    for i, _spec in enumerate(specs):
+        device_dir = run_dir / "devices" / str(i)
+        with FederatedClient(base_url, timeout=30.0) as client:
+            creds: DeviceCredentials = client.register(secret, name=f"sim-device-{i}")
+        creds.save(device_dir / "credentials.json")
+        dirs.append(device_dir)
+    return dirs
+
+
+def _wait_for_open_round(
+    reader: FederatedClient, task_id: int, seen: set[int], *, timeout_s: float
+) -> RoundInfo | None:
+    """The task's open round that has not been simulated yet; None when the task has completed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        task = reader.get_task(task_id)
+        current = task.current_round
+        if current is not None and current.status == "open" and current.id not in seen:
+            return current
+        if task.status != "running":
+            return None
+        if time.monotonic() > deadline:
+            raise SimulationError(f"task {task_id}: no new open round within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
+def _wait_until_closed(reader: FederatedClient, round_id: int, *, timeout_s: float) -> RoundInfo:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = reader.get_round(round_id)
+        if info.closed:
+            return info
+        if time.monotonic() > deadline:
+            raise SimulationError(f"round {round_id} still {info.status} after {timeout_s:g} s")
+        time.sleep(0.1)

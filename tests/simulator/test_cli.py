@@ -1,0 +1,102 @@
+"""The simulator's command line: argument validation, and a small real run (server + worker processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulator.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--target-reports", "5", "--devices", "2"], "--target-reports (5) cannot exceed --devices (2)"),
+        (
+            ["--devices", "4", "--target-reports", "2", "--min-reports", "3"],
+            "--min-reports (3) cannot exceed",
+        ),
+        (["--algorithm", "fedprox", "--mu", "0"], "fedprox needs --mu > 0"),
+        (["--data", "/nonexistent/faces"], "--data must be 'synthetic' or an existing directory"),
+        (["--server", "http://127.0.0.1:9", "--db", "sqlite:///x.db"], "--db applies to the server"),
+        (["--server", "localhost:8000"], "--server must be an http(s) URL"),
+        (["--images-per-id", "1"], "--images-per-id must be >= 2"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    ],
+)
+def test_invalid_combinations_exit_2_with_a_clear_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--devices", "0"], ["--rounds", "-1"], ["--lr", "abc"], ["--model", "resnet"], ["--workers", "0"]],
+)
+def test_malformed_values_are_argparse_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_module_entry_point_reports_usage_errors() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulator", "--devices", "3", "--target-reports", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--target-reports (4) cannot exceed --devices (3)" in proc.stderr
+
+
+def test_small_real_run(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    options = (
+        "--devices 4 --rounds 2 --model small --data synthetic --ids-per-device 3 --images-per-id 6 "
+        "--heldout-ids 10 --workers 2 --seed 1 --no-progress"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "simulator",
+        *options.split(),
+        "--json",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= {"config", "rounds", "initial_heldout_accuracy", "total_wall_s"}
+    assert result["config"]["devices"] == 4 and result["config"]["admin_token"] is None
+    rounds = result["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["status"] == "aggregated"
+        assert r["reports"] == 4 and r["dropped"] == 0
+        assert r["mb_uploaded"] > 0 and r["wall_s"] > 0
+        assert 0.0 <= r["heldout_accuracy"] <= 1.0
+        assert isinstance(r["model_version"], int)
+    assert rounds[0]["model_version"] < rounds[1]["model_version"]
+    assert 0.0 <= result["initial_heldout_accuracy"] <= 1.0 and result["total_wall_s"] > 0
+    # the table on stdout: one row per round
+    table_rows = [line for line in proc.stdout.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert len(table_rows) == 2 and all("aggregated" in row for row in table_rows)
