@@ -43,7 +43,11 @@ def _run(tmp_path: Path, url: str | None) -> None:
             versions = c.get("/v1/models", params={"task_id": result.task_id}).json()
             # the initial version and exactly one new version per round, each the parent of the next
             assert len(versions) == 3
-            assert [v["parent_version"] for v in versions] == [None, versions[0]["version"], versions[1]["version"]]
+            assert [v["parent_version"] for v in versions] == [
+                None,
+                versions[0]["version"],
+                versions[1]["version"],
+            ]
             first = codec.decode(c.get(f"/v1/models/{versions[0]['version']}").content)
             last = codec.decode(c.get(f"/v1/models/{versions[-1]['version']}").content)
         changed = sum(not np.array_equal(first[k], last[k]) for k in first)

@@ -52,7 +52,9 @@ def test_rounds_and_versions_survive_restart(tmp_path: Path) -> None:
     server = LiveServer(tmp_path).start()
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            c.post("/v1/tasks", json={"name": "r", "rounds": 3, "policy": {"target_reports": 2}}, headers=ADMIN_H)
+            c.post(
+                "/v1/tasks", json={"name": "r", "rounds": 3, "policy": {"target_reports": 2}}, headers=ADMIN_H
+            )
             devs = [_register(c), _register(c)]
             a = [_train_and_upload(c, d, 0.01) for d in devs]
             _wait_status(c, a[0]["round_id"], "aggregated")
@@ -78,7 +80,9 @@ def test_acknowledged_update_survives_sigkill(tmp_path: Path) -> None:
     server = LiveServer(tmp_path).start()
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            c.post("/v1/tasks", json={"name": "k", "rounds": 1, "policy": {"target_reports": 2}}, headers=ADMIN_H)
+            c.post(
+                "/v1/tasks", json={"name": "k", "rounds": 1, "policy": {"target_reports": 2}}, headers=ADMIN_H
+            )
             devs = [_register(c), _register(c)]
             first = _train_and_upload(c, devs[0], 0.01)  # 202 received ...
         server.kill()  # ... then SIGKILL, no graceful shutdown
