@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/facefl simulate --devices 20 --rounds 3 --model small --data synthetic --json runs/simulate.json
+	$(BIN)/facefl simulate --devices 20 --rounds 3 --local-epochs 5 --model small --data synthetic --json runs/simulate.json
 
 test: install
 	$(BIN)/python -m pytest -q
