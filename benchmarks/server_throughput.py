@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from simulator.server import LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -77,12 +78,6 @@ QUICK = Sizes(devices=100, checkin_concurrency=8, uploads=3, upload_warmup=1, up
 # ------------------------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a process (Linux /proc), or None where unavailable."""
     try:
@@ -92,59 +87,15 @@ def process_cpu_s(pid: int) -> float | None:
         return None
 
 
-class ServerProcess:
-    """`python -m uvicorn APP --factory` on 127.0.0.1, 1 worker, log level warning (both servers alike)."""
+class ServerProcess(LocalServer):
+    """The simulator's LocalServer (uvicorn --factory, 1 worker, log level warning), named, with CPU time."""
 
-    def __init__(
-        self, name: str, app: str, app_dir: Path, env: dict[str, str], log: Path, health: str
-    ) -> None:
+    def __init__(self, name: str, work_dir: Path, **kwargs: Any) -> None:
+        super().__init__(work_dir, log_name=f"{name}.log", startup_timeout_s=120.0, **kwargs)
         self.name = name
-        self.port = free_port()
-        self.host = "127.0.0.1"
-        self.base_url = f"http://{self.host}:{self.port}"
-        self.cmd = [sys.executable, "-m", "uvicorn", app, "--factory", "--app-dir", str(app_dir),
-                    "--host", self.host, "--port", str(self.port), "--workers", "1",
-                    "--log-level", "warning"]  # fmt: skip
-        # inherited FACEFL_* settings are dropped: the benchmark sets what the server sees
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FACEFL_")} | env
-        self.log = log
-        self.health = health
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 120.0) -> ServerProcess:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.cmd, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base_url + self.health, timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not become healthy in {timeout:.0f} s:\n{self.log_tail()}")
 
     def cpu_s(self) -> float | None:
-        return process_cpu_s(self.proc.pid) if self.proc is not None else None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        return process_cpu_s(self.pid) if self.pid is not None else None
 
 
 @contextlib.contextmanager
@@ -734,29 +685,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bare = ServerProcess(
                 "bare",
-                "_bare_app:create_app",
-                REPO / "benchmarks",
-                {"FACEFL_BENCH_UPLOAD_DIR": str(tmp / "bare-uploads"), **extra_env},
-                tmp / "bare.log",
-                "/health",
+                tmp / "bare",
+                app="_bare_app:create_app",
+                app_dir=REPO / "benchmarks",
+                health_path="/health",
+                extra_env={"FACEFL_BENCH_UPLOAD_DIR": str(tmp / "bare-uploads"), **extra_env},
             )
             servers.append(bare)
             log(f"starting servers (facefl on {backend})")
             bare.start()
             facefl = ServerProcess(
                 "facefl",
-                "server_api.app:create_app",
-                REPO,
-                {
-                    "FACEFL_DATABASE_URL": db_url,
-                    "FACEFL_DATA_DIR": str(tmp / "data"),
-                    "FACEFL_ADMIN_TOKEN": ADMIN,
-                    "FACEFL_ENROLLMENT_SECRET": SECRET,
-                    "FACEFL_DEV_MODE": "0",
-                    **extra_env,
-                },
-                tmp / "facefl.log",
-                "/v1/health",
+                tmp / "facefl",
+                database_url=db_url,
+                admin_token=ADMIN,
+                enrollment_secret=SECRET,
+                min_retry_after_s=1.0,
+                extra_env={"FACEFL_DEV_MODE": "0", **extra_env},
             )
             servers.append(facefl)
             facefl.start()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -29,11 +30,13 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """``python -m uvicorn server_api.app:create_app --factory`` on a free port, as a context manager.
+    """``python -m uvicorn APP --factory`` on a free 127.0.0.1 port, as a context manager.
 
-    The server runs in dev mode with its SQLite database and blob store under ``work_dir`` (unless
-    ``database_url`` is given) and a short pace-steering floor, so that simulated devices do not idle.
-    Its output goes to ``work_dir/server.log``.
+    By default APP is the facefl server, in dev mode with its SQLite database and blob store under
+    ``work_dir`` (unless ``database_url`` is given) and a short pace-steering floor, so that simulated
+    devices do not idle. Inherited ``FACEFL_*`` variables are dropped: the server sees exactly the
+    settings given here (plus ``extra_env``). Output goes to ``work_dir/server.log``. Tests and
+    benchmarks use the same class (``kill()`` for crash tests, ``pid`` for CPU accounting).
     """
 
     def __init__(
@@ -46,6 +49,10 @@ class LocalServer:
         min_retry_after_s: float = 0.2,
         startup_timeout_s: float = 60.0,
         extra_env: dict[str, str] | None = None,
+        app: str = "server_api.app:create_app",
+        app_dir: str | Path | None = None,
+        health_path: str = "/v1/health",
+        log_name: str = "server.log",
     ) -> None:
         self.work_dir = Path(work_dir)
         self.database_url = database_url or f"sqlite:///{(self.work_dir / 'server.db').resolve()}"
@@ -55,21 +62,27 @@ class LocalServer:
         self.min_retry_after_s = min_retry_after_s
         self.startup_timeout_s = startup_timeout_s
         self.extra_env = dict(extra_env or {})
-        self.log_path = self.work_dir / "server.log"
+        self.app = app
+        self.app_dir = Path(app_dir) if app_dir is not None else None
+        self.health_path = health_path
+        self.log_path = self.work_dir / log_name
+        self.host = "127.0.0.1"
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: object | None = None
+        self._log_file: IO[bytes] | None = None
 
     @property
     def base_url(self) -> str:
         if self.port is None:
             raise RuntimeError("server not started")
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
-    def start(self) -> LocalServer:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FACEFL_")}
         env.update(
             {
                 "FACEFL_DEV_MODE": "1",
@@ -82,17 +95,22 @@ class LocalServer:
             }
         )
         env.update(self.extra_env)
+        return env
+
+    def start(self) -> LocalServer:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = self._env()
         last_error = "not started"
         for _attempt in range(3):  # a port picked as free can be taken before uvicorn binds it
             self.port = free_port()
-            log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-            self._log_file = log
-            cmd = [
-                sys.executable, "-m", "uvicorn", "server_api.app:create_app", "--factory",
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
-            ]  # fmt: skip
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            cmd = [sys.executable, "-m", "uvicorn", self.app, "--factory",
+                   "--host", self.host, "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+            if self.app_dir is not None:
+                cmd += ["--app-dir", str(self.app_dir)]
             self._proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir
+                cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.work_dir
             )
             try:
                 self._wait_healthy()
@@ -105,7 +123,7 @@ class LocalServer:
     def _wait_healthy(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout_s
-        url = f"{self.base_url}/v1/health"
+        url = f"{self.base_url}{self.health_path}"
         with httpx.Client(timeout=httpx.Timeout(2.0)) as http:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
@@ -117,6 +135,7 @@ class LocalServer:
         raise ServerStartError(f"server not healthy after {self.startup_timeout_s:g} s")
 
     def stop(self) -> None:
+        """SIGTERM (graceful shutdown), SIGKILL after 10 s."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -125,9 +144,20 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown (crash-safety tests)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        self._close_log()
+
+    def _close_log(self) -> None:
         log, self._log_file = self._log_file, None
         if log is not None:
-            log.close()  # type: ignore[attr-defined]
+            log.close()
 
     def log_tail(self, max_chars: int = 4000) -> str:
         try:

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from server_api.settings import Settings
+from simulator.server import LocalServer
 
 ADMIN = "test-admin-token"
 SECRET = "test-enrollment-secret"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def make_settings(tmp_path: Path, url: str | None = None, **overrides: object) -> Settings:
@@ -58,73 +53,15 @@ def pg_url() -> Iterator[str]:
         engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class LiveServer(LocalServer):
+    """The test configuration of the simulator's LocalServer: test tokens, fast deadline checks."""
 
-
-class LiveServer:
-    """A real uvicorn process on 127.0.0.1 (stop = SIGTERM, kill = SIGKILL)."""
-
-    def __init__(self, tmp_path: Path, url: str | None = None, port: int | None = None, **env: str) -> None:
-        self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "FACEFL_DATABASE_URL": url or f"sqlite:///{tmp_path / 'facefl.db'}",
-            "FACEFL_DATA_DIR": str(tmp_path / "data"),
-            "FACEFL_ADMIN_TOKEN": ADMIN,
-            "FACEFL_ENROLLMENT_SECRET": SECRET,
-            "FACEFL_MIN_RETRY_AFTER_S": "0.05",
-            "FACEFL_TICK_INTERVAL_S": "0.2",
-            **env,
-        }
-        self.log = tmp_path / f"server-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> LiveServer:
-        cmd = [sys.executable, "-m", "uvicorn", "server_api.app:create_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+    def __init__(self, tmp_path: Path, url: str | None = None, **env: str) -> None:
+        super().__init__(
+            tmp_path,
+            database_url=url,
+            admin_token=ADMIN,
+            enrollment_secret=SECRET,
+            min_retry_after_s=0.05,
+            extra_env={"FACEFL_TICK_INTERVAL_S": "0.2", **env},
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{self.base_url}/v1/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
