@@ -123,6 +123,15 @@ def read_header(data: bytes | memoryview) -> dict[str, TensorSpec]:
     return specs
 
 
+def read_metadata(data: bytes | memoryview) -> dict[str, str]:
+    """The string metadata of a safetensors payload (empty when it has none)."""
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    meta = json.loads(bytes(data[8 : 8 + header_len])).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CodecError("safetensors __metadata__ must map strings to strings")
+    return dict(meta)
+
+
 def specs_of(tensors: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:
     """The TensorSpec of each array (float32 -> "F32", ...)."""
     codes = {v: k for k, v in _WIRE_DTYPES.items()}

@@ -84,6 +84,7 @@ class ModelVersion(Base):
     # (no FK to rounds: rounds.base_version already points here, and a cycle would complicate DDL)
     round_id: Mapped[int | None] = mapped_column(unique=True)
     architecture: Mapped[str] = mapped_column(String(32))
+    embedding_dim: Mapped[int | None]
     blob_key: Mapped[str] = mapped_column(String(64))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int]

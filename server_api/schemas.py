@@ -123,6 +123,7 @@ class ModelVersionOut(BaseModel):
     parent_version: int | None
     round_id: int | None
     architecture: str
+    embedding_dim: int | None
     sha256: str
     size_bytes: int
     metrics: dict[str, Any]

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from server_api.deps import Context, Principal
+from server_api.deps import Admin, Context, Principal
+from server_api.routes.body import receive_body
 from server_api.schemas import ErrorOut, ModelVersionOut
 from server_api.services import models
 
@@ -19,6 +20,36 @@ async def list_models(
 ) -> list[ModelVersionOut]:
     """Model versions with their lineage (parent version and the round that produced each)."""
     return await run_in_threadpool(models.listing, ctx, task_id)
+
+
+@router.post(
+    "/models",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelVersionOut,
+    responses={c: {"model": ErrorOut} for c in (401, 403, 413, 422)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def import_model(
+    request: Request,
+    ctx: Context,
+    _: Admin,
+    architecture: Annotated[str | None, Query(max_length=32)] = None,
+    embedding_dim: Annotated[int | None, Query(ge=8, le=4096)] = None,
+) -> ModelVersionOut:
+    """Import weights (safetensors, e.g. a `facefl pretrain` checkpoint) as a root model version (admin).
+
+    A task then starts from it with `initial_version`.
+    """
+    staged = await receive_body(request, ctx)
+    try:
+        return await run_in_threadpool(models.import_weights, ctx, staged, architecture, embedding_dim)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 @router.get("/models/{version}/info", response_model=ModelVersionOut, responses={404: {"model": ErrorOut}})

@@ -2,19 +2,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from server_api.deps import Context, CurrentDevice, Principal
-from server_api.errors import not_found, too_large
+from server_api.errors import not_found
 from server_api.orm import Round
+from server_api.routes.body import receive_body
 from server_api.schemas import CheckinIn, CheckinOut, ErrorOut, RoundOut, UpdateAccepted, WaitAction
 from server_api.services import rounds, updates
 
 router = APIRouter(prefix="/v1", tags=["rounds"])
-
-_FLUSH_BYTES = 1 << 20
 
 
 @router.post("/checkin", response_model=CheckinOut, responses={401: {"model": ErrorOut}})
@@ -60,26 +58,10 @@ async def upload_update(
     x_metrics: Annotated[str | None, Header(max_length=4096)] = None,
 ) -> UpdateAccepted:
     """Upload this device's model delta (safetensors body). Durable before 202."""
-    limit = ctx.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
     metrics = updates.parse_metrics(x_metrics)
     await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
-    staged = await run_in_threadpool(ctx.blobs.staging_file)
+    staged = await receive_body(request, ctx)
     try:
-        received = 0
-        buffer = bytearray()
-        async with await anyio.open_file(staged, "wb") as f:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:  # refused while streaming: never held in memory or on disk whole
-                    raise too_large(limit)
-                buffer += chunk
-                if len(buffer) >= _FLUSH_BYTES:
-                    await f.write(bytes(buffer))
-                    buffer.clear()
-            await f.write(bytes(buffer))
         return await run_in_threadpool(
             lambda: updates.accept(
                 ctx,

@@ -33,6 +33,7 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         task = s.get(Task, rnd.task_id)
         assert base is not None and task is not None and lease is not None
         base_key, architecture, task_id = base.blob_key, base.architecture, task.id
+        embedding_dim = base.embedding_dim
         updates = [(u.blob_key, u.num_samples, dict(u.metrics)) for u in queries.updates_of(s, round_id)]
 
     t0 = time.perf_counter()
@@ -52,15 +53,16 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     try:
         version = _commit(
             ctx,
-            round_id,
-            task_id,
-            rnd.base_version,
-            lease,
-            architecture,
-            blob,
-            len(updates),
-            total,
-            round_metrics,
+            round_id=round_id,
+            task_id=task_id,
+            base_version=rnd.base_version,
+            lease=lease,
+            architecture=architecture,
+            embedding_dim=embedding_dim,
+            blob=blob,
+            reports=len(updates),
+            samples=total,
+            round_metrics=round_metrics,
         )
     except _LostLease:
         log.warning("aggregation of round %s lost its lease; result discarded", round_id)
@@ -83,11 +85,13 @@ class _LostLease(Exception):
 
 def _commit(
     ctx: ServiceContext,
+    *,
     round_id: int,
     task_id: int,
     base_version: int,
     lease: datetime,
     architecture: str,
+    embedding_dim: int | None,
     blob: tuple[str, int, str],
     reports: int,
     samples: int,
@@ -100,6 +104,7 @@ def _commit(
             parent=base_version,
             round_id=round_id,
             architecture=architecture,
+            embedding_dim=embedding_dim,
             blob=blob,
             metrics={"reports": reports, "samples": samples},
         )

@@ -11,7 +11,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from facefl import codec
-from server_api.errors import not_found
+from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion
 from server_api.schemas import ModelVersionOut
 from server_api.services import queries
@@ -33,6 +33,7 @@ def add_version(
     parent: int | None,
     round_id: int | None,
     architecture: str,
+    embedding_dim: int | None,
     blob: tuple[str, int, str],
     metrics: dict[str, float] | None = None,
 ) -> ModelVersion:
@@ -42,6 +43,7 @@ def add_version(
         parent_version=parent,
         round_id=round_id,
         architecture=architecture,
+        embedding_dim=embedding_dim,
         blob_key=key,
         sha256=sha,
         size_bytes=size,
@@ -90,3 +92,43 @@ def _specs_cached(path: str) -> dict[str, codec.TensorSpec]:
         for name, entry in header.items()
         if name != "__metadata__"
     }
+
+
+def import_weights(
+    ctx: ServiceContext, staged: Path, architecture: str | None, embedding_dim: int | None
+) -> ModelVersionOut:
+    """A root model version from uploaded weights (e.g. a `facefl pretrain` checkpoint).
+
+    The architecture and embedding size come from the query or the safetensors metadata; the tensors
+    must match exactly what the registry builds for them, and be finite.
+    """
+    from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
+
+    data = staged.read_bytes()
+    try:
+        codec.read_header(data)
+        meta = codec.read_metadata(data)
+        architecture = architecture or meta.get("architecture")
+        if architecture not in ARCHITECTURES:
+            raise invalid(
+                "unknown_architecture",
+                f"architecture {architecture!r} is not one of {sorted(ARCHITECTURES)} (query or metadata)",
+            )
+        if embedding_dim is None and "embedding_dim" in meta:
+            if not meta["embedding_dim"].isdigit():
+                raise invalid("bad_metadata", "metadata embedding_dim is not an integer")
+            embedding_dim = int(meta["embedding_dim"])
+        embedding_dim = embedding_dim or ARCHITECTURES[architecture].default_embedding_dim
+        expected = codec.specs_of(state_to_numpy(build_backbone(architecture, embedding_dim, seed=0)))
+        tensors = codec.decode(data)
+        codec.check_compatible(codec.specs_of(tensors), expected)
+        codec.check_finite(tensors)
+    except codec.CodecError as exc:
+        raise invalid("bad_model", str(exc)) from exc
+    blob = store_weights(ctx, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, architecture)
+    with ctx.db.write() as s:
+        mv = add_version(
+            s, task_id=None, parent=None, round_id=None, architecture=architecture,
+            embedding_dim=embedding_dim, blob=blob, metrics={},
+        )  # fmt: skip
+        return ModelVersionOut.model_validate(mv)

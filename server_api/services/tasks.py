@@ -33,6 +33,13 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
                     "architecture_mismatch",
                     f"initial_version {base.version} is a {base.architecture} model, not {body.architecture}",
                 )
+            if base.embedding_dim is not None:
+                if body.embedding_dim is not None and body.embedding_dim != base.embedding_dim:
+                    raise invalid(
+                        "embedding_dim_mismatch",
+                        f"initial_version {base.version} has embedding_dim {base.embedding_dim}",
+                    )
+                embedding_dim = base.embedding_dim
         task = Task(
             name=body.name,
             algorithm=body.algorithm,
@@ -49,7 +56,13 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
         s.flush()
         if blob is not None:
             mv = models.add_version(
-                s, task_id=task.id, parent=None, round_id=None, architecture=body.architecture, blob=blob
+                s,
+                task_id=task.id,
+                parent=None,
+                round_id=None,
+                architecture=body.architecture,
+                embedding_dim=embedding_dim,
+                blob=blob,
             )
             task.current_version = mv.version
         else:

@@ -529,3 +529,65 @@ def test_settings_refuse_missing_secrets_outside_dev_mode(
         Settings()
     monkeypatch.setenv("FACEFL_DEV_MODE", "1")
     assert Settings().admin_token_value == "dev-admin-token"
+
+
+# --- model import (a pretrained checkpoint as a root version) ------------------------------------
+
+
+def _small_weights(embedding_dim: int = 128) -> dict[str, np.ndarray]:
+    from facefl.models import build_backbone, state_to_numpy
+
+    return state_to_numpy(build_backbone("small", embedding_dim, seed=5))
+
+
+def test_import_model_then_task_starts_from_it(api: Api) -> None:
+    w = _small_weights(64)
+    body = codec.encode(w, metadata={"architecture": "small", "embedding_dim": "64"})
+    assert unchanged(api, lambda: api.c.post("/v1/models", content=body)).status_code == 401
+    dev = api.device()
+    assert (
+        unchanged(api, lambda: api.c.post("/v1/models", content=body, headers=dev)).status_code
+        == 403
+    )
+    r = api.c.post("/v1/models", content=body, headers=ADMIN_H)
+    assert r.status_code == 201, r.text
+    mv = r.json()
+    assert mv["parent_version"] is None and mv["task_id"] is None and mv["embedding_dim"] == 64
+    downloaded = api.weights(mv["version"])
+    for k in w:
+        np.testing.assert_array_equal(downloaded[k], w[k])
+    t = api.task(initial_version=mv["version"])
+    assert t["current_version"] == mv["version"] and t["embedding_dim"] == 64
+    r = unchanged(
+        api,
+        lambda: api.c.post(
+            "/v1/tasks", json=task_body(initial_version=mv["version"], embedding_dim=128), headers=ADMIN_H
+        ),
+    )
+    assert r.status_code == 422 and r.json()["code"] == "embedding_dim_mismatch"
+
+
+def test_import_model_with_query_architecture(api: Api) -> None:
+    r = api.c.post("/v1/models?architecture=small", content=codec.encode(_small_weights()), headers=ADMIN_H)
+    assert r.status_code == 201 and r.json()["embedding_dim"] == 128
+
+
+@pytest.mark.parametrize(
+    "case", ["no_architecture", "unknown_architecture", "wrong_shapes", "nan", "garbage"]
+)
+def test_invalid_model_imports_are_422(api: Api, case: str) -> None:
+    w = _small_weights()
+    nan = dict(w)
+    first = next(iter(nan))
+    nan[first] = np.full_like(nan[first], np.nan)
+    bodies = {
+        "no_architecture": codec.encode(w),
+        "unknown_architecture": codec.encode(w, metadata={"architecture": "resnet"}),
+        "wrong_shapes": codec.encode(
+            _small_weights(64), metadata={"architecture": "small", "embedding_dim": "128"}
+        ),
+        "nan": codec.encode(nan, metadata={"architecture": "small"}),
+        "garbage": b"not a model at all",
+    }
+    r = unchanged(api, lambda: api.c.post("/v1/models", content=bodies[case], headers=ADMIN_H))
+    assert r.status_code == 422, r.text
