@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facefl.data import DataError, ImageFolder, Preprocessing, load_image, split_train_test
+from facefl.data import ImageFolder
+from facefl.data.protocol import device_split, load_identities
 from facefl.data.synthetic import make_synthetic_dataset
 
 __all__ = ["LocalDataset"]
@@ -91,27 +92,9 @@ class LocalDataset:
             identities: only these identity folders, in this order (default: all of them, sorted).
             max_images_per_identity: keep at most this many images of each identity (sorted by name).
         """
-        folder = ImageFolder(root)
-        names = list(folder.identities) if identities is None else [str(i) for i in identities]
-        label_of = {name: i for i, name in enumerate(folder.identities)}
-        unknown = [name for name in names if name not in label_of]
-        if unknown:
-            raise DataError(f"{root}: no identity folder(s) {unknown[:5]}")
-        new_label = {label_of[name]: i for i, name in enumerate(names)}
-        prep = Preprocessing(image_size)
-        images: list[np.ndarray] = []
-        labels: list[int] = []
-        taken: dict[int, int] = {}
-        for path, old in folder.samples:
-            if old not in new_label:
-                continue
-            if max_images_per_identity is not None and taken.get(old, 0) >= max_images_per_identity:
-                continue
-            taken[old] = taken.get(old, 0) + 1
-            images.append(prep.to_uint8(load_image(path)))
-            labels.append(new_label[old])
-        array = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-        return cls(images=array, labels=np.asarray(labels, np.int64), identities=tuple(names))
+        names = list(ImageFolder(root).identities) if identities is None else [str(i) for i in identities]
+        images, labels = load_identities(root, names, image_size, max_images_per_identity)
+        return cls(images=images, labels=labels, identities=tuple(names))
 
     # -------------------------------------------------------------------------------------- views
 
@@ -136,5 +119,5 @@ class LocalDataset:
     ) -> tuple[LocalDataset, LocalDataset]:
         """Split each identity's images into train and test (:func:`facefl.data.split_train_test`:
         ``round(n * test_fraction)`` test images per identity, at least one image left for training)."""
-        train_idx, test_idx = split_train_test(self.labels, test_fraction, seed)
+        train_idx, test_idx = device_split(self.labels, test_fraction, seed)
         return self.subset(train_idx), self.subset(test_idx)

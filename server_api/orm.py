@@ -68,6 +68,7 @@ class Task(Base):
     hyperparams: Mapped[dict[str, Any]]
     policy: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default="running")
+    eval_set: Mapped[str | None] = mapped_column(String(64))
     # no FK: tasks and model_versions reference each other; the service keeps this consistent
     current_version: Mapped[int | None]
     aggregated_rounds: Mapped[int] = mapped_column(default=0)

@@ -66,6 +66,7 @@ class TaskIn(Strict):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     rounds: Annotated[int, Field(ge=1, le=100_000)] = 10
     initial_version: Annotated[int | None, Field(ge=1)] = None
+    eval_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     policy: RoundPolicy = Field(default_factory=RoundPolicy)
 
@@ -109,6 +110,7 @@ class TaskOut(BaseModel):
     hyperparams: dict[str, Any]
     policy: dict[str, Any]
     status: str
+    eval_set: str | None
     current_version: int | None
     aggregated_rounds: int
     current_round: RoundOut | None = None

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="an aggregation not finished after this long is retried"
     )
     migrate_on_start: bool = True
+    eval_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description='held-out generic sets a task may name, as JSON: {"lfw": "/data/lfw"} (LFW layout with '
+        "pairs.txt: its test folds 6-10; any other image folder: pairs built from it)",
+    )
 
     @model_validator(mode="after")
     def _require_secrets_outside_dev(self) -> Settings:

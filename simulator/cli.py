@@ -73,6 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--heldout-ids", type=_positive_int, default=50, help="held-out identities for evaluation (50)"
     )
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="with an image folder: share of each identity's images kept off training as the device's "
+        "test images (0)",
+    )
+    g.add_argument(
+        "--eval-set",
+        default=None,
+        help="server-side generic evaluation of every model version: a directory (LFW layout with "
+        "pairs.txt, or any image folder) for the server the simulator starts; with --server, the name "
+        "of a set configured there (FACEFL_EVAL_SETS)",
+    )
     g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of data, model and schedule (0)")
     g.add_argument(
         "--dropout",
@@ -133,6 +147,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         ids_per_device=args.ids_per_device,
         images_per_id=args.images_per_id,
         heldout_ids=args.heldout_ids,
+        eval_set=args.eval_set,
+        test_fraction=args.test_fraction,
         server=args.server,
         db=args.db,
         admin_token=args.admin_token,

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from device_sdk import DeviceCredentials, FederatedClient, LocalDataset, RoundInfo, Trainer
 from facefl.data import ImageFolder, partition_identities
+from facefl.data.protocol import plan_devices
 from facefl.models import ARCHITECTURES
 
 from .evaluation import rank1_identification
@@ -53,6 +54,8 @@ __all__ = ["RoundResult", "SimulationConfig", "SimulationError", "SimulationResu
 
 # synthetic held-out identities are numbered from here: disjoint from every device's identities
 HELDOUT_OFFSET = 1_000_000
+# how long to wait for the server's evaluation of a new model version (it runs after aggregation)
+EVAL_TIMEOUT_S = 600.0
 
 
 class SimulationError(RuntimeError):
@@ -70,6 +73,9 @@ class SimulationConfig:
     ids_per_device: int = 5
     images_per_id: int | None = None  # synthetic: 10; folder: all images (a cap when given)
     heldout_ids: int = 50
+    # with an image folder: the share of each identity's images kept off training (the device's test
+    # images, for personalized evaluation; facefl.data.protocol.device_split with the same seed)
+    test_fraction: float = 0.0
     server: str | None = None
     db: str | None = None
     admin_token: str | None = None
@@ -91,6 +97,9 @@ class SimulationConfig:
     dropout: float = 0.0  # probability that a device trains but never uploads
     work_dir: str | None = None
     progress: bool = True
+    # server-side generic evaluation of every model version: a directory (LFW layout or image folder)
+    # for the server the simulator starts, or the name of a set configured on an external --server
+    eval_set: str | None = None
 
     def validate(self) -> SimulationConfig:
         """Raise ValueError with a message naming the option; fill derived defaults in place."""
@@ -115,6 +124,7 @@ class SimulationConfig:
                 "each device needs at least two images (--ids-per-device x --images-per-id >= 2)",
             )
         need(self.heldout_ids >= 2, f"--heldout-ids must be >= 2 (got {self.heldout_ids})")
+        need(0.0 <= self.test_fraction < 1.0, f"--test-fraction must be in [0, 1) (got {self.test_fraction})")
         if self.data == "synthetic":
             need(
                 self.images_per_id is not None and self.images_per_id >= 2,
@@ -166,6 +176,11 @@ class SimulationConfig:
                 self.server.startswith(("http://", "https://")),
                 f"--server must be an http(s) URL (got {self.server!r})",
             )
+        if self.eval_set is not None and self.server is None:
+            need(
+                Path(self.eval_set).is_dir(),
+                f"--eval-set must be an existing directory (got {self.eval_set!r})",
+            )
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -184,6 +199,7 @@ class RoundResult:
     wall_s: float
     mb_uploaded: float
     heldout_accuracy: float
+    generic: dict[str, float] | None = None  # server-side evaluation of the version (--eval-set)
     train_loss: float | None = None
     jobs: dict[str, int] = field(default_factory=dict)  # job outcome -> count
     job_seconds: dict[str, float] = field(default_factory=dict)  # mean seconds per phase of a job
@@ -197,6 +213,7 @@ class SimulationResult:
     total_wall_s: float
     task_id: int = 0
     chance_accuracy: float = 0.0
+    initial_generic: dict[str, float] | None = None
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -205,19 +222,24 @@ class SimulationResult:
             "task_id": self.task_id,
             "initial_heldout_accuracy": self.initial_heldout_accuracy,
             "chance_accuracy": self.chance_accuracy,
+            "initial_generic": self.initial_generic,
             "total_wall_s": self.total_wall_s,
             "rounds": [asdict(r) for r in self.rounds],
             "errors": self.errors,
         }
 
     def table(self) -> str:
+        generic = self.initial_generic is not None
         header = (
             f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
-            f"{'heldout acc':>11}"
+            f"{'heldout acc':>11}" + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
         )
         lines = [
             f"initial held-out rank-1 accuracy: {self.initial_heldout_accuracy:.3f} "
-            f"(chance {self.chance_accuracy:.3f})",
+            f"(chance {self.chance_accuracy:.3f})"
+            + (
+                f"; generic verification accuracy {_fmt(self.initial_generic, 'accuracy')}" if generic else ""
+            ),
             header,
             "-" * len(header),
         ]
@@ -225,9 +247,18 @@ class SimulationResult:
             lines.append(
                 f"{r.round:>5}  {r.status:<10} {r.reports:>7} {r.dropped:>7} {r.wall_s:>7.1f} "
                 f"{r.mb_uploaded:>7.2f} {r.heldout_accuracy:>11.3f}"
+                + (
+                    f" {_fmt(r.generic, 'accuracy'):>11} {_fmt(r.generic, 'tar@far=1e-2'):>8}"
+                    if generic
+                    else ""
+                )
             )
         lines.append(f"total wall time: {self.total_wall_s:.1f} s")
         return "\n".join(lines)
+
+
+def _fmt(report: dict[str, float] | None, key: str) -> str:
+    return f"{report[key]:.3f}" if report and key in report else "-"
 
 
 # ------------------------------------------------------------------------------------------ data plan
@@ -251,27 +282,21 @@ def _plan_data(cfg: SimulationConfig, image_size: int) -> _DataPlan:
 
     root = Path(cfg.data)
     folder = ImageFolder(root)  # DataError (a ValueError) when the layout is wrong
-    counts = Counter(label for _, label in folder.samples)
-    cap = cfg.images_per_id
-    usable = {name: min(counts[i], cap) if cap else counts[i] for i, name in enumerate(folder.identities)}
-    order = [folder.identities[int(i)] for i in np.random.default_rng(cfg.seed).permutation(len(usable))]
-    heldout_names = [name for name in order if usable[name] >= 2][: cfg.heldout_ids]
-    taken = set(heldout_names)
-    rest = [name for name in order if name not in taken]
-    if len(heldout_names) < cfg.heldout_ids or len(rest) < n * k:
-        raise ValueError(
-            f"--data {root} has {len(usable)} identity folders "
-            f"({sum(c >= 2 for c in usable.values())} with two or more images); this run needs "
-            f"{cfg.heldout_ids} held-out identities with >= 2 images (--heldout-ids) plus "
-            f"{n * k} device identities (--devices x --ids-per-device)"
+    device_plan = plan_devices(folder, n, k, cfg.heldout_ids, cfg.seed, cfg.images_per_id)
+    specs = [
+        DataSpec(
+            "folder",
+            tuple(part),
+            image_size,
+            cfg.images_per_id,
+            cfg.seed,
+            str(root.resolve()),
+            cfg.test_fraction,
         )
-    specs = []
-    for i, part in enumerate(partition_identities(rest, n, k, cfg.seed)):
-        if sum(usable[name] for name in part) < 2:
-            raise ValueError(f"device {i} would hold fewer than two images; raise --ids-per-device")
-        specs.append(DataSpec("folder", tuple(part), image_size, cap, cfg.seed, str(root.resolve())))
+        for part in device_plan.devices
+    ]
     heldout = LocalDataset.from_folder(
-        root, image_size, identities=heldout_names, max_images_per_identity=cap
+        root, image_size, identities=device_plan.heldout, max_images_per_identity=cfg.images_per_id
     )
     return _DataPlan(specs, heldout)
 
@@ -296,6 +321,18 @@ class _Admin:
             raise SimulationError(f"creating the task failed: {resp.status_code} {resp.text[:500]}")
         data: dict[str, Any] = resp.json()
         return data
+
+    def wait_for_eval(self, version: int, timeout_s: float) -> dict[str, float] | None:
+        """The server's evaluation of a model version (computed after it is created), or None on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            resp = self._http.get(f"/v1/models/{version}/info")
+            resp.raise_for_status()
+            report = resp.json()["metrics"].get("eval")
+            if report is not None:
+                return {k: v for k, v in report.items() if isinstance(v, int | float)}
+            time.sleep(0.2)
+        return None
 
     def close(self) -> None:
         self._http.close()
@@ -331,12 +368,16 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
         for _ in range(workers):
             pool.submit(warm_up)
         if cfg.server is None:
+            eval_env = {}
+            if cfg.eval_set is not None:
+                eval_env["FACEFL_EVAL_SETS"] = json.dumps({"generic": str(Path(cfg.eval_set).resolve())})
             server = LocalServer(
                 run_dir / "server",
                 database_url=cfg.db,
                 admin_token=admin_token,
                 enrollment_secret=secret,
                 min_retry_after_s=0.2,
+                extra_env=eval_env,
             )
             say(f"starting server (log: {server.log_path})")
             stack.enter_context(server)
@@ -347,7 +388,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
 
         admin = _Admin(base_url, admin_token)
         stack.callback(admin.close)
-        task = admin.create_task(_task_body(cfg))
+        eval_name = None if cfg.eval_set is None else ("generic" if cfg.server is None else cfg.eval_set)
+        task = admin.create_task(_task_body(cfg) | {"eval_set": eval_name})
         task_id = int(task["id"])
 
         reader = FederatedClient(base_url, token=admin_token, timeout=60.0)
@@ -374,6 +416,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             total_wall_s=0.0,
             task_id=task_id,
             chance_accuracy=chance,
+            initial_generic=admin.wait_for_eval(initial_version, EVAL_TIMEOUT_S) if eval_name else None,
         )
 
         bar = tqdm(
@@ -441,6 +484,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     wall_s=wall_s,
                     mb_uploaded=round(sum(jr.bytes_sent for jr in job_results) / 1e6, 4),
                     heldout_accuracy=accuracy(model_version),
+                    generic=admin.wait_for_eval(model_version, EVAL_TIMEOUT_S) if eval_name else None,
                     train_loss=float(np.mean(losses)) if losses else None,
                     jobs=dict(Counter(jr.status for jr in job_results)),
                     job_seconds=_mean_phases(job_results),

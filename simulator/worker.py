@@ -53,6 +53,7 @@ class DataSpec:
     images_per_identity: int | None
     seed: int = 0
     root: str | None = None
+    test_fraction: float = 0.0  # folder data: train on the rest of each identity's images only
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ def load_device_data(spec: DataSpec) -> LocalDataset:
             identities=[str(i) for i in spec.identities],
             max_images_per_identity=spec.images_per_identity,
         )
+        if spec.test_fraction > 0:
+            dataset, _test = dataset.train_test_split(spec.test_fraction, spec.seed)
     else:
         raise ValueError(f"unknown data kind {spec.kind!r}")
     if len(_DATA_CACHE) > 256:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from facefl import codec
 from facefl.algorithms.fedavg import WeightedMean
 from server_api.orm import ModelVersion, Round, Task, utcnow
-from server_api.services import models, queries, rounds
+from server_api.services import evaluation, models, queries, rounds
 from server_api.services.context import ServiceContext, log
 
 
@@ -33,7 +33,7 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         task = s.get(Task, rnd.task_id)
         assert base is not None and task is not None and lease is not None
         base_key, architecture, task_id = base.blob_key, base.architecture, task.id
-        embedding_dim = base.embedding_dim
+        embedding_dim, eval_set = base.embedding_dim, task.eval_set
         updates = [(u.blob_key, u.num_samples, dict(u.metrics)) for u in queries.updates_of(s, round_id)]
 
     t0 = time.perf_counter()
@@ -67,6 +67,8 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     except _LostLease:
         log.warning("aggregation of round %s lost its lease; result discarded", round_id)
         return None
+    if eval_set is not None:
+        ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
     log.info(
         "round aggregated",
         extra={

@@ -25,6 +25,10 @@ class ServiceContext:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="facefl-aggregate")
     )
+    # evaluation of new model versions has its own thread, so that it never delays an aggregation
+    eval_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="facefl-evaluate")
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:
@@ -35,6 +39,13 @@ class ServiceContext:
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        return self._submit(self.executor, fn, *args)
+
+    def submit_eval(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        return self._submit(self.eval_executor, fn, *args)
+
+    @staticmethod
+    def _submit(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         def _run() -> Any:
             try:
                 return fn(*args)
@@ -42,8 +53,9 @@ class ServiceContext:
                 log.exception("background job %s%r failed", getattr(fn, "__name__", fn), args)
                 raise
 
-        return self.executor.submit(_run)
+        return executor.submit(_run)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
+        self.eval_executor.shutdown(wait=True, cancel_futures=True)
         self.db.dispose()

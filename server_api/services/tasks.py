@@ -7,13 +7,16 @@ from sqlalchemy.orm import Session
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion, Task
 from server_api.schemas import RoundOut, TaskIn, TaskOut
-from server_api.services import models, queries, rounds
+from server_api.services import evaluation, models, queries, rounds
 from server_api.services.context import ServiceContext
 
 
 def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
 
+    if body.eval_set is not None and body.eval_set not in ctx.settings.eval_sets:
+        known = sorted(ctx.settings.eval_sets) or "none (set FACEFL_EVAL_SETS)"
+        raise invalid("unknown_eval_set", f"eval_set {body.eval_set!r} is not configured; known: {known}")
     arch = ARCHITECTURES[body.architecture]
     embedding_dim = body.embedding_dim or arch.default_embedding_dim
     blob = None
@@ -50,6 +53,7 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
             hyperparams=body.hyperparams.model_dump(),
             policy=body.policy.model_dump(),
             status="running",
+            eval_set=body.eval_set,
             aggregated_rounds=0,
         )
         s.add(task)
@@ -68,7 +72,10 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
         else:
             task.current_version = body.initial_version
         rounds.open_round(s, task)
-        return _task_out(s, task)
+        out = _task_out(s, task)
+    if out.eval_set is not None and out.current_version is not None:
+        ctx.submit_eval(evaluation.evaluate_version, ctx, out.current_version, out.eval_set)
+    return out
 
 
 def get(ctx: ServiceContext, task_id: int) -> TaskOut:

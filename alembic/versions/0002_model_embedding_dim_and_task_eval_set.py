@@ -1,8 +1,8 @@
-"""model version embedding dim
+"""model embedding dim and task eval set
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-23 04:36:15.669839
+Create Date: 2026-11-23 04:39:30.465451
 """
 
 from collections.abc import Sequence
@@ -22,8 +22,14 @@ def upgrade() -> None:
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("embedding_dim", sa.Integer(), nullable=True))
 
+    with op.batch_alter_table("tasks", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("eval_set", sa.String(length=64), nullable=True))
+
 
 def downgrade() -> None:
+
+    with op.batch_alter_table("tasks", schema=None) as batch_op:
+        batch_op.drop_column("eval_set")
 
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.drop_column("embedding_dim")
