@@ -7,15 +7,15 @@ ten folds by identity). Images are decoded once, at the size the model needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from facefl.data import DataError, ImageFolder, Preprocessing, load_image
-from facefl.metrics import cosine_scores, verification_report
+from facefl.metrics import cosine_scores, personalized_report, verification_report
 
 DEFAULT_TEST_FOLDS = range(6, 11)
 MAX_GENUINE_PER_IDENTITY = 10
@@ -112,3 +112,187 @@ def evaluate_verification(embedder: Embedder, vset: VerificationSet) -> dict[str
     emb = embedder.embed(vset.images)
     scores = cosine_scores(emb[vset.index[:, 0]], emb[vset.index[:, 1]])
     return verification_report(scores, vset.is_same, vset.folds)
+
+
+# ------------------------------------------------------------------------------------- personalized
+
+
+@dataclass
+class DeviceData:
+    """One device's images under the device protocol (labels are global identity numbers)."""
+
+    device: int
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_devices(
+    root: str | Path,
+    *,
+    num_devices: int,
+    ids_per_device: int,
+    heldout_ids: int,
+    test_fraction: float,
+    seed: int,
+    image_size: int,
+    max_images_per_identity: int | None = None,
+) -> list[DeviceData]:
+    """Devices exactly as `facefl simulate --data ROOT` builds them (same plan and train/test split)."""
+    from facefl.data.protocol import device_split, load_identities, plan_devices
+
+    folder = ImageFolder(root)
+    plan = plan_devices(folder, num_devices, ids_per_device, heldout_ids, seed, max_images_per_identity)
+    out: list[DeviceData] = []
+    offset = 0
+    for d, names in enumerate(plan.devices):
+        images, labels = load_identities(root, names, image_size, max_images_per_identity)
+        train, test = device_split(labels, test_fraction, seed)
+        labels = labels + offset  # global identity numbers: devices hold disjoint identities
+        out.append(DeviceData(d, images[train], labels[train], images[test], labels[test]))
+        offset += len(names)
+    return out
+
+
+def evaluate_personalized(
+    embedders: Embedder | Sequence[Embedder],
+    devices: Sequence[DeviceData],
+    fars: Sequence[float] = (1e-2, 1e-3),
+) -> dict[str, Any]:
+    """Mean over devices of 1:1 TAR@FAR and 1:N DIR@FAR (facefl.metrics.personalized_report).
+
+    One embedder: the same model on every device (a generic model). One per device: device d's own
+    model embeds everything device d sees (its gallery, its probes and every impostor), as on a phone.
+    """
+
+    def report(embedder: Embedder) -> dict[str, Any]:
+        train = np.concatenate([d.train_images for d in devices])
+        test = np.concatenate([d.test_images for d in devices])
+        return personalized_report(
+            embedder.embed(train),
+            np.concatenate([d.train_labels for d in devices]),
+            np.concatenate([np.full(len(d.train_labels), d.device) for d in devices]),
+            embedder.embed(test),
+            np.concatenate([d.test_labels for d in devices]),
+            np.concatenate([np.full(len(d.test_labels), d.device) for d in devices]),
+            fars,
+        )
+
+    if not isinstance(embedders, Sequence):
+        return report(embedders)
+    if len(embedders) != len(devices):
+        raise ValueError(f"{len(embedders)} embedders for {len(devices)} devices")
+    rows = [
+        next(e for e in report(emb)["per_device"] if e["device"] == d.device)
+        for emb, d in zip(embedders, devices, strict=True)
+    ]
+    keys = [k for k in rows[0] if k not in ("device", "identities", "test_images")]
+    result: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    result.update(devices=float(len(rows)), per_device=rows)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("model", help="a facefl checkpoint (.safetensors) or any ONNX face-embedding model (NCHW)")
+    p.add_argument(
+        "--lfw", help="generic set: an LFW-layout directory (pairs.txt; folds 6-10) or image folder"
+    )
+    p.add_argument("--devices-data", help="personalized: an image folder split into devices (e.g. CelebA)")
+    p.add_argument("--devices", type=int, default=30, help="devices in the personalized protocol (30)")
+    p.add_argument("--ids-per-device", type=int, default=8, help="identities per device (8)")
+    p.add_argument("--heldout-ids", type=int, default=50, help="identities held out of the devices (50)")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="test share of each identity (0.3)")
+    p.add_argument("--images-per-id", type=int, default=None, help="cap of images per identity")
+    p.add_argument("--seed", type=int, default=0, help="seed of the device plan and splits (0)")
+    p.add_argument("--flip", action="store_true", help="average each embedding with its mirror image's")
+    p.add_argument("--json", dest="json_path", help="write the report as JSON here")
+    p.add_argument("--roc", help="draw the generic ROC curve to this PNG")
+
+
+def run(args: Any) -> int:
+    import json
+    import sys
+
+    from facefl.embedders import load_embedder
+
+    if not args.lfw and not args.devices_data:
+        print("facefl eval: error: give --lfw DIR and/or --devices-data DIR", file=sys.stderr)
+        return 2
+    if not 0.0 < args.test_fraction < 1.0:
+        print("facefl eval: error: --test-fraction must be in (0, 1)", file=sys.stderr)
+        return 2
+    try:
+        embedder = load_embedder(args.model, flip=args.flip)
+        report: dict[str, Any] = {"model": str(args.model), "flip": bool(args.flip)}
+        if args.lfw:
+            vset = VerificationSet.from_dir(args.lfw, embedder.image_size)
+            emb = embedder.embed(vset.images)
+            scores = cosine_scores(emb[vset.index[:, 0]], emb[vset.index[:, 1]])
+            report["generic"] = {"set": vset.name, **verification_report(scores, vset.is_same, vset.folds)}
+            if args.roc:
+                _plot_roc(scores, vset.is_same, Path(args.roc), f"{Path(args.model).name} on {vset.name}")
+        if args.devices_data:
+            devices = load_devices(
+                args.devices_data,
+                num_devices=args.devices,
+                ids_per_device=args.ids_per_device,
+                heldout_ids=args.heldout_ids,
+                test_fraction=args.test_fraction,
+                seed=args.seed,
+                image_size=embedder.image_size,
+                max_images_per_identity=args.images_per_id,
+            )
+            personal = evaluate_personalized(embedder, devices)
+            report["personalized"] = {k: v for k, v in personal.items() if k != "per_device"}
+    except (DataError, ValueError, OSError) as exc:
+        print(f"facefl eval: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = []
+    for section in ("generic", "personalized"):
+        if section in report:
+            values = report[section]
+            cells = [f"{k}={_fmt(v)}" for k, v in values.items()]
+            lines.append(f"{section:>12}: " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.4f}"
+    return str(value)
+
+
+def _plot_roc(scores: np.ndarray, is_same: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facefl.metrics import roc_curve
+
+    far, tar, _ = roc_curve(scores, is_same)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(np.maximum(far, 1e-4), tar)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -545,10 +545,7 @@ def test_import_model_then_task_starts_from_it(api: Api) -> None:
     body = codec.encode(w, metadata={"architecture": "small", "embedding_dim": "64"})
     assert unchanged(api, lambda: api.c.post("/v1/models", content=body)).status_code == 401
     dev = api.device()
-    assert (
-        unchanged(api, lambda: api.c.post("/v1/models", content=body, headers=dev)).status_code
-        == 403
-    )
+    assert unchanged(api, lambda: api.c.post("/v1/models", content=body, headers=dev)).status_code == 403
     r = api.c.post("/v1/models", content=body, headers=ADMIN_H)
     assert r.status_code == 201, r.text
     mv = r.json()
@@ -591,3 +588,35 @@ def test_invalid_model_imports_are_422(api: Api, case: str) -> None:
     }
     r = unchanged(api, lambda: api.c.post("/v1/models", content=bodies[case], headers=ADMIN_H))
     assert r.status_code == 422, r.text
+
+
+# --- server-side evaluation of every model version ------------------------------------------------
+
+
+def test_unknown_eval_set_is_422(api: Api) -> None:
+    r = unchanged(api, lambda: api.c.post("/v1/tasks", json=task_body(eval_set="lfw"), headers=ADMIN_H))
+    assert r.status_code == 422 and r.json()["code"] == "unknown_eval_set"
+
+
+def test_each_version_is_evaluated_on_the_eval_set(tmp_path: Path) -> None:
+    from facefl.data import write_image_folder
+
+    eval_dir = write_image_folder(tmp_path / "heldout", identities=range(500, 510), images_per_identity=4)
+    settings = make_settings(tmp_path, eval_sets={"heldout": eval_dir})
+    with TestClient(create_app(settings)) as client:
+        api = Api(client)
+        t = api.task(eval_set="heldout", policy={"target_reports": 1, "min_reports": 1})
+        assert t["eval_set"] == "heldout"
+
+        def evaluated(version: int) -> bool:
+            r = api.c.get(f"/v1/models/{version}/info", headers=ADMIN_H)
+            return r.status_code == 200 and "eval" in r.json()["metrics"]
+
+        wait_for(lambda: evaluated(1), timeout=60)
+        dev = api.device()
+        a = api.assignment(dev)
+        assert api.upload(dev, a, api.delta_bytes(a)).status_code == 202
+        wait_for(lambda: evaluated(2), timeout=60)
+        report = api.c.get("/v1/models/2/info", headers=ADMIN_H).json()["metrics"]["eval"]
+        assert report["set"] == "heldout" and report["pairs"] > 0
+        assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["auc"] <= 1.0

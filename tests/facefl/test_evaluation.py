@@ -1,0 +1,89 @@
+"""Generic and personalized evaluation on generated faces, and the `facefl eval` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facefl.checkpoint import save_checkpoint
+from facefl.cli import main
+from facefl.data import DataError, write_image_folder
+from facefl.embedders import TorchEmbedder
+from facefl.evaluation import VerificationSet, evaluate_personalized, evaluate_verification, load_devices
+from facefl.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("faces"), range(16), 6, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
+    save_checkpoint(path, build_backbone("small", seed=1), "small", 128)
+    return path
+
+
+def test_folder_verification_set_is_balanced_with_ten_folds(faces: Path) -> None:
+    vset = VerificationSet.from_dir(faces, 64)
+    assert vset.is_same.sum() == (~vset.is_same).sum() > 0
+    assert set(vset.folds.tolist()) <= set(range(1, 11)) and vset.images.shape[1:] == (64, 64, 3)
+    assert vset.index.max() < len(vset.images)
+
+
+def test_missing_eval_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        VerificationSet.from_dir(tmp_path / "nope", 64)
+
+
+def test_generic_and_personalized_reports(faces: Path) -> None:
+    embedder = TorchEmbedder(build_backbone("small", seed=1).eval(), "small")
+    report = evaluate_verification(embedder, VerificationSet.from_dir(faces, 64))
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["pairs"] > 0
+    devices = load_devices(
+        faces, num_devices=3, ids_per_device=3, heldout_ids=2, test_fraction=0.34, seed=0, image_size=64
+    )
+    assert len(devices) == 3 and all(len(d.test_labels) and len(d.train_labels) for d in devices)
+    shared = evaluate_personalized(embedder, devices)
+    per_device = evaluate_personalized([embedder] * 3, devices)  # the same model on every device
+    for key in ("tar@far=1e-2", "dir@far=1e-2", "rank1"):
+        assert per_device[key] == pytest.approx(shared[key])
+
+
+def test_eval_command_writes_json_and_roc(faces: Path, checkpoint: Path, tmp_path: Path) -> None:
+    out, roc = tmp_path / "r.json", tmp_path / "roc.png"
+    argv = ["eval", str(checkpoint), "--lfw", str(faces), "--devices-data", str(faces), "--devices", "3",
+            "--ids-per-device", "3", "--heldout-ids", "2", "--test-fraction", "0.34", "--flip",
+            "--json", str(out), "--roc", str(roc)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["generic"]) >= {"accuracy", "auc", "tar@far=1e-2", "tar@far=1e-3"}
+    assert set(report["personalized"]) >= {"tar@far=1e-2", "dir@far=1e-2", "rank1"}
+    assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_errors(faces: Path, checkpoint: Path, tmp_path: Path) -> None:
+    assert main(["eval", str(checkpoint)]) == 2  # no set to evaluate on
+    assert main(["eval", str(tmp_path / "missing.safetensors"), "--lfw", str(faces)]) == 1
+    assert main(["eval", str(checkpoint), "--lfw", str(tmp_path / "nowhere")]) == 1
+
+
+def test_onnx_and_checkpoint_agree(faces: Path, checkpoint: Path, tmp_path: Path) -> None:
+    import torch
+
+    from facefl.embedders import OnnxEmbedder
+
+    model = build_backbone("small", seed=1).eval()
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(model, torch.zeros(1, 3, 64, 64), str(onnx_path), input_names=["input"],
+                      output_names=["embedding"], dynamic_axes={"input": {0: "n"}}, opset_version=17,
+                      dynamo=False)  # fmt: skip
+    vset = VerificationSet.from_dir(faces, 64)
+    a = evaluate_verification(TorchEmbedder(model, "small"), vset)
+    b = evaluate_verification(OnnxEmbedder(onnx_path), vset)
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-3)
+    np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=0.02)
