@@ -81,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "test images (0)",
     )
     g.add_argument(
+        "--initial-model",
+        default=None,
+        help="start from these weights (a `facefl pretrain` checkpoint) instead of a random model",
+    )
+    g.add_argument(
         "--eval-set",
         default=None,
         help="server-side generic evaluation of every model version: a directory (LFW layout with "
@@ -148,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         images_per_id=args.images_per_id,
         heldout_ids=args.heldout_ids,
         eval_set=args.eval_set,
+        initial_model=args.initial_model,
         test_fraction=args.test_fraction,
         server=args.server,
         db=args.db,

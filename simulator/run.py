@@ -100,6 +100,8 @@ class SimulationConfig:
     # server-side generic evaluation of every model version: a directory (LFW layout or image folder)
     # for the server the simulator starts, or the name of a set configured on an external --server
     eval_set: str | None = None
+    # start from these weights (a `facefl pretrain` checkpoint) instead of a seeded random model
+    initial_model: str | None = None
 
     def validate(self) -> SimulationConfig:
         """Raise ValueError with a message naming the option; fill derived defaults in place."""
@@ -175,6 +177,11 @@ class SimulationConfig:
             need(
                 self.server.startswith(("http://", "https://")),
                 f"--server must be an http(s) URL (got {self.server!r})",
+            )
+        if self.initial_model is not None:
+            need(
+                Path(self.initial_model).is_file(),
+                f"--initial-model must be a file (got {self.initial_model!r})",
             )
         if self.eval_set is not None and self.server is None:
             need(
@@ -322,6 +329,13 @@ class _Admin:
         data: dict[str, Any] = resp.json()
         return data
 
+    def import_model(self, path: Path) -> int:
+        """Upload weights as a root model version (POST /v1/models); returns its version."""
+        resp = self._http.post("/v1/models", content=path.read_bytes())
+        if resp.status_code != 201:
+            raise SimulationError(f"importing {path} failed: {resp.status_code} {resp.text[:500]}")
+        return int(resp.json()["version"])
+
     def wait_for_eval(self, version: int, timeout_s: float) -> dict[str, float] | None:
         """The server's evaluation of a model version (computed after it is created), or None on timeout."""
         deadline = time.monotonic() + timeout_s
@@ -389,7 +403,10 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
         admin = _Admin(base_url, admin_token)
         stack.callback(admin.close)
         eval_name = None if cfg.eval_set is None else ("generic" if cfg.server is None else cfg.eval_set)
-        task = admin.create_task(_task_body(cfg) | {"eval_set": eval_name})
+        body = _task_body(cfg) | {"eval_set": eval_name}
+        if cfg.initial_model is not None:
+            body["initial_version"] = admin.import_model(Path(cfg.initial_model))
+        task = admin.create_task(body)
         task_id = int(task["id"])
 
         reader = FederatedClient(base_url, token=admin_token, timeout=60.0)
