@@ -15,6 +15,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server_api.cli", "run the aggregation server (uvicorn)"),
     "simulate": ("simulator.cli", "run many simulated devices against a real server"),
+    "pretrain": ("facefl.pretrain", "centralized CosFace pretraining on the public split (LFW layout)"),
     "eval": ("facefl.evaluation", "generic (LFW) and personalized metrics of a checkpoint or ONNX model"),
 }
 

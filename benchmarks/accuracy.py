@@ -1,0 +1,313 @@
+"""The accuracy table: pretrained only, local-only fine-tuning, FedAvg through the real server.
+
+    python benchmarks/accuracy.py --profile cpu      # small model, 64x64, 2 CPU cores
+    python benchmarks/accuracy.py --profile paper    # MobileFaceNet, 112x112 (for a GPU)
+    python benchmarks/accuracy.py --profile smoke --lfw DIR --devices-data DIR   # tiny, minutes
+
+Protocol (DESIGN section 6): the model is pretrained on the LFW public split (identities of pair folds
+1-5 and of no fold); generic = LFW pair folds 6-10 (never trained on); devices = CelebA identities, each
+identity's images split into the device's training and test images (facefl.data.protocol, the same
+plan the simulator uses). Every row starts from the same pretrained checkpoint:
+- pretrained only: the checkpoint as is, on every device;
+- local-only: each device fine-tunes the checkpoint alone on its own images, with the same total local
+  compute as it gets in the federated run (rounds x local epochs), and is tested with its own model;
+- FedAvg: `facefl simulate` against a real uvicorn server (SQLite), which evaluates every new model
+  version on LFW folds 6-10 itself; personalized metrics use the final global model on every device.
+Hyper-parameters come from the profile; none is chosen by looking at folds 6-10.
+Writes a markdown table to stdout, JSON and per-round curves (PNG) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    pretrain_epochs: int
+    devices: int
+    ids_per_device: int
+    heldout_ids: int
+    rounds: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+    test_fraction: float
+    images_per_id: int | None = None
+
+
+PROFILES = {
+    "smoke": Profile("small", 2, 4, 3, 2, 2, 1, 0.01, 16, 0.34),
+    "cpu": Profile("small", 0, 30, 8, 50, 5, 1, 0.01, 32, 0.3),  # 0 epochs: the pretrain CLI's default
+    "paper": Profile("mobilefacenet", 0, 30, 8, 50, 10, 2, 0.01, 32, 0.3),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    generic: dict[str, float]
+    personalized: dict[str, float]
+    seconds: float
+
+
+def log(msg: str) -> None:
+    print(f"[accuracy] {msg}", file=sys.stderr, flush=True)
+
+
+def pretrain(profile: Profile, lfw: Path, out: Path) -> Path:
+    ckpt = out / f"pretrained-{profile.model}.safetensors"
+    cmd = [sys.executable, "-m", "facefl", "pretrain", "--data", str(lfw), "--model", profile.model,
+           "--out", str(ckpt)]  # fmt: skip
+    if profile.pretrain_epochs:
+        cmd += ["--epochs", str(profile.pretrain_epochs)]
+    log(" ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return ckpt
+
+
+def evaluate_rows(profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Path) -> dict[str, Any]:
+    import torch
+
+    from device_sdk import LocalDataset, Trainer
+    from facefl import codec
+    from facefl.checkpoint import load_checkpoint
+    from facefl.embedders import TorchEmbedder
+    from facefl.evaluation import VerificationSet, evaluate_personalized, evaluate_verification, load_devices
+    from facefl.models import build_backbone, load_numpy_state
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    checkpoint = load_checkpoint(ckpt)
+    image_size = checkpoint.image_size
+    vset = VerificationSet.from_dir(lfw, image_size)
+    devices = load_devices(
+        celeba,
+        num_devices=profile.devices,
+        ids_per_device=profile.ids_per_device,
+        heldout_ids=profile.heldout_ids,
+        test_fraction=profile.test_fraction,
+        seed=0,
+        image_size=image_size,
+        max_images_per_identity=profile.images_per_id,
+    )
+
+    def embedder_for(weights: dict[str, np.ndarray]) -> TorchEmbedder:
+        model = build_backbone(checkpoint.architecture, checkpoint.embedding_dim, seed=0)
+        load_numpy_state(model, weights)
+        return TorchEmbedder(model.eval(), checkpoint.architecture)
+
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    base = embedder_for(checkpoint.tensors)
+    generic_base, personal_base = evaluate_verification(base, vset), evaluate_personalized(base, devices)
+    rows.append(Row("pretrained only", generic_base, personal_base, time.perf_counter() - t0))
+    log(f"pretrained only: {rows[-1].generic['accuracy']:.4f}")
+
+    # local-only: the same local compute as the federated run gives a device, but alone
+    t0 = time.perf_counter()
+    trainer = Trainer(num_threads=min(2, os.cpu_count() or 1))
+    spec = _Assignment(checkpoint.architecture, checkpoint.embedding_dim, profile)
+    local = []
+    for d in devices:
+        labels = d.train_labels - d.train_labels.min()
+        dataset = LocalDataset.from_arrays(d.train_images, labels)
+        result = trainer.train(spec, checkpoint.tensors, dataset, state_dir=None, seed=d.device)
+        local.append(embedder_for(codec.apply_delta(checkpoint.tensors, result.delta)))
+    generic = [evaluate_verification(e, vset) for e in local]
+    rows.append(
+        Row(
+            "local-only",
+            {k: float(np.mean([g[k] for g in generic])) for k in generic[0]},
+            evaluate_personalized(local, devices),
+            time.perf_counter() - t0,
+        )
+    )
+    log(f"local-only: {rows[-1].generic['accuracy']:.4f}")
+
+    t0 = time.perf_counter()
+    fedavg, curves = run_fedavg(profile, ckpt, lfw, celeba, out, devices, embedder_for)
+    curves[0]["personalized"] = _flat(personal_base)  # round 0 is the pretrained checkpoint itself
+    rows.append(Row("FedAvg (server + simulator)", fedavg[0], fedavg[1], time.perf_counter() - t0))
+    return {"rows": rows, "curves": curves}
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    """What the device Trainer needs (device_sdk.trainer.AssignmentLike) for local-only training."""
+
+    architecture: str
+    embedding_dim: int | None
+    profile: Profile
+    algorithm: str = "fedavg"
+
+    @property
+    def hyperparams(self) -> dict[str, Any]:
+        p = self.profile
+        return {"local_epochs": p.rounds * p.local_epochs, "batch_size": p.batch_size, "lr": p.lr}
+
+
+def run_fedavg(
+    profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Path, devices: Any, embedder_for: Any
+) -> tuple[tuple[dict[str, float], dict[str, float]], list[dict[str, Any]]]:
+    import httpx
+
+    from facefl import codec
+    from facefl.evaluation import evaluate_personalized
+    from simulator import SimulationConfig, simulate
+    from simulator.server import LocalServer
+
+    admin = "bench-admin-token"
+    with LocalServer(
+        out / "server",
+        admin_token=admin,
+        enrollment_secret="bench-enrollment-secret",
+        extra_env={"FACEFL_EVAL_SETS": json.dumps({"lfw": str(lfw.resolve())})},
+    ) as server:
+        result = simulate(
+            SimulationConfig(
+                devices=profile.devices,
+                rounds=profile.rounds,
+                model=profile.model,
+                data=str(celeba),
+                ids_per_device=profile.ids_per_device,
+                images_per_id=profile.images_per_id,
+                heldout_ids=profile.heldout_ids,
+                test_fraction=profile.test_fraction,
+                server=server.base_url,
+                admin_token=admin,
+                enrollment_secret="bench-enrollment-secret",
+                local_epochs=profile.local_epochs,
+                batch_size=profile.batch_size,
+                lr=profile.lr,
+                eval_set="lfw",
+                initial_model=str(ckpt),
+                json_path=str(out / "fedavg-simulate.json"),
+                progress=False,
+            )
+        )
+        print(result.table(), file=sys.stderr)
+        curves = []
+        with httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {admin}"}, timeout=120
+        ) as c:
+            for r in result.rounds:
+                weights = codec.decode(c.get(f"/v1/models/{r.model_version}").content)
+                personal = evaluate_personalized(embedder_for(weights), devices)
+                curves.append(
+                    {
+                        "round": r.round,
+                        "status": r.status,
+                        "generic": r.generic,
+                        "personalized": _flat(personal),
+                    }
+                )
+    final = curves[-1]
+    return (final["generic"] or {}, final["personalized"]), [
+        {"round": 0, "generic": result.initial_generic, "personalized": None},
+        *curves,
+    ]
+
+
+def _flat(report: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in report.items() if k != "per_device"}
+
+
+COLUMNS = [
+    ("generic", "accuracy", "LFW acc"),
+    ("generic", "tar@far=1e-2", "LFW TAR@1e-2"),
+    ("personalized", "tar@far=1e-2", "device TAR@1e-2"),
+    ("personalized", "dir@far=1e-2", "device DIR@1e-2"),
+]
+
+
+def table(rows: list[Row]) -> str:
+    head = "| method | " + " | ".join(c[2] for c in COLUMNS) + " | seconds |"
+    lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 1)]
+    for r in rows:
+        cells = [f"{getattr(r, sec).get(key, float('nan')):.4f}" for sec, key, _ in COLUMNS]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], curves: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    rounds = [c["round"] for c in curves if c.get("generic")]
+    specs = [
+        ("generic", "accuracy", "LFW folds 6-10 accuracy"),
+        ("personalized", "tar@far=1e-2", "device TAR@FAR=1e-2"),
+        ("personalized", "dir@far=1e-2", "device DIR@FAR=1e-2"),
+    ]
+    for ax, (sec, key, title) in zip(axes, specs, strict=True):
+        pts = [(c["round"], c[sec][key]) for c in curves if c.get(sec) and key in c[sec]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label="FedAvg")
+        for r, style in zip(rows[:2], ("--", ":"), strict=True):
+            ax.axhline(getattr(r, sec)[key], linestyle=style, color="grey", label=r.name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds or [0])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p.add_argument("--lfw", type=Path, default=SHARED / "lfw", help="LFW-layout directory with pairs.txt")
+    p.add_argument("--devices-data", type=Path, default=SHARED / "celeba", help="image folder of the devices")
+    p.add_argument("--pretrained", type=Path, help="use this checkpoint instead of pretraining")
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/accuracy-PROFILE)")
+    p.add_argument("--rounds", type=int, help="override the profile's federated rounds")
+    args = p.parse_args(argv)
+    profile = PROFILES[args.profile]
+    if args.rounds:
+        profile = replace(profile, rounds=args.rounds)
+    for name, path in (("--lfw", args.lfw / "pairs.txt"), ("--devices-data", args.devices_data)):
+        if not path.exists():
+            p.error(f"{name}: {path} not found")
+    out = args.out or REPO / "benchmarks" / "results" / f"accuracy-{args.profile}"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ckpt = args.pretrained or pretrain(profile, args.lfw, out)
+    result = evaluate_rows(profile, ckpt, args.lfw, args.devices_data, out)
+    rows: list[Row] = result["rows"]
+    print(table(rows))
+    plot(rows, result["curves"], out / "curves.png")
+    report = {
+        "profile": args.profile,
+        "settings": asdict(profile),
+        "checkpoint": str(ckpt),
+        "rows": [asdict(r) | {"personalized": _flat(r.personalized)} for r in rows],
+        "fedavg_rounds": result["curves"],
+        "wall_s": time.perf_counter() - started,
+    }
+    (out / "accuracy.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    log(f"wrote {out / 'accuracy.json'} and {out / 'curves.png'} in {report['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
