@@ -24,3 +24,25 @@ __all__ = [
     "synthetic_identity_images",
     "write_image_folder",
 ]
+
+from facefl.data.lfw import (
+    ImageList,
+    LfwProtocol,
+    Pair,
+    lfw_image_path,
+    pair_arrays,
+    pair_folds,
+    read_pairs,
+    write_synthetic_lfw,
+)
+
+__all__ += [
+    "ImageList",
+    "LfwProtocol",
+    "Pair",
+    "lfw_image_path",
+    "pair_arrays",
+    "pair_folds",
+    "read_pairs",
+    "write_synthetic_lfw",
+]

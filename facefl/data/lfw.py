@@ -90,11 +90,6 @@ def read_pairs(path: str | Path, root: str | Path | None = None, check_exists: b
         )
     num_folds, per_fold = int(header[0]), int(header[1])
     expected_lines = 1 + num_folds * 2 * per_fold
-    if len(lines) > expected_lines:
-        raise DataError(
-            f"{path}, line {expected_lines + 1}: unexpected extra line; the header announces "
-            f"{num_folds} folds x {2 * per_fold} pairs = {expected_lines - 1} pair lines"
-        )
     pairs: list[Pair] = []
     for k in range(1, expected_lines):
         line_no = k + 1
@@ -129,6 +124,11 @@ def read_pairs(path: str | Path, root: str | Path | None = None, check_exists: b
                 if not image.is_file():
                     raise DataError(f"{path}, line {line_no}: image {image} does not exist")
         pairs.append(Pair(fold=fold, left=left, right=right, same=same))
+    if len(lines) > expected_lines:
+        raise DataError(
+            f"{path}, line {expected_lines + 1}: unexpected extra line; the header announces "
+            f"{num_folds} folds x {2 * per_fold} pairs = {expected_lines - 1} pair lines"
+        )
     return pairs
 
 
@@ -277,7 +277,7 @@ def pair_arrays(pairs: Sequence[Pair]) -> tuple[list[Path], np.ndarray, np.ndarr
     """The distinct image paths of ``pairs`` and, per pair, the indices of its two images in that list.
 
     Returns ``(paths, index (P, 2) int64, is_same (P,) bool)``: embed ``paths`` once, then score
-    ``emb[index[:, 0]]`` against ``emb[index[:, 1]]``. Also returns folds via :func:`pair_folds`.
+    ``emb[index[:, 0]]`` against ``emb[index[:, 1]]`` (:func:`pair_folds` gives each pair's fold).
     """
     position: dict[Path, int] = {}
     index = np.zeros((len(pairs), 2), dtype=np.int64)
@@ -290,3 +290,52 @@ def pair_arrays(pairs: Sequence[Pair]) -> tuple[list[Path], np.ndarray, np.ndarr
 def pair_folds(pairs: Sequence[Pair]) -> np.ndarray:
     """(P,) int64 fold number of each pair."""
     return np.array([p.fold for p in pairs], dtype=np.int64)
+
+
+def write_synthetic_lfw(
+    root: str | Path,
+    num_folds: int = 10,
+    pairs_per_fold: int = 2,
+    identities_per_fold: int = 3,
+    images_per_identity: int = 3,
+    extra_identities: int = 5,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a small LFW-layout dataset of generated faces (:mod:`facefl.data.synthetic`) with a View 2
+    style ``pairs.txt`` whose folds are identity-disjoint; returns ``root``.
+
+    Fold ``f`` uses its own ``identities_per_fold`` identities (same pairs within one of them, different
+    pairs between two of them); ``extra_identities`` more identities appear in no fold. Identity folders are
+    named ``Synth_<number>``; images are JPEG files ``Synth_<number>_<iiii>.jpg``.
+    """
+    from PIL import Image
+
+    from facefl.data.synthetic import synthetic_identity_images
+
+    if num_folds < 1 or pairs_per_fold < 1 or identities_per_fold < 2 or images_per_identity < 2:
+        raise ValueError(
+            "need num_folds, pairs_per_fold >= 1 and identities_per_fold, images_per_identity >= 2"
+        )
+    root = Path(root)
+    total = num_folds * identities_per_fold + extra_identities
+    names = [f"Synth_{k:05d}" for k in range(total)]
+    for k, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        images = synthetic_identity_images(k, images_per_identity, image_size, seed)
+        for i, image in enumerate(images, start=1):
+            Image.fromarray(image).save(lfw_image_path(root, name, i), quality=95)
+    rng = np.random.default_rng(seed)
+    lines = [f"{num_folds}\t{pairs_per_fold}"]
+    for fold in range(num_folds):
+        members = names[fold * identities_per_fold : (fold + 1) * identities_per_fold]
+        for p in range(pairs_per_fold):
+            i, j = rng.choice(np.arange(1, images_per_identity + 1), size=2, replace=False)
+            lines.append(f"{members[p % len(members)]}\t{i}\t{j}")
+        for p in range(pairs_per_fold):
+            a, b = p % len(members), (p + 1) % len(members)
+            i, j = rng.integers(1, images_per_identity + 1, size=2)
+            lines.append(f"{members[a]}\t{i}\t{members[b]}\t{j}")
+    (root / PAIRS_FILE).write_text("\n".join(lines) + "\n")
+    return root
