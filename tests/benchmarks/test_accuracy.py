@@ -1,0 +1,41 @@
+"""The accuracy benchmark's whole pipeline (pretrain, local-only, FedAvg through a real server) on
+generated faces with the smoke profile. Numbers are not asserted: only that every row is measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facefl.data import write_image_folder
+from facefl.data.lfw import write_synthetic_lfw
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_profile_on_generated_faces(tmp_path: Path) -> None:
+    lfw = write_synthetic_lfw(tmp_path / "lfw", pairs_per_fold=3, identities_per_fold=2, extra_identities=6)
+    devices = write_image_folder(tmp_path / "devices", range(100, 120), 6, image_size=64)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/accuracy.py", "--profile", "smoke", "--lfw", str(lfw),
+         "--devices-data", str(devices), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| pretrained only |" in proc.stdout and "| FedAvg (server + simulator) |" in proc.stdout
+    report = json.loads((out / "accuracy.json").read_text())
+    assert [r["name"] for r in report["rows"]] == [
+        "pretrained only",
+        "local-only",
+        "FedAvg (server + simulator)",
+    ]
+    for row in report["rows"]:
+        assert 0.0 <= row["generic"]["accuracy"] <= 1.0
+        assert 0.0 <= row["personalized"]["dir@far=1e-2"] <= 1.0
+    assert [c["round"] for c in report["fedavg_rounds"]] == [0, 1, 2]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
