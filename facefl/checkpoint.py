@@ -243,7 +243,7 @@ def save_training_state(path: str | Path, tensors: Mapping[str, Any], metadata: 
     for name, value in tensors.items():
         if hasattr(value, "detach"):
             value = value.detach().cpu().numpy()
-        arrays[name] = np.ascontiguousarray(value)
+        arrays[name] = np.require(value, requirements="C")  # unlike ascontiguousarray, keeps 0-d shapes
     meta = {"format": TRAINING_STATE_FORMAT}
     for key, value in metadata.items():
         if key == "format":

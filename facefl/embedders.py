@@ -70,10 +70,6 @@ def iter_batches(images: Images, preprocessing: Preprocessing, batch_size: int) 
         yield preprocessing.batch(decoded)
 
 
-def _count(images: Images) -> int:
-    return len(images)
-
-
 class TorchEmbedder:
     """A facefl backbone in PyTorch (eval mode, no gradients)."""
 

@@ -268,7 +268,8 @@ def _epoch_generators(seed: int, epoch: int) -> tuple[np.random.Generator, Any]:
 
 def _param_groups(model: Any, head: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv / linear weights and the class centres; none on BatchNorm and PReLU slopes."""
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for _, p in model.named_parameters():
         (decay if p.dim() > 1 else no_decay).append(p)
     decay.append(head.weight)
@@ -386,6 +387,7 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None) -
     state_path = training_state_path(out)
     start_epoch, step = 0, 0
     history: list[dict[str, Any]] = []
+    resumed_metrics: dict[str, Any] = {}
     named = {f"model.{k}": v for k, v in model.state_dict().items()} | {"head.weight": head.weight}
 
     if config.resume and state_path.exists():
@@ -409,15 +411,16 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None) -
                 optimizer.state[p]["momentum_buffer"] = torch.from_numpy(np.array(buf))
         start_epoch, step = int(state.metadata["epoch"]), int(state.metadata["step"])
         history = list(state.metadata.get("history") or [])
+        resumed_metrics = dict(state.metadata.get("metrics") or {})
         say(f"resuming from {state_path} after epoch {start_epoch} (step {step})")
         if start_epoch >= config.epochs:
             say(f"already trained {start_epoch} >= {config.epochs} epochs: nothing to do")
-            return {**(state.metadata.get("metrics") or {}), "history": history}
+            return {**resumed_metrics, "history": history}
     # the schedule is a function of the global step and the (current) total; see training_key
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
 
     say(_HEADER)
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = resumed_metrics
     for epoch in range(start_epoch + 1, last_epoch + 1):
         model.train()
         head.train()
@@ -447,8 +450,11 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None) -
             optimizer.step()
             step += 1
             loss_sum += loss.item() * len(idx)
-            with torch.no_grad():
-                correct += int((logits.argmax(1) == y).sum())
+            with torch.no_grad():  # accuracy without the margin: the class with the highest cosine
+                plain = logits.index_put(
+                    (torch.arange(len(y)), y), logits[torch.arange(len(y)), y] + head.scale * head.margin
+                )
+                correct += int((plain.argmax(1) == y).sum())
             seen += len(idx)
             if b % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}")
