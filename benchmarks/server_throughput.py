@@ -33,8 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,27 +97,11 @@ class ServerProcess(LocalServer):
         return process_cpu_s(self.pid) if self.pid is not None else None
 
 
-@contextlib.contextmanager
-def fresh_postgres(url: str) -> Iterator[str]:
+def fresh_postgres(url: str) -> contextlib.AbstractContextManager[str]:
     """A uniquely named database on the server of `url`, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from server_api.db import scratch_database
 
-    from server_api.db import normalize_url
-
-    admin_url = make_url(normalize_url(url))
-    name = f"facefl_bench_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield admin_url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with engine.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        engine.dispose()
+    return scratch_database(url, "facefl_bench")
 
 
 # -------------------------------------------------------------------------------------- load generator

@@ -115,3 +115,28 @@ def downgrade(url: str, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str = "facefl_scratch") -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database on the server of ``server_url`` (dropped on exit).
+
+    For tests and benchmarks that need an empty database without touching the one they were given.
+    """
+    import uuid
+
+    from sqlalchemy import text
+
+    admin_url = make_url(normalize_url(server_url))
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with engine.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,22 +34,10 @@ def pg_url() -> Iterator[str]:
     base = os.environ.get("FACEFL_TEST_DATABASE_URL")
     if not base:
         pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from server_api.db import scratch_database
 
-    from server_api.db import normalize_url
-
-    admin_url = make_url(normalize_url(base))
-    name = f"facefl_test_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+    with scratch_database(base, "facefl_test") as url:
+        yield url
 
 
 class LiveServer(LocalServer):

@@ -34,6 +34,16 @@ BOTTLENECK_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
+def init_weights(module: nn.Module) -> None:
+    """Kaiming (fan-out) convolutions, BatchNorm as identity: the init both backbones share."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class FastPReLU(nn.Module):
     """PReLU computed as ``relu(x) - alpha * relu(-x)`` with one slope per channel.
 
@@ -139,12 +149,7 @@ class MobileFaceNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dw_conv1(self.conv1(x))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facefl.models.mobilefacenet import ConvBlock
+from facefl.models.mobilefacenet import ConvBlock, init_weights
 
 DEFAULT_WIDTHS: tuple[int, int, int, int] = (16, 32, 64, 128)
 
@@ -63,12 +63,7 @@ class SmallFaceNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.gdconv(self.features(x)).flatten(1)
