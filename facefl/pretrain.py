@@ -89,13 +89,13 @@ class Augmentation:
     """Per-sample random augmentation of a normalised (N, 3, S, S) batch; 0 disables a component."""
 
     flip: float = 0.5  # probability of a horizontal mirror
-    scale: float = 0.1  # zoom in exp([-scale, scale])
-    shift: float = 0.06  # translation, fraction of the image size
-    rotate: float = 8.0  # degrees
-    brightness: float = 0.2  # gain in [1 - b, 1 + b]
-    contrast: float = 0.2
-    saturation: float = 0.2
-    gray: float = 0.05  # probability of grayscale
+    scale: float = 0.05  # zoom in exp([-scale, scale])
+    shift: float = 0.03  # translation, fraction of the image size
+    rotate: float = 0.0  # degrees
+    brightness: float = 0.1  # gain in [1 - b, 1 + b]
+    contrast: float = 0.1
+    saturation: float = 0.1
+    gray: float = 0.0  # probability of grayscale
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -163,14 +163,30 @@ class PretrainConfig:
         """What a resumed run must share with the state it resumes (all that shapes the trajectory,
         except ``epochs``: extending a finished run is allowed and re-spreads the remaining cosine)."""
         key = asdict(self)
-        for name in ("data", "out", "epochs", "workers", "resume", "eval_every", "stop_after"):
+        for name in ("data", "out", "epochs", "workers", "threads", "resume", "eval_every", "stop_after"):
             key.pop(name)
         key["test_folds"] = list(self.test_folds)
         key["val_folds"] = list(self.val_folds)
         return key
 
 
-# Defaults of `--model X`; chosen on validation folds (see docs in README / the pretraining report).
+# Defaults of `--model X`. The `small` recipe was chosen on LFW validation folds 4-5 (held out of training
+# with folds 6-10; 1,200 pairs; never on the test folds), training on the remaining public identities.
+# Accuracy / AUC after training, CosFace s=30 m=0.4, SGD lr 0.1 bs 128 wd 5e-4, 1 warmup epoch + cosine:
+#   augmentation      min_images epochs  val acc  val AUC
+#   strong(*)              1       40    0.781    0.869   (*) scale .1, shift .06, rotate 8, jitter .2,
+#   strong                 2       40    0.811    0.892       gray .05
+#   strong                 2       80    0.822    0.898
+#   strong, wd 1e-4        2       40    0.790    0.886
+#   strong, m 0.3          2       40    0.818    0.889
+#   medium                 1       40    0.806    0.891
+#   light (the default)    2       40    0.824    0.906
+#   light, wd 1e-3         2       40    0.823    0.908
+#   light, batch 64        2       40    0.822    0.908
+#   flip only              2       40    0.793    0.870   (fits the training set: 100% train accuracy)
+#   light                  1       40    0.828    0.911   <- chosen (tar@far=1e-3 0.44 vs <= 0.32 above)
+#   light                  1       60    0.839    0.912   (same AUC, 1.5x the time)
+# `mobilefacenet` reuses it, scaled to its batch size; it has not been tuned.
 RECIPES: dict[str, dict[str, Any]] = {
     "small": {"epochs": 40, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1.0},
     "mobilefacenet": {"epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1.0},
