@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -171,12 +172,15 @@ def run_fedavg(
     from simulator.server import LocalServer
 
     admin = "bench-admin-token"
-    with LocalServer(
-        out / "server",
-        admin_token=admin,
-        enrollment_secret="bench-enrollment-secret",
-        extra_env={"FACEFL_EVAL_SETS": json.dumps({"lfw": str(lfw.resolve())})},
-    ) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="facefl-accuracy-") as tmp,
+        LocalServer(
+            Path(tmp) / "server",
+            admin_token=admin,
+            enrollment_secret="bench-enrollment-secret",
+            extra_env={"FACEFL_EVAL_SETS": json.dumps({"lfw": str(lfw.resolve())})},
+        ) as server,
+    ):
         result = simulate(
             SimulationConfig(
                 devices=profile.devices,
