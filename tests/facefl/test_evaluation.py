@@ -87,3 +87,33 @@ def test_onnx_and_checkpoint_agree(faces: Path, checkpoint: Path, tmp_path: Path
     b = evaluate_verification(OnnxEmbedder(onnx_path), vset)
     assert a["auc"] == pytest.approx(b["auc"], abs=1e-3)
     np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=0.02)
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED / "lfw" / "pairs.txt").is_file(), reason="../shared/data/lfw is absent")
+def test_real_lfw_test_folds() -> None:
+    vset = VerificationSet.from_dir(SHARED / "lfw", 64)
+    assert len(vset) == 3000 and int(vset.is_same.sum()) == 1500
+    assert sorted(set(vset.folds.tolist())) == [6, 7, 8, 9, 10]
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED / "celeba").is_dir(), reason="../shared/data/celeba is absent")
+def test_real_celeba_device_protocol() -> None:
+    devices = load_devices(
+        SHARED / "celeba",
+        num_devices=30,
+        ids_per_device=8,
+        heldout_ids=50,
+        test_fraction=0.3,
+        seed=0,
+        image_size=32,
+    )
+    assert len(devices) == 30
+    identities = [set(d.train_labels.tolist()) for d in devices]
+    assert all(len(ids) == 8 for ids in identities)
+    assert len(set().union(*identities)) == 240  # disjoint across devices
+    assert all(set(d.test_labels.tolist()) <= ids for d, ids in zip(devices, identities, strict=True))
