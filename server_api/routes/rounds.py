@@ -6,8 +6,6 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from server_api.deps import Context, CurrentDevice, Principal
-from server_api.errors import not_found
-from server_api.orm import Round
 from server_api.routes.body import receive_body
 from server_api.schemas import CheckinIn, CheckinOut, ErrorOut, RoundOut, UpdateAccepted, WaitAction
 from server_api.services import rounds, updates
@@ -26,14 +24,7 @@ async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, respo
 
 @router.get("/rounds/{round_id}", response_model=RoundOut, responses={404: {"model": ErrorOut}})
 async def get_round(round_id: int, ctx: Context, _: Principal) -> RoundOut:
-    def load() -> RoundOut:
-        with ctx.db.read() as s:
-            rnd = s.get(Round, round_id)
-            if rnd is None:
-                raise not_found(f"round {round_id}")
-            return RoundOut.model_validate(rnd)
-
-    return await run_in_threadpool(load)
+    return await run_in_threadpool(rounds.get, ctx, round_id)
 
 
 @router.post(

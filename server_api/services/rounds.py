@@ -7,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from server_api import security
+from server_api.errors import not_found
 from server_api.orm import (
     ROUND_ABANDONED,
     ROUND_AGGREGATING,
@@ -18,7 +19,7 @@ from server_api.orm import (
     utcnow,
 )
 from server_api.round_policy import RoundAction, RoundCounters, decide, max_assignments, retry_after
-from server_api.schemas import AssignmentOut, CheckinIn, TrainAction, WaitAction, WaitReason
+from server_api.schemas import AssignmentOut, CheckinIn, RoundOut, TrainAction, WaitAction, WaitReason
 from server_api.services import queries
 from server_api.services.context import ServiceContext, log
 
@@ -46,6 +47,14 @@ def open_round(s: Session, task: Task) -> Round:
     s.flush()
     log.info("round opened", extra={"task_id": task.id, "round_id": rnd.id, "round_number": rnd.number})
     return rnd
+
+
+def get(ctx: ServiceContext, round_id: int) -> RoundOut:
+    with ctx.db.read() as s:
+        rnd = s.get(Round, round_id)
+        if rnd is None:
+            raise not_found(f"round {round_id}")
+        return RoundOut.model_validate(rnd)
 
 
 def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:

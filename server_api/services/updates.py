@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from facefl import codec
 from server_api import security
-from server_api.errors import ApiError, conflict, forbidden, gone, invalid, not_found
+from server_api.errors import conflict, forbidden, gone, invalid, not_found
 from server_api.orm import ROUND_OPEN, Assignment, Round, Task, Update, utcnow
 from server_api.schemas import UpdateAccepted
 from server_api.services import aggregation, models, queries
@@ -151,4 +151,4 @@ def _drop_unreferenced(ctx: ServiceContext, key: str) -> None:
         log.exception("could not clean up blob %s", key)
 
 
-__all__ = ["ApiError", "UploadTarget", "accept", "parse_metrics", "preflight"]
+__all__ = ["UploadTarget", "accept", "parse_metrics", "preflight"]
