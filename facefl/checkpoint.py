@@ -87,6 +87,10 @@ def _atomic_save(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata))
+        # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,24 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from facefl.data import DataError, ImageFolder, Preprocessing, load_image
+from facefl.embedders import Embedder
 from facefl.metrics import cosine_scores, personalized_report, verification_report
 
 DEFAULT_TEST_FOLDS = range(6, 11)
 MAX_GENUINE_PER_IDENTITY = 10
 NUM_FOLDS = 10
-
-
-class Embedder(Protocol):
-    """Anything that maps uint8 images (N, S, S, 3) to L2-normalized embeddings (N, d)."""
-
-    image_size: int
-
-    def embed(self, images: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass

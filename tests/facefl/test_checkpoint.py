@@ -44,6 +44,8 @@ def test_round_trip(tmp_path: Path) -> None:
         tmp_path / "m.safetensors", model, "small", metrics={"accuracy": 0.81, "pairs": 3000.0}
     )
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777  # umask, not 0600
     ckpt = load_checkpoint(path)
     assert (ckpt.architecture, ckpt.embedding_dim, ckpt.image_size) == ("small", 32, 64)
     assert ckpt.metadata["format"] == CHECKPOINT_FORMAT
