@@ -94,7 +94,7 @@ def _commit(
     lease: datetime,
     architecture: str,
     embedding_dim: int | None,
-    blob: tuple[str, int, str],
+    blob: tuple[str, int],
     reports: int,
     samples: int,
     round_metrics: dict[str, float],

@@ -20,10 +20,10 @@ from server_api.services.context import ServiceContext
 
 def store_weights(
     ctx: ServiceContext, tensors: Mapping[str, np.ndarray], architecture: str
-) -> tuple[str, int, str]:
-    """Write weights to the blob store; returns (blob key, size, sha256). Safe to call outside a txn."""
+) -> tuple[str, int]:
+    """Write weights to the blob store; returns (blob key = sha256, size). Safe to call outside a txn."""
     key, size = ctx.blobs.put_bytes(codec.encode(tensors, metadata={"architecture": architecture}))
-    return key, size, key  # content-addressed: the key is the sha256
+    return key, size
 
 
 def add_version(
@@ -34,10 +34,10 @@ def add_version(
     round_id: int | None,
     architecture: str,
     embedding_dim: int | None,
-    blob: tuple[str, int, str],
+    blob: tuple[str, int],
     metrics: dict[str, float] | None = None,
 ) -> ModelVersion:
-    key, size, sha = blob
+    key, size = blob
     mv = ModelVersion(
         task_id=task_id,
         parent_version=parent,
@@ -45,7 +45,7 @@ def add_version(
         architecture=architecture,
         embedding_dim=embedding_dim,
         blob_key=key,
-        sha256=sha,
+        sha256=key,  # content-addressed: the blob key is the sha256
         size_bytes=size,
         metrics=metrics or {},
     )
