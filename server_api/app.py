@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,8 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from server_api import db as dbmod
+from server_api import logs, metrics
 from server_api.errors import ApiError
 from server_api.routes import devices, health, models, rounds, tasks
+from server_api.routes import metrics as metrics_route
 from server_api.services import rounds as round_service
 from server_api.services.context import ServiceContext, log
 from server_api.settings import Settings
@@ -31,8 +32,21 @@ async def _ticker(ctx: ServiceContext) -> None:
         await asyncio.sleep(ctx.settings.tick_interval_s)
 
 
+def _refused(request: Request, status: int, code: str, detail: str) -> None:
+    """Count and log a refusal (one line, with the device and round when known)."""
+    metrics.REFUSALS.labels(status=str(status), reason=code).inc()
+    extra: dict[str, object] = {"status": status, "code": code, "path": request.url.path}
+    device_id = getattr(request.state, "device_id", None)
+    if device_id is not None:
+        extra["device_id"] = device_id
+    if "round_id" in request.path_params:
+        extra["round_id"] = request.path_params["round_id"]
+    log.info("request refused: %s", detail, extra=extra)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    logs.configure(settings.log_format, settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,23 +75,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        _refused(request, exc.status_code, exc.code, exc.detail)
         return JSONResponse(
             status_code=exc.status_code, content={"detail": exc.detail, "code": exc.code}, headers=exc.headers
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors()[:10]:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        _refused(request, 422, "invalid_request", "; ".join(parts))
         return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "code": "invalid_request"})
 
-    for module in (health, devices, tasks, rounds, models):
+    for module in (health, devices, tasks, rounds, models, metrics_route):
         app.include_router(module.router)
     return app
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")

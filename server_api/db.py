@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,24 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READONLY) else "BEGIN IMMEDIATE")
 
 
+_AFTER_COMMIT = "facefl_after_commit"
+
+
+def after_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the session's transaction has committed (never if it rolls back): for side
+    effects such as metrics that must not count what did not happen."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(fn)
+
+
+def _run_after_commit(session: Session) -> None:
+    for fn in session.info.pop(_AFTER_COMMIT, []):
+        fn()
+
+
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+
+
 class Database:
     """Holds the engine and the two session factories (read-write and read-only)."""
 
@@ -67,6 +85,8 @@ class Database:
         self.engine = create_db_engine(self.url)
         self._rw = sessionmaker(self.engine, expire_on_commit=False)
         self._ro = sessionmaker(self.engine.execution_options(**{_READONLY: True}), expire_on_commit=False)
+        event.listen(self._rw, "after_commit", _run_after_commit)
+        event.listen(self._rw, "after_rollback", _drop_after_commit)
         # SQLite has one writer: queueing writers on a lock here is fairer and faster than SQLite's
         # busy handler, whose back-off sleeps grow to 100 ms under contention (p99 tails of ~1 s).
         self._write_lock: threading.Lock | contextlib.nullcontext[None] = (

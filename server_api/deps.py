@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server_api import security
-from server_api.errors import forbidden, unauthorized
+from server_api.errors import forbidden, rate_limited, unauthorized
 from server_api.services import devices
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
@@ -32,10 +32,20 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def current_device(ctx: Context, creds: Bearer) -> str:
+def _admit(ctx: ServiceContext, request: Request, device_id: str) -> str:
+    """Rate limit an authenticated device (429 + Retry-After); remembered on the request for logs."""
+    request.state.device_id = device_id
+    if ctx.limiter is not None:
+        wait = ctx.limiter.check(device_id)
+        if wait > 0:
+            raise rate_limited(ctx.limiter.retry_after_header(wait))
+    return device_id
+
+
+def current_device(ctx: Context, creds: Bearer, request: Request) -> str:
     if creds is None:
         raise unauthorized()
-    return devices.authenticate(ctx, creds.credentials)
+    return _admit(ctx, request, devices.authenticate(ctx, creds.credentials))
 
 
 def require_admin(ctx: Context, creds: Bearer) -> None:
@@ -45,13 +55,13 @@ def require_admin(ctx: Context, creds: Bearer) -> None:
         raise forbidden("admin token required") if "." in creds.credentials else unauthorized()
 
 
-def any_principal(ctx: Context, creds: Bearer) -> str:
-    """Admin or a registered device (read-only status endpoints)."""
+def any_principal(ctx: Context, creds: Bearer, request: Request) -> str:
+    """Admin or a registered device (read-only status endpoints); devices are rate limited."""
     if creds is None:
         raise unauthorized()
     if security.constant_time_equals(creds.credentials, ctx.settings.admin_token_value):
         return "admin"
-    return devices.authenticate(ctx, creds.credentials)
+    return _admit(ctx, request, devices.authenticate(ctx, creds.credentials))
 
 
 CurrentDevice = Annotated[str, Depends(current_device)]

@@ -38,3 +38,7 @@ def too_large(limit: int) -> ApiError:
 
 def invalid(code: str, detail: str) -> ApiError:
     return ApiError(422, code, detail)
+
+
+def rate_limited(retry_after: str) -> ApiError:
+    return ApiError(429, "rate_limited", "too many requests from this device", {"Retry-After": retry_after})

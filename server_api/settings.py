@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
@@ -31,11 +32,27 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="an aggregation not finished after this long is retried"
     )
     migrate_on_start: bool = True
+    rate_limit_per_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="requests per second each device may make, sustained (token bucket per worker process; "
+        "0 turns the limit off); above it: 429 with Retry-After",
+    )
+    rate_limit_burst: float = Field(default=60.0, ge=1, description="token bucket size: the allowed burst")
+    log_format: Literal["plain", "json"] = Field(
+        default="plain", description="json: one JSON object per line (with round_id, device_id, ...)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     eval_sets: dict[str, Path] = Field(
         default_factory=dict,
         description='held-out generic sets a task may name, as JSON: {"lfw": "/data/lfw"} (LFW layout with '
         "pairs.txt: its test folds 6-10; any other image folder: pairs built from it)",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _require_secrets_outside_dev(self) -> Settings:

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from facefl import codec
 from facefl.algorithms.fedavg import WeightedMean
+from server_api import metrics as prom
 from server_api.orm import ModelVersion, Round, Task, utcnow
 from server_api.services import evaluation, models, queries, rounds
 from server_api.services.context import ServiceContext, log
@@ -67,6 +68,8 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     except _LostLease:
         log.warning("aggregation of round %s lost its lease; result discarded", round_id)
         return None
+    prom.ROUNDS_CLOSED.labels(outcome="aggregated").inc()
+    prom.AGGREGATION_SECONDS.observe(agg_seconds)
     if eval_set is not None:
         ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
     log.info(

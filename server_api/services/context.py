@@ -10,6 +10,7 @@ from typing import Any
 
 from server_api.blobstore import FileBlobStore
 from server_api.db import Database
+from server_api.ratelimit import RateLimiter
 from server_api.settings import Settings
 
 log = logging.getLogger("facefl.server")
@@ -29,6 +30,8 @@ class ServiceContext:
     eval_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="facefl-evaluate")
     )
+    # per-device request rate (None: unlimited); per process, see server_api.ratelimit
+    limiter: RateLimiter | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:
@@ -36,6 +39,11 @@ class ServiceContext:
             settings=settings,
             db=Database(settings.database_url),
             blobs=FileBlobStore(settings.data_dir / "blobs"),
+            limiter=(
+                RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+                if settings.rate_limit_per_s > 0
+                else None
+            ),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:

@@ -6,7 +6,8 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from server_api import security
+from server_api import metrics, security
+from server_api.db import after_commit
 from server_api.errors import not_found
 from server_api.orm import (
     ROUND_ABANDONED,
@@ -45,6 +46,7 @@ def open_round(s: Session, task: Task) -> Round:
     )
     s.add(rnd)
     s.flush()
+    after_commit(s, metrics.ROUNDS_OPENED.inc)
     log.info("round opened", extra={"task_id": task.id, "round_id": rnd.id, "round_number": rnd.number})
     return rnd
 
@@ -125,6 +127,7 @@ def abandon(ctx: ServiceContext, round_id: int) -> bool:
         task = s.get(Task, rnd.task_id)
         assert task is not None
         log.info("round abandoned", extra={"round_id": round_id, "reported": rnd.reported})
+        after_commit(s, metrics.ROUNDS_CLOSED.labels(outcome="abandoned").inc)
         open_round(s, task)
         return True
 

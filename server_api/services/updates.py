@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from facefl import codec
+from server_api import metrics as prom
 from server_api import security
 from server_api.errors import conflict, forbidden, gone, invalid, not_found
 from server_api.orm import ROUND_OPEN, Assignment, Round, Task, Update, utcnow
@@ -134,6 +135,8 @@ def accept(
     except BaseException:
         _drop_unreferenced(ctx, key)
         raise
+    prom.REPORTS_ACCEPTED.inc()
+    prom.UPLOAD_BYTES.inc(size)
     log.info("update accepted", extra={"round_id": round_id, "device_id": device_id, "bytes": size})
     if target_reached:
         ctx.submit(aggregation.aggregate_round, ctx, round_id)
