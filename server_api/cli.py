@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+from pathlib import Path
+
+from server_api.metrics import MULTIPROC_ENV
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,11 +45,14 @@ def run(args: argparse.Namespace) -> int:
             "error: several workers need PostgreSQL (--db postgresql://...); SQLite has one writer"
         )
     if args.workers > 1:
-        # migrate once here rather than racing in each worker
+        # migrate once here rather than in each worker (concurrent migrators would also be safe: an
+        # advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite; this just avoids N-1 waits)
         from server_api.db import upgrade
 
         upgrade(settings.database_url)
         os.environ["FACEFL_MIGRATE_ON_START"] = "0"
+        if not os.environ.get(MULTIPROC_ENV):
+            _fresh_multiproc_dir(settings.data_dir / "prometheus")
     uvicorn.run(
         "server_api.app:create_app",
         factory=True,
@@ -55,6 +62,14 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     return 0
+
+
+def _fresh_multiproc_dir(path: Path) -> None:
+    """prometheus_client's multiprocess mode: every worker writes its values here and /metrics sums
+    them. Set before the workers start (they inherit it); emptied first, as that mode requires."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(path.resolve())
 
 
 def main(argv: list[str] | None = None) -> int:
