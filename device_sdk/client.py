@@ -263,7 +263,8 @@ class FederatedClient:
         token, device_id: credentials from an earlier :meth:`register` (or set by it).
         timeout: per-request timeouts (finite by default: 30 s, 5 s to connect).
         transport: an ``httpx.BaseTransport`` to route or record traffic (tests, simulators, proxies).
-        max_retries: retries of a failed idempotent request (and of a connection failure of any request).
+        max_retries: retries of a failed idempotent request (and of a connection failure or a 429 of any
+            request; after a 429 the client first waits the advised Retry-After).
         cache_dir: optional directory of downloaded models, revalidated with ``If-None-Match``.
         backoff_base_s, backoff_cap_s: the exponential backoff (with jitter) between retries.
         rng: the random generator for jitter (a private ``random.Random()`` by default).
@@ -586,6 +587,15 @@ class FederatedClient:
                 advised = _parse_retry_after(resp.headers.get("Retry-After")) or 0.0
                 self.stats.retries += 1
                 self._sleep(max(advised, self._backoff(attempt)))
+                attempt += 1
+                continue
+            if resp.status_code == 429 and attempt < self.max_retries:
+                # rate limited: the server did nothing with this request, so any method may be sent
+                # again once the advised Retry-After has passed (plus jitter, so devices spread out)
+                advised = _parse_retry_after(resp.headers.get("Retry-After"))
+                wait = advised if advised is not None else self._backoff(attempt)
+                self.stats.retries += 1
+                self._sleep(wait * (1.0 + 0.2 * self._rng.random()))
                 attempt += 1
                 continue
             if resp.status_code in expected:

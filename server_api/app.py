@@ -39,8 +39,9 @@ def _refused(request: Request, status: int, code: str, detail: str) -> None:
     device_id = getattr(request.state, "device_id", None)
     if device_id is not None:
         extra["device_id"] = device_id
-    if "round_id" in request.path_params:
-        extra["round_id"] = request.path_params["round_id"]
+    round_id = str(request.path_params.get("round_id", ""))
+    if round_id.isdigit():
+        extra["round_id"] = int(round_id)
     log.info("request refused: %s", detail, extra=extra)
 
 

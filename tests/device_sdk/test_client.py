@@ -419,3 +419,32 @@ def test_a_round_sends_only_the_delta_and_never_the_images(
             assert row.tobytes() not in sent
     head_rows = (tmp_path / "state" / "local_head.safetensors").read_bytes()[-64:]
     assert head_rows not in sent
+
+
+def test_429_is_retried_after_retry_after_even_for_uploads() -> None:
+    calls: list[str] = []
+
+    def script(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            return httpx.Response(
+                429, json={"detail": "slow down", "code": "rate_limited"}, headers={"Retry-After": "2"}
+            )
+        return httpx.Response(202, json={"update_id": 7, "round_id": 1, "reports": 1})
+
+    client, sleeps = scripted_client(script)
+    receipt = client.upload_update(ASSIGNMENT, {"w": np.zeros(2, np.float32)}, num_samples=1)
+    assert receipt.update_id == "7" and len(calls) == 2
+    assert len(sleeps) == 1 and 2.0 <= sleeps[0] <= 2.4  # the advised wait, plus at most 20 % jitter
+
+
+def test_429_beyond_the_retries_raises_rate_limited() -> None:
+    def script(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            429, json={"detail": "slow down", "code": "rate_limited"}, headers={"Retry-After": "1"}
+        )
+
+    client, sleeps = scripted_client(script, max_retries=2)
+    with pytest.raises(RateLimited) as info:
+        client.get_round(1)
+    assert info.value.retry_after == 1.0 and len(sleeps) == 2
