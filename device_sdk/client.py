@@ -592,8 +592,8 @@ class FederatedClient:
             if resp.status_code == 429 and attempt < self.max_retries:
                 # rate limited: the server did nothing with this request, so any method may be sent
                 # again once the advised Retry-After has passed (plus jitter, so devices spread out)
-                advised = _parse_retry_after(resp.headers.get("Retry-After"))
-                wait = advised if advised is not None else self._backoff(attempt)
+                told = _parse_retry_after(resp.headers.get("Retry-After"))
+                wait = told if told is not None else self._backoff(attempt)
                 self.stats.retries += 1
                 self._sleep(wait * (1.0 + 0.2 * self._rng.random()))
                 attempt += 1

@@ -22,7 +22,6 @@ def _verification_set(root: str, image_size: int) -> VerificationSet:
 def evaluate_version(ctx: ServiceContext, version: int, eval_set: str) -> dict[str, Any]:
     """Embed the set with the version's weights, score it, and store the metrics with the version."""
     from facefl.embedders import TorchEmbedder
-
     from facefl.models import ARCHITECTURES, build_backbone, load_numpy_state
 
     with ctx.db.read() as s:
