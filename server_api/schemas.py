@@ -42,12 +42,25 @@ class Hyperparams(Strict):
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.4
 
 
+class RobustAggregation(Strict):
+    """Server-side defences against outlier updates (facefl.algorithms.robust); off when absent.
+
+    clip_norm scales every update down to this global L2 norm before aggregation (unlike the policy's
+    update_norm_bound, which refuses larger ones); trim_fraction > 0 replaces the weighted mean with an
+    unweighted coordinate-wise trimmed mean that drops floor(trim_fraction * reports) values at each end.
+    """
+
+    clip_norm: Annotated[float | None, Field(gt=0, le=1e12)] = None
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+
+
 class RoundPolicy(Strict):
     target_reports: Annotated[int, Field(ge=1, le=100_000)] = 10
     over_selection: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
     min_reports: Annotated[int | None, Field(ge=1, le=100_000)] = None
     round_timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
     update_norm_bound: Annotated[float | None, Field(gt=0)] = None
+    robust: RobustAggregation | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> RoundPolicy:
@@ -55,6 +68,10 @@ class RoundPolicy(Strict):
             self.min_reports = max(1, self.target_reports // 2)
         if self.min_reports > self.target_reports:
             raise ValueError("min_reports must not exceed target_reports")
+        if self.robust is not None and 0 < self.robust.trim_fraction * self.min_reports < 1:
+            raise ValueError(
+                "robust.trim_fraction * min_reports < 1: a round at the minimum would trim nothing"
+            )
         return self
 
 

@@ -12,6 +12,7 @@ from server_api import metrics as prom
 from server_api.orm import ModelVersion, Round, Task, utcnow
 from server_api.services import evaluation, models, queries, rounds
 from server_api.services.context import ServiceContext, log
+from server_api.services.robust import robust_delta
 
 
 def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
@@ -36,16 +37,24 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         base_key, architecture, task_id = base.blob_key, base.architecture, task.id
         embedding_dim, eval_set = base.embedding_dim, task.eval_set
         updates = [(u.blob_key, u.num_samples, dict(u.metrics)) for u in queries.updates_of(s, round_id)]
+        robust_config = task.policy.get("robust")  # None: the plain weighted mean below
+        norms = [u.norm for u in queries.updates_of(s, round_id)] if robust_config else []
 
     t0 = time.perf_counter()
     mean = WeightedMean()
     metric_sums: dict[str, float] = defaultdict(float)
     for blob_key, num_samples, metrics in updates:
-        mean.add(codec.load_file(ctx.blobs.path(blob_key)), float(num_samples))
+        if not robust_config:
+            mean.add(codec.load_file(ctx.blobs.path(blob_key)), float(num_samples))
         for name, value in metrics.items():
             metric_sums[name] += float(value) * num_samples
     total = sum(n for _, n, _ in updates)
-    new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), mean.result())
+    if robust_config:
+        reports = [(key, n, norm) for (key, n, _), norm in zip(updates, norms, strict=True)]
+        delta = robust_delta(ctx, reports, robust_config)
+    else:
+        delta = mean.result()
+    new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), delta)
     blob = models.store_weights(ctx, new_weights, architecture)
     agg_seconds = time.perf_counter() - t0
     round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
