@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server_api import security
 from server_api.errors import forbidden, rate_limited, unauthorized
+from server_api.schemas import MAX_ID
 from server_api.services import devices
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
@@ -67,3 +68,7 @@ def any_principal(ctx: Context, creds: Bearer, request: Request) -> str:
 CurrentDevice = Annotated[str, Depends(current_device)]
 Admin = Annotated[None, Depends(require_admin)]
 Principal = Annotated[str, Depends(any_principal)]
+
+# a round, task or model version id in a path or query (422 outside the columns' range, never a 500)
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
+IdQuery = Annotated[int | None, Query(ge=1, le=MAX_ID)]

@@ -7,12 +7,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# ids are INTEGER columns (int4 on PostgreSQL): larger numbers are refused with 422 before any query
+MAX_ID = 2**31 - 1
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
 Architecture = Literal["small", "mobilefacenet"]
 Algorithm = Literal["fedavg", "fedprox"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Capabilities(Strict):
@@ -59,7 +63,7 @@ class RoundPolicy(Strict):
     over_selection: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
     min_reports: Annotated[int | None, Field(ge=1, le=100_000)] = None
     round_timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
-    update_norm_bound: Annotated[float | None, Field(gt=0)] = None
+    update_norm_bound: Annotated[float | None, Field(gt=0, le=1e12)] = None
     robust: RobustAggregation | None = None
 
     @model_validator(mode="after")
@@ -82,7 +86,7 @@ class TaskIn(Strict):
     embedding_dim: Annotated[int | None, Field(ge=8, le=4096)] = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     rounds: Annotated[int, Field(ge=1, le=100_000)] = 10
-    initial_version: Annotated[int | None, Field(ge=1)] = None
+    initial_version: Id | None = None
     eval_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     policy: RoundPolicy = Field(default_factory=RoundPolicy)
@@ -150,7 +154,7 @@ class ModelVersionOut(BaseModel):
 
 
 class CheckinIn(Strict):
-    task_id: Annotated[int | None, Field(ge=1)] = None
+    task_id: Id | None = None
     capabilities: Capabilities | None = None
 
 

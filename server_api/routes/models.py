@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from server_api.deps import Admin, Context, Principal
+from server_api.deps import Admin, Context, IdPath, IdQuery, Principal
 from server_api.routes.body import receive_body
 from server_api.schemas import ErrorOut, ModelVersionOut
 from server_api.services import models
@@ -15,9 +15,7 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=list[ModelVersionOut])
-async def list_models(
-    ctx: Context, _: Principal, task_id: Annotated[int | None, Query(ge=1)] = None
-) -> list[ModelVersionOut]:
+async def list_models(ctx: Context, _: Principal, task_id: IdQuery = None) -> list[ModelVersionOut]:
     """Model versions with their lineage (parent version and the round that produced each)."""
     return await run_in_threadpool(models.listing, ctx, task_id)
 
@@ -53,7 +51,7 @@ async def import_model(
 
 
 @router.get("/models/{version}/info", response_model=ModelVersionOut, responses={404: {"model": ErrorOut}})
-async def model_info(version: int, ctx: Context, _: Principal) -> ModelVersionOut:
+async def model_info(version: IdPath, ctx: Context, _: Principal) -> ModelVersionOut:
     return await run_in_threadpool(models.info, ctx, version)
 
 
@@ -67,7 +65,7 @@ async def model_info(version: int, ctx: Context, _: Principal) -> ModelVersionOu
     },
 )
 async def download_model(
-    version: int, ctx: Context, _: Principal, if_none_match: Annotated[str | None, Header()] = None
+    version: IdPath, ctx: Context, _: Principal, if_none_match: Annotated[str | None, Header()] = None
 ) -> Response:
     """The weights of a model version (immutable; ETag = sha256)."""
     path, sha = await run_in_threadpool(models.blob_path, ctx, version)

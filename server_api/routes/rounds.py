@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from server_api.deps import Context, CurrentDevice, Principal
+from server_api.deps import Context, CurrentDevice, IdPath, Principal
 from server_api.routes.body import receive_body
 from server_api.schemas import CheckinIn, CheckinOut, ErrorOut, RoundOut, UpdateAccepted, WaitAction
 from server_api.services import rounds, updates
@@ -23,7 +23,7 @@ async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, respo
 
 
 @router.get("/rounds/{round_id}", response_model=RoundOut, responses={404: {"model": ErrorOut}})
-async def get_round(round_id: int, ctx: Context, _: Principal) -> RoundOut:
+async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
     return await run_in_threadpool(rounds.get, ctx, round_id)
 
 
@@ -40,7 +40,7 @@ async def get_round(round_id: int, ctx: Context, _: Principal) -> RoundOut:
     },
 )
 async def upload_update(
-    round_id: int,
+    round_id: IdPath,
     request: Request,
     ctx: Context,
     device_id: CurrentDevice,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from fastapi.concurrency import run_in_threadpool
 
-from server_api.deps import Admin, Context, Principal
+from server_api.deps import Admin, Context, IdPath, Principal
 from server_api.schemas import ErrorOut, RoundOut, TaskIn, TaskOut
 from server_api.services import tasks
 
@@ -27,10 +27,10 @@ async def list_tasks(ctx: Context, _: Principal) -> list[TaskOut]:
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, responses={404: {"model": ErrorOut}})
-async def get_task(task_id: int, ctx: Context, _: Principal) -> TaskOut:
+async def get_task(task_id: IdPath, ctx: Context, _: Principal) -> TaskOut:
     return await run_in_threadpool(tasks.get, ctx, task_id)
 
 
 @router.get("/tasks/{task_id}/rounds", response_model=list[RoundOut], responses={404: {"model": ErrorOut}})
-async def task_rounds(task_id: int, ctx: Context, _: Principal) -> list[RoundOut]:
+async def task_rounds(task_id: IdPath, ctx: Context, _: Principal) -> list[RoundOut]:
     return await run_in_threadpool(tasks.rounds_of, ctx, task_id)

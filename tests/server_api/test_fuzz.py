@@ -1,0 +1,103 @@
+"""Schemathesis fuzzing of the OpenAPI spec against a real uvicorn server on a real SQLite file.
+
+For every operation (bounded examples, deterministic): never a 5xx, and a refused request (4xx) leaves
+every table, the blob store and the staging area exactly as they were. The deadline ticker is parked
+(a very long tick interval) so that only requests change state, and rate limits are off (tested
+elsewhere) so that the fuzzer reaches the handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+import sqlalchemy as sa
+from hypothesis import HealthCheck, settings
+
+from tests.conftest import ADMIN, SECRET, LiveServer
+from tests.server_api.fleet import database
+
+pytestmark = pytest.mark.slow
+
+ADMIN_ONLY = {("POST", "/v1/tasks"), ("POST", "/v1/models")}
+
+
+class Target:
+    def __init__(self, server: LiveServer, device_token: str) -> None:
+        self.server = server
+        self.device_token = device_token
+
+    def snapshot(self) -> dict[str, Any]:
+        queries = {
+            "devices": "SELECT id, name, token_hash, capabilities FROM devices ORDER BY id",
+            "tasks": "SELECT id, status, current_version, aggregated_rounds FROM tasks ORDER BY id",
+            "rounds": "SELECT id, status, assigned, reported, result_version FROM rounds ORDER BY id",
+            "assignments": "SELECT id, round_id, device_id, upload_token_hash, reported FROM assignments"
+            " ORDER BY id",
+            "updates": "SELECT id, round_id, device_id, blob_key FROM updates ORDER BY id",
+            "model_versions": "SELECT version, blob_key FROM model_versions ORDER BY version",
+        }
+        with database(self.server.database_url) as conn:
+            state: dict[str, Any] = {
+                k: [tuple(r) for r in conn.execute(sa.text(q))] for k, q in queries.items()
+            }
+        blobs = self.server.data_dir / "blobs"
+        state["blobs"] = sorted(p.name for p in blobs.glob("??/??/*"))
+        state["staging"] = sorted(p.name for p in (blobs / "staging").glob("*"))
+        return state
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    tmp: Path = tmp_path_factory.mktemp("fuzz")
+    server = LiveServer(
+        tmp, FACEFL_TICK_INTERVAL_S="100000", FACEFL_RATE_LIMIT_PER_S="0", FACEFL_MAX_UPLOAD_BYTES="2000000"
+    ).start()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=30) as c:
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            r = c.post("/v1/tasks", json={"name": "fuzz", "embedding_dim": 8}, headers=admin)
+            assert r.status_code == 201, r.text
+            token = c.post("/v1/devices", json={"enrollment_secret": SECRET}).json()["token"]
+            r = c.post("/v1/checkin", json={}, headers={"Authorization": f"Bearer {token}"})
+            assert r.json()["action"] == "train"
+        yield Target(server, token)
+    finally:
+        server.stop()
+
+
+def _openapi() -> dict[str, Any]:
+    """The spec the server publishes at /openapi.json (built without starting the app)."""
+    from server_api.app import create_app
+    from server_api.settings import Settings
+
+    return create_app(Settings(dev_mode=True, migrate_on_start=False)).openapi()
+
+
+schema = schemathesis.openapi.from_dict(_openapi())
+
+
+@schema.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
+def test_no_server_errors_and_refusals_change_nothing(case: Any, target: Target) -> None:
+    admin = (case.method.upper(), case.path) in ADMIN_ONLY
+    token = ADMIN if admin else target.device_token
+    before = target.snapshot()
+    response = case.call(
+        base_url=target.server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code < 500, (
+        f"{case.method} {case.formatted_path}: {response.status_code} {response.text}"
+    )
+    if 400 <= response.status_code < 500:
+        assert target.snapshot() == before, f"{case.method} {case.formatted_path} {response.status_code}"
