@@ -13,7 +13,7 @@ from server_api.services import rounds, updates
 router = APIRouter(prefix="/v1", tags=["rounds"])
 
 
-@router.post("/checkin", response_model=CheckinOut, responses={401: {"model": ErrorOut}})
+@router.post("/checkin", response_model=CheckinOut, responses={c: {"model": ErrorOut} for c in (401, 429)})
 async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, response: Response) -> CheckinOut:
     """Offer this device for training: an assignment, or a wait with Retry-After (pace steering)."""
     result = await run_in_threadpool(rounds.checkin, ctx, device_id, body)
@@ -31,7 +31,7 @@ async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
     "/rounds/{round_id}/updates",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=UpdateAccepted,
-    responses={c: {"model": ErrorOut} for c in (401, 403, 404, 409, 410, 413, 422)},
+    responses={c: {"model": ErrorOut} for c in (401, 403, 404, 409, 410, 413, 422, 429)},
     openapi_extra={
         "requestBody": {
             "required": True,
