@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from server_api import db as dbmod
 from server_api.errors import ApiError
-from server_api.routes import devices, health, models, rounds, tasks
+from server_api.routes import devices, health, models, public, rounds, tasks
 from server_api.services import rounds as round_service
 from server_api.services.context import ServiceContext, log
 from server_api.settings import Settings
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "code": "invalid_request"})
 
-    for module in (health, devices, tasks, rounds, models):
+    for module in (health, devices, tasks, rounds, models, public):
         app.include_router(module.router)
     return app
 

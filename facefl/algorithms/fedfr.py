@@ -117,7 +117,8 @@ def dfc_binary_loss(
     """One-vs-rest binary CosFace loss of DFC, averaged over samples and classes.
 
     ``cos`` (N, C) cosines to each local class, ``targets`` (N, C) in {0, 1}, ``bias`` (C,). A positive
-    pays ``pos_weight * softplus(-(s (g(c) - m) + b))``, a negative ``neg_weight * softplus(s (g(c) + m) + b)``
+    pays ``pos_weight * softplus(-(s (g(c) - m) + b))``, a negative
+    ``neg_weight * softplus(s (g(c) + m) + b)``
     (the margin asks positives to clear the boundary by m and negatives to stay m below it).
     """
     if cos.shape != targets.shape or cos.dim() != 2 or bias.shape != (cos.shape[1],):
