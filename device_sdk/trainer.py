@@ -385,8 +385,8 @@ class Trainer:
         dfc = self._load_or_init_dfc(state_dir, dataset, head, embedding_dim, arch)
 
         decay = list(model.parameters()) + list(head.parameters())
-        # no weight decay on the public classifier: rows this device never saw must stay exactly as
-        # received (a zero delta), or every device would shrink every public row each round
+        # no weight decay on the public classifier or DFC: a device moves public rows through its loss
+        # only, rather than shrinking all of them every round (CosFace normalizes rows anyway)
         optimizer = torch.optim.SGD(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},

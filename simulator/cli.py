@@ -203,7 +203,7 @@ def _parse_hyperparams(items: list[str]) -> dict[str, float | int | str]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"facefl simulate: error: --hp expects KEY=VALUE (got {item!r})")
+            raise ValueError(f"--hp expects KEY=VALUE (got {item!r})")
         value: float | int | str
         try:
             value = int(raw)
@@ -226,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
     from .run import SimulationError, simulate
     from .server import ServerStartError
 
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         config.validate()
     except ValueError as exc:
         print(f"facefl simulate: error: {exc}", file=sys.stderr)

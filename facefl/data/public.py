@@ -54,7 +54,7 @@ def load_public_set(root: str | Path, image_size: int) -> PublicSet:
 
 
 def encode_pack(public: PublicSet) -> bytes:
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "images": np.ascontiguousarray(public.images, np.uint8),
         "labels": public.labels.astype(np.int32),
     }

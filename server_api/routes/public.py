@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 from fastapi.concurrency import run_in_threadpool
@@ -14,7 +14,7 @@ from server_api.services import public
 
 router = APIRouter(prefix="/v1", tags=["public set"])
 
-_BINARY = {
+_BINARY: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "safetensors"},
     304: {"description": "not modified (If-None-Match)"},
     404: {"model": ErrorOut},

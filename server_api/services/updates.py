@@ -83,7 +83,7 @@ def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) ->
     expected = dict(models.expected_specs(ctx, target.base_version))
     if target.algorithm == "fedface":
         # FedFace updates carry the device's class embedding next to the backbone delta
-        dim = models.info(ctx, target.base_version).embedding_dim
+        dim = int(models.info(ctx, target.base_version).embedding_dim or 0)
         expected[CLASS_EMBEDDING_KEY] = codec.TensorSpec(shape=(dim,), dtype="F32")
     try:
         specs = codec.read_header(data)
