@@ -1,4 +1,4 @@
-"""The accuracy table: pretrained only, local-only fine-tuning, FedAvg through the real server.
+"""The accuracy table: pretrained only, local-only, FedAvg, FedProx, FedFace, FedFR (+ ablations).
 
     python benchmarks/accuracy.py --profile cpu      # small model, 64x64, 2 CPU cores
     python benchmarks/accuracy.py --profile paper    # MobileFaceNet, 112x112 (for a GPU)
@@ -11,9 +11,14 @@ plan the simulator uses). Every row starts from the same pretrained checkpoint:
 - pretrained only: the checkpoint as is, on every device;
 - local-only: each device fine-tunes the checkpoint alone on its own images, with the same total local
   compute as it gets in the federated run (rounds x local epochs), and is tested with its own model;
-- FedAvg: `facefl simulate` against a real uvicorn server (SQLite), which evaluates every new model
-  version on LFW folds 6-10 itself; personalized metrics use the final global model on every device.
-Hyper-parameters come from the profile; none is chosen by looking at folds 6-10.
+- FedAvg, FedProx, FedFace, FedFR, FedFR without DFC, FedFR without the contrastive term: each a
+  `facefl simulate` run against a real uvicorn server (SQLite) that evaluates every new model version
+  on LFW folds 6-10 itself (generic columns: the final global model). Personalized columns: FedFR's
+  devices use their own personalized model (their backbone after local training + the DFC converter,
+  read from each simulated device's state directory); the other methods use the final global model on
+  every device. FedFace trains one identity per device: the same identities, each on its own device,
+  with the same train/test images (facefl.data.protocol.device_split is keyed on identity names).
+Hyper-parameters come from the profile and the papers; none is chosen by looking at folds 6-10.
 Writes a markdown table to stdout, JSON and per-round curves (PNG) to --out.
 """
 
@@ -49,6 +54,28 @@ class Profile:
     batch_size: int
     test_fraction: float
     images_per_id: int | None = None
+    # FedFR: at most this many hard negatives per device and round (the hardest first): a compute bound
+    max_hard_negatives: int = 128
+
+
+@dataclass(frozen=True)
+class Method:
+    """A federated row: the task's algorithm and extra hyper-parameters."""
+
+    name: str
+    algorithm: str
+    hyperparams: tuple[tuple[str, float], ...] = ()
+    mu: float | None = None
+
+
+METHODS = (
+    Method("FedAvg", "fedavg"),
+    Method("FedProx", "fedprox", mu=0.01),
+    Method("FedFace", "fedface"),
+    Method("FedFR", "fedfr"),
+    Method("FedFR w/o DFC", "fedfr", (("dfc_weight", 0.0),)),
+    Method("FedFR w/o contrastive", "fedfr", (("contrastive_weight", 0.0),)),
+)
 
 
 PROFILES = {
@@ -81,7 +108,9 @@ def pretrain(profile: Profile, lfw: Path, out: Path) -> Path:
     return ckpt
 
 
-def evaluate_rows(profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Path) -> dict[str, Any]:
+def evaluate_rows(
+    profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Path, methods: tuple[Method, ...] = METHODS
+) -> dict[str, Any]:
     import torch
 
     from device_sdk import LocalDataset, Trainer
@@ -89,7 +118,7 @@ def evaluate_rows(profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Pa
     from facefl.checkpoint import load_checkpoint
     from facefl.embedders import TorchEmbedder
     from facefl.evaluation import VerificationSet, evaluate_personalized, evaluate_verification, load_devices
-    from facefl.models import build_backbone, load_numpy_state
+    from facefl.models import backbone_state, build_backbone, load_numpy_state
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     checkpoint = load_checkpoint(ckpt)
@@ -108,7 +137,7 @@ def evaluate_rows(profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Pa
 
     def embedder_for(weights: dict[str, np.ndarray]) -> TorchEmbedder:
         model = build_backbone(checkpoint.architecture, checkpoint.embedding_dim, seed=0)
-        load_numpy_state(model, weights)
+        load_numpy_state(model, backbone_state(weights))
         return TorchEmbedder(model.eval(), checkpoint.architecture)
 
     rows: list[Row] = []
@@ -139,10 +168,14 @@ def evaluate_rows(profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Pa
     )
     log(f"local-only: {rows[-1].generic['accuracy']:.4f}")
 
-    t0 = time.perf_counter()
-    fedavg, curves = run_fedavg(profile, ckpt, lfw, celeba, out, devices, embedder_for)
-    curves[0]["personalized"] = _flat(personal_base)  # round 0 is the pretrained checkpoint itself
-    rows.append(Row("FedAvg (server + simulator)", fedavg[0], fedavg[1], time.perf_counter() - t0))
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        final, method_curves = run_federated(method, profile, ckpt, lfw, celeba, out, devices, embedder_for)
+        method_curves[0]["personalized"] = _flat(personal_base)  # round 0: the pretrained checkpoint
+        rows.append(Row(method.name, final[0], final[1], time.perf_counter() - t0))
+        curves[method.name] = method_curves
+        log(f"{method.name}: {rows[-1].generic.get('accuracy', float('nan')):.4f} ({rows[-1].seconds:.0f} s)")
     return {"rows": rows, "curves": curves}
 
 
@@ -161,33 +194,52 @@ class _Assignment:
         return {"local_epochs": p.rounds * p.local_epochs, "batch_size": p.batch_size, "lr": p.lr}
 
 
-def run_fedavg(
-    profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Path, devices: Any, embedder_for: Any
+def run_federated(
+    method: Method,
+    profile: Profile,
+    ckpt: Path,
+    lfw: Path,
+    celeba: Path,
+    out: Path,
+    devices: Any,
+    embedder_for: Any,
 ) -> tuple[tuple[dict[str, float], dict[str, float]], list[dict[str, Any]]]:
     import httpx
 
+    from device_sdk import load_personalized_model
     from facefl import codec
+    from facefl.embedders import TorchEmbedder
     from facefl.evaluation import evaluate_personalized
     from simulator import SimulationConfig, simulate
     from simulator.server import LocalServer
 
     admin = "bench-admin-token"
+    fedface = method.algorithm == "fedface"
+    fedfr = method.algorithm == "fedfr"
+    slug = method.name.lower().replace(" ", "-").replace("/", "")
+    hyperparams = dict(method.hyperparams)
+    if fedfr:
+        hyperparams.setdefault("max_hard_negatives", profile.max_hard_negatives)
+    env = {"FACEFL_EVAL_SETS": json.dumps({"lfw": str(lfw.resolve())})}
+    if fedfr:
+        env["FACEFL_PUBLIC_SETS"] = json.dumps({"lfw-public": str(lfw.resolve())})
     with (
         tempfile.TemporaryDirectory(prefix="facefl-accuracy-") as tmp,
         LocalServer(
             Path(tmp) / "server",
             admin_token=admin,
             enrollment_secret="bench-enrollment-secret",
-            extra_env={"FACEFL_EVAL_SETS": json.dumps({"lfw": str(lfw.resolve())})},
+            extra_env=env,
         ) as server,
     ):
         result = simulate(
             SimulationConfig(
-                devices=profile.devices,
+                # FedFace: the same identities, one per device
+                devices=profile.devices * (profile.ids_per_device if fedface else 1),
                 rounds=profile.rounds,
                 model=profile.model,
                 data=str(celeba),
-                ids_per_device=profile.ids_per_device,
+                ids_per_device=1 if fedface else profile.ids_per_device,
                 images_per_id=profile.images_per_id,
                 heldout_ids=profile.heldout_ids,
                 test_fraction=profile.test_fraction,
@@ -197,13 +249,19 @@ def run_fedavg(
                 local_epochs=profile.local_epochs,
                 batch_size=profile.batch_size,
                 lr=profile.lr,
+                algorithm=method.algorithm,
+                mu=method.mu,
+                public_set="lfw-public" if fedfr else None,
+                extra_hyperparams=hyperparams,
                 eval_set="lfw",
                 initial_model=str(ckpt),
-                json_path=str(out / "fedavg-simulate.json"),
+                json_path=str(out / f"{slug}-simulate.json"),
+                work_dir=tmp,  # kept until the end of this block: FedFR's personal models live there
                 progress=False,
             )
         )
         print(result.table(), file=sys.stderr)
+        run_dirs = sorted(Path(tmp).glob("run-*"))
         curves = []
         with httpx.Client(
             base_url=server.base_url, headers={"Authorization": f"Bearer {admin}"}, timeout=120
@@ -219,6 +277,16 @@ def run_fedavg(
                         "personalized": _flat(personal),
                     }
                 )
+        if fedfr and run_dirs:
+            # each device's own model after its last round (the simulator's device i is plan device i)
+            per_device = [
+                TorchEmbedder(
+                    load_personalized_model(run_dirs[-1] / "devices" / str(d.device) / "state"), profile.model
+                )
+                for d in devices
+            ]
+            curves[-1]["personalized"] = _flat(evaluate_personalized(per_device, devices))
+            curves[-1]["personalized_model"] = "device backbone + DFC converter"
     final = curves[-1]
     return (final["generic"] or {}, final["personalized"]), [
         {"round": 0, "generic": result.initial_generic, "personalized": None},
@@ -247,30 +315,29 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], curves: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[Row], curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    rounds = [c["round"] for c in curves if c.get("generic")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     specs = [
-        ("generic", "accuracy", "LFW folds 6-10 accuracy"),
+        ("generic", "accuracy", "LFW folds 6-10 accuracy (global model)"),
         ("personalized", "tar@far=1e-2", "device TAR@FAR=1e-2"),
         ("personalized", "dir@far=1e-2", "device DIR@FAR=1e-2"),
     ]
     for ax, (sec, key, title) in zip(axes, specs, strict=True):
-        pts = [(c["round"], c[sec][key]) for c in curves if c.get(sec) and key in c[sec]]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label="FedAvg")
+        for name, method_curves in curves.items():
+            pts = [(c["round"], c[sec][key]) for c in method_curves if c.get(sec) and key in c[sec]]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
         for r, style in zip(rows[:2], ("--", ":"), strict=True):
             ax.axhline(getattr(r, sec)[key], linestyle=style, color="grey", label=r.name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
-        ax.set_xticks(rounds or [0])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -285,7 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", type=Path, help="use this checkpoint instead of pretraining")
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/accuracy-PROFILE)")
     p.add_argument("--rounds", type=int, help="override the profile's federated rounds")
+    p.add_argument(
+        "--methods",
+        default=",".join(m.name for m in METHODS),
+        help="comma-separated federated rows to run (default: all): " + ", ".join(m.name for m in METHODS),
+    )
     args = p.parse_args(argv)
+    by_name = {m.name.lower(): m for m in METHODS}
+    wanted = [name.strip().lower() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; known: {[m.name for m in METHODS]}")
+    methods = tuple(by_name[name] for name in wanted)
     profile = PROFILES[args.profile]
     if args.rounds:
         profile = replace(profile, rounds=args.rounds)
@@ -296,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     ckpt = args.pretrained or pretrain(profile, args.lfw, out)
-    result = evaluate_rows(profile, ckpt, args.lfw, args.devices_data, out)
+    result = evaluate_rows(profile, ckpt, args.lfw, args.devices_data, out, methods)
     rows: list[Row] = result["rows"]
     print(table(rows))
     plot(rows, result["curves"], out / "curves.png")
@@ -305,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": asdict(profile),
         "checkpoint": str(ckpt),
         "rows": [asdict(r) | {"personalized": _flat(r.personalized)} for r in rows],
-        "fedavg_rounds": result["curves"],
+        "rounds": result["curves"],
         "wall_s": time.perf_counter() - started,
     }
     (out / "accuracy.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -22,7 +22,7 @@ from .client import (
     WaitInstruction,
 )
 from .dataset import LocalDataset
-from .device import RoundReport, run_round
+from .device import RoundReport, fetch_round_inputs, run_round
 from .errors import (
     APIError,
     AssignmentTimeout,
@@ -39,7 +39,15 @@ from .errors import (
     TransportError,
     UpdateRejected,
 )
-from .trainer import AssignmentLike, TrainConfig, Trainer, TrainResult
+from .trainer import (
+    AssignmentLike,
+    PersonalizedModel,
+    RoundInputs,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    load_personalized_model,
+)
 
 __all__ = [
     "APIError",
@@ -54,10 +62,12 @@ __all__ = [
     "InvalidRequest",
     "LocalDataset",
     "NotFound",
+    "PersonalizedModel",
     "ProtocolError",
     "RateLimited",
     "RoundClosed",
     "RoundInfo",
+    "RoundInputs",
     "RoundReport",
     "ServerError",
     "TaskCompleted",
@@ -70,5 +80,7 @@ __all__ = [
     "UpdateRejected",
     "UploadReceipt",
     "WaitInstruction",
+    "fetch_round_inputs",
+    "load_personalized_model",
     "run_round",
 ]

@@ -23,12 +23,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
 from facefl import codec
+from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
+from facefl.data.public import PublicSet, decode_pack
 
 from .errors import (
     APIError,
@@ -66,6 +68,9 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 # --------------------------------------------------------------------------------------------- records
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -445,11 +450,47 @@ class FederatedClient:
         versions are immutable, so a 304 is the usual answer). The body's SHA-256 is checked against the
         ``ETag`` when the server sends one.
         """
-        path = f"/v1/models/{int(version)}"
+        return self._download_decoded(f"/v1/models/{int(version)}", f"model-{int(version)}", codec.decode)
+
+    def download_public_pack(self, task_id: int) -> PublicSet:
+        """FedFR: ``GET /v1/tasks/{id}/public-pack``, the task's public face images with identity labels.
+
+        Large but identical for every device and round: with a ``cache_dir`` it is fetched once.
+        """
+        return self._download_decoded(
+            f"/v1/tasks/{int(task_id)}/public-pack", f"public-pack-{int(task_id)}", decode_pack
+        )
+
+    def download_public_bank(self, version: int) -> tuple[np.ndarray, np.ndarray]:
+        """FedFR: the public feature bank of a model version: float32 embeddings (N, d), labels (N,)."""
+
+        def parse(body: bytes) -> tuple[np.ndarray, np.ndarray]:
+            tensors = codec.decode(body)
+            emb, labels = tensors.get("embeddings"), tensors.get("labels")
+            if emb is None or labels is None or emb.ndim != 2 or labels.shape != (len(emb),):
+                raise ValueError("a public bank holds embeddings (N, d) and labels (N,)")
+            return emb.astype(np.float32), labels.astype(np.int64)
+
+        return self._download_decoded(f"/v1/models/{int(version)}/public-bank", None, parse)
+
+    def download_class_embedding(self, version: int) -> np.ndarray | None:
+        """FedFace: this device's class embedding after the server's spreadout (None before it reported)."""
+        path = f"/v1/models/{int(version)}/class-embedding"
+        resp = self._request("GET", path, idempotent=True, expect=(200, 404))
+        if resp.status_code == 404:
+            return None
+        try:
+            tensors = codec.decode(resp.content)
+            return np.asarray(tensors[CLASS_EMBEDDING_KEY], np.float32)
+        except (codec.CodecError, KeyError) as exc:
+            raise ProtocolError(f"class embedding of version {version}: {exc}", status_code=200) from exc
+
+    def _download_decoded(self, path: str, cache_name: str | None, parse: Callable[[bytes], _T]) -> _T:
+        """GET an immutable resource (ETag = sha256), verify it, parse it; cached on disk when possible."""
         cached_file = etag_file = None
         headers: dict[str, str] = {}
-        if self._cache_dir is not None:
-            cached_file = self._cache_dir / f"model-{int(version)}.safetensors"
+        if self._cache_dir is not None and cache_name is not None:
+            cached_file = self._cache_dir / f"{cache_name}.safetensors"
             etag_file = cached_file.with_suffix(".etag")
             if cached_file.exists() and etag_file.exists():
                 headers["If-None-Match"] = etag_file.read_text(encoding="utf-8").strip()
@@ -458,8 +499,8 @@ class FederatedClient:
             if cached_file is None:
                 raise ProtocolError("304 Not Modified without a conditional request", status_code=304)
             try:
-                return codec.load_file(cached_file)
-            except codec.CodecError:
+                return parse(cached_file.read_bytes())
+            except (OSError, ValueError):
                 # a damaged cache entry: drop it and fetch unconditionally
                 cached_file.unlink(missing_ok=True)
                 resp = self._request("GET", path, idempotent=True, expect=(200,))
@@ -468,16 +509,16 @@ class FederatedClient:
         if etag:
             expected = etag.strip().removeprefix("W/").strip('"')
             if len(expected) == 64 and hashlib.sha256(body).hexdigest() != expected:
-                raise ProtocolError(f"model {version}: body does not match its ETag", status_code=200)
+                raise ProtocolError(f"{path}: body does not match its ETag", status_code=200)
         try:
-            tensors = codec.decode(body)
-        except codec.CodecError as exc:
-            raise ProtocolError(f"model {version}: {exc}", status_code=resp.status_code) from exc
+            parsed = parse(body)
+        except ValueError as exc:
+            raise ProtocolError(f"{path}: {exc}", status_code=resp.status_code) from exc
         if cached_file is not None and etag_file is not None and etag:
             cached_file.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(cached_file, body)
             _atomic_write(etag_file, etag.encode("utf-8"))
-        return tensors
+        return parsed
 
     def upload_update(
         self,

@@ -119,5 +119,5 @@ class LocalDataset:
     ) -> tuple[LocalDataset, LocalDataset]:
         """Split each identity's images into train and test (:func:`facefl.data.split_train_test`:
         ``round(n * test_fraction)`` test images per identity, at least one image left for training)."""
-        train_idx, test_idx = device_split(self.labels, test_fraction, seed)
+        train_idx, test_idx = device_split(self.labels, test_fraction, seed, self.identities)
         return self.subset(train_idx), self.subset(test_idx)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .client import Assignment, FederatedClient, UploadReceipt
 from .dataset import LocalDataset
-from .trainer import Trainer
+from .trainer import RoundInputs, Trainer
 
-__all__ = ["RoundReport", "run_round"]
+__all__ = ["RoundReport", "fetch_round_inputs", "run_round"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,22 @@ class RoundReport:
     download_seconds: float
     train_seconds: float
     upload_seconds: float
+
+
+def fetch_round_inputs(client: FederatedClient, assignment: Assignment) -> RoundInputs | None:
+    """Download what the assignment's algorithm needs besides the base model.
+
+    FedFR: the task's public pack (cached by the client's ``cache_dir``: fetched once) and the base
+    version's public feature bank, whole. FedFace: this device's own class embedding (None in its first
+    round). Other algorithms: nothing.
+    """
+    algorithm = assignment.algorithm.lower()
+    if algorithm == "fedfr":
+        bank, _labels = client.download_public_bank(assignment.base_version)
+        return RoundInputs(public=client.download_public_pack(assignment.task_id), bank_embeddings=bank)
+    if algorithm == "fedface":
+        return RoundInputs(class_embedding=client.download_class_embedding(assignment.base_version))
+    return None
 
 
 def run_round(
@@ -46,8 +62,9 @@ def run_round(
     assignment = client.wait_for_assignment(task_id, timeout_s=assignment_timeout_s)
     t1 = time.perf_counter()
     base = client.download_model(assignment.base_version)
+    inputs = fetch_round_inputs(client, assignment)
     t2 = time.perf_counter()
-    result = trainer.train(assignment, base, dataset, state_dir, seed=seed)
+    result = trainer.train(assignment, base, dataset, state_dir, seed=seed, inputs=inputs)
     t3 = time.perf_counter()
     receipt = client.upload_update(assignment, result.delta, result.num_samples, result.metrics)
     t4 = time.perf_counter()

@@ -25,15 +25,37 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from facefl import codec
+from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, class_embedding, positive_loss
+from facefl.algorithms.fedfr import (
+    DFC,
+    PUBLIC_HEAD_KEY,
+    contrastive_loss,
+    cosface_logits,
+    select_hard_negatives,
+)
 from facefl.algorithms.fedprox import proximal_term
+from facefl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from facefl.data import preprocessing_for
-from facefl.models import CosFaceHead, build_backbone, load_numpy_state, state_to_numpy
+from facefl.data.public import PublicSet
+from facefl.models import CosFaceHead, backbone_state, build_backbone, load_numpy_state, state_to_numpy
 
 from .dataset import LocalDataset
 
-__all__ = ["AssignmentLike", "TrainConfig", "TrainResult", "Trainer"]
+__all__ = [
+    "AssignmentLike",
+    "PersonalizedModel",
+    "RoundInputs",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "load_personalized_model",
+]
 
 HEAD_FILE = "local_head.safetensors"
+# FedFR's personal state: the backbone after the last local training (a facefl checkpoint; the
+# contrastive term's negative next round, and the personalized model's trunk) and the DFC module
+PERSONALIZED_FILE = "personalized.safetensors"
+DFC_FILE = "dfc.safetensors"
 
 
 class AssignmentLike(Protocol):
@@ -64,6 +86,12 @@ class TrainConfig:
     mu: float = 0.0
     scale: float = 30.0
     margin: float = 0.4
+    hard_negative_threshold: float = 0.4
+    max_hard_negatives: int = 512
+    dfc_weight: float = 10.0
+    contrastive_weight: float = 5.0
+    contrastive_temperature: float = 0.5
+    fedface_margin: float = 0.9
 
     @classmethod
     def from_hyperparams(cls, hp: Mapping[str, Any]) -> TrainConfig:
@@ -78,6 +106,16 @@ class TrainConfig:
                 mu=float(hp.get("mu", defaults.mu) or 0.0),
                 scale=float(hp.get("scale", defaults.scale)),
                 margin=float(hp.get("margin", defaults.margin)),
+                hard_negative_threshold=float(
+                    hp.get("hard_negative_threshold", defaults.hard_negative_threshold)
+                ),
+                max_hard_negatives=int(hp.get("max_hard_negatives", defaults.max_hard_negatives)),
+                dfc_weight=float(hp.get("dfc_weight", defaults.dfc_weight)),
+                contrastive_weight=float(hp.get("contrastive_weight", defaults.contrastive_weight)),
+                contrastive_temperature=float(
+                    hp.get("contrastive_temperature", defaults.contrastive_temperature)
+                ),
+                fedface_margin=float(hp.get("fedface_margin", defaults.fedface_margin)),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"bad hyper-parameters {dict(hp)!r}: {exc}") from exc
@@ -85,7 +123,24 @@ class TrainConfig:
             raise ValueError("local_epochs must be >= 1 and batch_size >= 2")
         if not (cfg.lr > 0 and cfg.momentum >= 0 and cfg.weight_decay >= 0 and cfg.mu >= 0):
             raise ValueError("lr must be > 0; momentum, weight_decay and mu must be >= 0")
+        if cfg.max_hard_negatives < 0 or cfg.dfc_weight < 0 or cfg.contrastive_weight < 0:
+            raise ValueError("max_hard_negatives, dfc_weight and contrastive_weight must be >= 0")
+        if cfg.contrastive_temperature <= 0:
+            raise ValueError("contrastive_temperature must be > 0")
         return cfg
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What an algorithm needs beyond the base weights (fetched by ``device_sdk.fetch_round_inputs``).
+
+    FedFR: the public pack (images + identity labels) and this version's public feature bank.
+    FedFace: the device's class embedding as the server last spread it out (None in its first round).
+    """
+
+    public: PublicSet | None = None
+    bank_embeddings: np.ndarray | None = None
+    class_embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -147,17 +202,26 @@ class Trainer:
         state_dir: str | Path | None = None,
         *,
         seed: int | None = None,
+        inputs: RoundInputs | None = None,
     ) -> TrainResult:
         """Train the assignment's backbone on ``dataset`` and return the delta to upload.
 
         Args:
-            assignment: architecture, embedding_dim, algorithm ("fedavg" | "fedprox") and hyperparams.
+            assignment: architecture, embedding_dim, algorithm (fedavg | fedprox | fedfr | fedface) and
+                hyperparams.
             base_weights: the round's global weights (from ``FederatedClient.download_model``).
-            dataset: the device's training images (at least two).
-            state_dir: where the local head persists across rounds (None: a fresh head, not saved).
+            dataset: the device's training images (at least two; FedFace: one identity).
+            state_dir: where the device's private state persists across rounds: the local head, and for
+                FedFR the DFC module and the personalized backbone (None: fresh, not saved).
             seed: seeds batch order and augmentation (reproducible runs); random when None.
+            inputs: FedFR's public pack and bank, FedFace's class embedding (``fetch_round_inputs``).
         """
         with self._threads():
+            algorithm = assignment.algorithm.lower()
+            if algorithm == "fedfr":
+                return self._train_fedfr(assignment, base_weights, dataset, state_dir, seed, inputs)
+            if algorithm == "fedface":
+                return self._train_fedface(assignment, base_weights, dataset, seed, inputs)
             return self._train(assignment, base_weights, dataset, state_dir, seed)
 
     def _train(
@@ -171,7 +235,9 @@ class Trainer:
         started = time.perf_counter()
         algorithm = assignment.algorithm.lower()
         if algorithm not in ("fedavg", "fedprox"):
-            raise ValueError(f"the trainer implements fedavg and fedprox, not {assignment.algorithm!r}")
+            raise ValueError(
+                f"the trainer implements fedavg, fedprox, fedfr and fedface, not {assignment.algorithm!r}"
+            )
         cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
         if len(dataset) < 2:
             raise ValueError("local training needs at least two images")
@@ -252,6 +318,269 @@ class Trainer:
             metrics["prox_term_mean"] = prox_total / max(steps, 1)
         return TrainResult(delta=delta, num_samples=n, metrics=metrics, seconds=time.perf_counter() - started)
 
+    # ---------------------------------------------------------------------------------------- FedFR
+
+    def _train_fedfr(
+        self,
+        assignment: AssignmentLike,
+        base_weights: Mapping[str, np.ndarray],
+        dataset: LocalDataset,
+        state_dir: str | Path | None,
+        seed: int | None,
+        inputs: RoundInputs | None,
+    ) -> TrainResult:
+        """FedFR's local round (DESIGN section 4): union CosFace over local + public classes on the local
+        images and the hard negatives picked from the public bank, + DFC loss + contrastive term."""
+        started = time.perf_counter()
+        if inputs is None or inputs.public is None or inputs.bank_embeddings is None:
+            raise ValueError("fedfr needs the public pack and feature bank (device_sdk.fetch_round_inputs)")
+        if PUBLIC_HEAD_KEY not in base_weights:
+            raise ValueError(f"a fedfr global model carries {PUBLIC_HEAD_KEY!r}; this one does not")
+        public = inputs.public
+        if len(inputs.bank_embeddings) != len(public.images):
+            raise ValueError("the public bank and pack disagree on the number of images")
+        cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
+        if len(dataset) < 2:
+            raise ValueError("local training needs at least two images")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        arch = assignment.architecture
+
+        model = self._backbone(arch, assignment.embedding_dim, base_weights)
+        embedding_dim = self._embedding_dim(model)
+        x_local = self._preprocess(dataset.images, arch)
+        emb_before = self._embed_tensor(model, x_local)
+        head = self._load_or_init_head(state_dir, dataset, emb_before, embedding_dim, cfg, arch)
+        num_local = dataset.num_identities
+        public_head = torch.nn.Parameter(
+            torch.from_numpy(np.array(base_weights[PUBLIC_HEAD_KEY])).to(self.device)
+        )
+
+        # 1. hard negatives, chosen here from the whole bank (the server never learns which)
+        picked = select_hard_negatives(
+            emb_before.cpu().numpy(),
+            inputs.bank_embeddings,
+            cfg.hard_negative_threshold,
+            cfg.max_hard_negatives,
+        )
+        x_all = torch.cat([x_local, self._preprocess(public.images[picked], arch)])
+        # union labels: local classes first, then public classes; DFC labels: -1 for public images
+        y_union = torch.cat(
+            [torch.from_numpy(dataset.labels), torch.from_numpy(public.labels[picked]) + num_local]
+        ).to(self.device)
+        y_dfc = torch.cat([torch.from_numpy(dataset.labels), torch.full((len(picked),), -1)]).to(self.device)
+
+        # 2. frozen models for the contrastive term: this round's global model, the previous local one
+        previous = (
+            self._load_personalized(state_dir, arch, embedding_dim) if cfg.contrastive_weight > 0 else None
+        )
+        global_frozen = (
+            self._backbone(arch, assignment.embedding_dim, base_weights) if previous is not None else None
+        )
+        for frozen in (previous, global_frozen):
+            if frozen is not None:
+                frozen.eval().requires_grad_(False)
+
+        # 3. DFC: kept on the device; the binary classifiers start from the local classifier's rows
+        dfc = self._load_or_init_dfc(state_dir, dataset, head, embedding_dim, arch)
+
+        decay = list(model.parameters()) + list(head.parameters())
+        # no weight decay on the public classifier or DFC: a device moves public rows through its loss
+        # only, rather than shrinking all of them every round (CosFace normalizes rows anyway)
+        optimizer = torch.optim.SGD(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": [public_head], "weight_decay": 0.0},
+                {"params": list(dfc.parameters()), "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+        )
+        n = len(x_all)
+        num_batches = max(1, math.ceil(n / cfg.batch_size))
+        sums = {"ce": 0.0, "dfc": 0.0, "contrastive": 0.0}
+        steps = 0
+        model.train()
+        head.train()
+        dfc.train()
+        for _epoch in range(cfg.local_epochs):
+            perm = torch.randperm(n, generator=gen)
+            flips = torch.rand(n, generator=gen) < 0.5
+            for idx in torch.tensor_split(perm, num_batches):
+                if len(idx) < 2:
+                    continue  # BatchNorm cannot train on a batch of one
+                x = x_all[idx]
+                x = torch.where(flips[idx][:, None, None, None], x.flip(3), x).to(self.device)
+                dev_idx = idx.to(self.device)
+                emb = model(x)
+                weight = torch.cat([head.weight, public_head])
+                ce = F.cross_entropy(
+                    cosface_logits(emb, weight, y_union[dev_idx], cfg.scale, cfg.margin), y_union[dev_idx]
+                )
+                total = ce
+                sums["ce"] += float(ce.detach())
+                if cfg.dfc_weight > 0:
+                    dfc_loss = dfc(emb, y_dfc[dev_idx])
+                    total = total + cfg.dfc_weight * dfc_loss
+                    sums["dfc"] += float(dfc_loss.detach())
+                if previous is not None and global_frozen is not None:
+                    with torch.no_grad():
+                        z_global, z_previous = global_frozen(x), previous(x)
+                    con = contrastive_loss(emb, z_global, z_previous, cfg.contrastive_temperature)
+                    total = total + cfg.contrastive_weight * con
+                    sums["contrastive"] += float(con.detach())
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                steps += 1
+
+        local = state_to_numpy(model)
+        local_with_head = {**local, PUBLIC_HEAD_KEY: public_head.detach().cpu().numpy().astype(np.float32)}
+        delta = codec.delta({k: local_with_head[k] for k in base_weights}, base_weights)
+        emb_after = self._embed_tensor(model, x_local)
+        loss_after, acc_after = self._score(head, emb_after, torch.from_numpy(dataset.labels).to(self.device))
+        if state_dir is not None:
+            state = Path(state_dir)
+            self._save_head(state, head, dataset.identities, arch)
+            self._save_dfc(state, dfc, dataset.identities, arch)
+            save_checkpoint(state / PERSONALIZED_FILE, local, arch, embedding_dim)
+        metrics = {
+            "train_loss": sums["ce"] / max(steps, 1),
+            "dfc_loss": sums["dfc"] / max(steps, 1),
+            "contrastive_loss": sums["contrastive"] / max(steps, 1),
+            "hard_negatives": float(len(picked)),
+            "loss_after": loss_after,
+            "train_accuracy": acc_after,
+            "steps": float(steps),
+            "epochs": float(cfg.local_epochs),
+            "delta_norm": codec.global_norm(delta),
+        }
+        # weighted by the device's own images only (public images are shared by everyone)
+        return TrainResult(
+            delta=delta, num_samples=len(dataset), metrics=metrics, seconds=time.perf_counter() - started
+        )
+
+    def _load_personalized(
+        self, state_dir: str | Path | None, architecture: str, embedding_dim: int
+    ) -> torch.nn.Module | None:
+        """The previous round's local backbone, or None (first round, or state of another model)."""
+        if state_dir is None or not (Path(state_dir) / PERSONALIZED_FILE).exists():
+            return None
+        try:
+            ckpt = load_checkpoint(Path(state_dir) / PERSONALIZED_FILE)
+            if ckpt.architecture != architecture or ckpt.embedding_dim != embedding_dim:
+                return None
+            return self._backbone(architecture, embedding_dim, ckpt.tensors)
+        except (CheckpointError, ValueError, OSError):
+            return None  # unreadable state: leave the term out this round rather than fail
+
+    def _load_or_init_dfc(
+        self,
+        state_dir: str | Path | None,
+        dataset: LocalDataset,
+        head: CosFaceHead,
+        embedding_dim: int,
+        architecture: str,
+    ) -> DFC:
+        dfc = DFC(embedding_dim, dataset.num_identities)
+        dfc.init_classifiers(head.weight.detach().cpu())
+        path = Path(state_dir) / DFC_FILE if state_dir is not None else None
+        if path is not None and path.exists():
+            try:
+                with safe_open(str(path), framework="numpy") as fh:
+                    meta = fh.metadata() or {}
+                    stored = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+                names = json.loads(meta.get("identities", "[]"))
+                if meta.get("architecture") == architecture and stored["converter.weight"].shape == (
+                    embedding_dim,
+                    embedding_dim,
+                ):
+                    with torch.no_grad():
+                        dfc.converter.weight.copy_(torch.from_numpy(stored["converter.weight"]))
+                        dfc.converter.bias.copy_(torch.from_numpy(stored["converter.bias"]))
+                        row_of = {str(name): i for i, name in enumerate(names)}
+                        for i, name in enumerate(dataset.identities):
+                            if name in row_of:
+                                dfc.weight[i] = torch.from_numpy(stored["weight"][row_of[name]])
+                                dfc.bias[i] = float(stored["bias"][row_of[name]])
+            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                pass  # unreadable state: a fresh module (identity converter)
+        return dfc.to(self.device)
+
+    @staticmethod
+    def _save_dfc(state_dir: Path, dfc: DFC, identities: tuple[str, ...], architecture: str) -> None:
+        tensors = {name: p.detach().cpu().float() for name, p in dfc.state_dict().items()}
+        data = codec.encode(
+            tensors, metadata={"identities": json.dumps(list(identities)), "architecture": architecture}
+        )
+        _atomic_write(state_dir / DFC_FILE, data)
+
+    # -------------------------------------------------------------------------------------- FedFace
+
+    def _train_fedface(
+        self,
+        assignment: AssignmentLike,
+        base_weights: Mapping[str, np.ndarray],
+        dataset: LocalDataset,
+        seed: int | None,
+        inputs: RoundInputs | None,
+    ) -> TrainResult:
+        """FedFace's local round: pull the one identity's embeddings toward its fixed class embedding."""
+        started = time.perf_counter()
+        if dataset.num_identities != 1:
+            raise ValueError(
+                f"fedface trains one identity per device, this dataset has {dataset.num_identities}"
+            )
+        cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
+        if len(dataset) < 2:
+            raise ValueError("local training needs at least two images")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        model = self._backbone(assignment.architecture, assignment.embedding_dim, base_weights)
+        embedding_dim = self._embedding_dim(model)
+        x_all = self._preprocess(dataset.images, assignment.architecture)
+        received = inputs.class_embedding if inputs is not None else None
+        if received is not None and received.shape == (embedding_dim,):
+            w = F.normalize(torch.from_numpy(np.asarray(received, np.float32)), dim=0).to(self.device)
+        else:  # first round: the mean embedding under the received model
+            w = class_embedding(self._embed_tensor(model, x_all))
+        loss_before = float(positive_loss(self._embed_tensor(model, x_all), w, cfg.fedface_margin))
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        n = len(x_all)
+        num_batches = max(1, math.ceil(n / cfg.batch_size))
+        steps, loss_sum = 0, 0.0
+        model.train()
+        for _epoch in range(cfg.local_epochs):
+            perm = torch.randperm(n, generator=gen)
+            flips = torch.rand(n, generator=gen) < 0.5
+            for idx in torch.tensor_split(perm, num_batches):
+                if len(idx) < 2:
+                    continue
+                x = x_all[idx]
+                x = torch.where(flips[idx][:, None, None, None], x.flip(3), x).to(self.device)
+                loss = positive_loss(model(x), w, cfg.fedface_margin)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach())
+        local = state_to_numpy(model)
+        delta = codec.delta({k: local[k] for k in base_weights}, base_weights)
+        metrics = {
+            "train_loss": loss_sum / max(steps, 1),
+            "loss_before": loss_before,
+            "loss_after": float(positive_loss(self._embed_tensor(model, x_all), w, cfg.fedface_margin)),
+            "steps": float(steps),
+            "epochs": float(cfg.local_epochs),
+            "delta_norm": codec.global_norm(delta),
+        }
+        # the class embedding leaves the device: FedFace's documented trade-off (the server spreads
+        # the identities apart with it)
+        delta[CLASS_EMBEDDING_KEY] = w.detach().cpu().numpy().astype(np.float32)
+        return TrainResult(delta=delta, num_samples=n, metrics=metrics, seconds=time.perf_counter() - started)
+
     # --------------------------------------------------------------------------------------- embed
 
     def embed(
@@ -274,7 +603,7 @@ class Trainer:
         self, architecture: str, embedding_dim: int | None, weights: Mapping[str, np.ndarray]
     ) -> torch.nn.Module:
         model = build_backbone(architecture, embedding_dim, seed=0)
-        load_numpy_state(model, weights)
+        load_numpy_state(model, backbone_state(weights))
         return model.to(self.device)
 
     @staticmethod
@@ -364,7 +693,43 @@ class Trainer:
             {"weight": head.weight.detach().cpu().float()},
             metadata={"identities": json.dumps(list(identities)), "architecture": architecture},
         )
-        path = state_dir / HEAD_FILE
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _atomic_write(state_dir / HEAD_FILE, data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class PersonalizedModel(torch.nn.Module):
+    """FedFR's personalized model: the device's backbone followed by its DFC converter (L2-normalized)."""
+
+    def __init__(self, backbone: torch.nn.Module, converter: torch.nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.converter = converter
+        self.embedding_dim = int(converter.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.converter(self.backbone(x)), dim=1)
+
+
+def load_personalized_model(state_dir: str | Path) -> PersonalizedModel:
+    """The personalized model a FedFR device keeps in ``state_dir`` (``personalized.safetensors``, a facefl
+    checkpoint of its backbone, and ``dfc.safetensors``, whose ``converter.*`` tensors are used)."""
+    from facefl.checkpoint import build_from_checkpoint
+
+    state = Path(state_dir)
+    for name in (PERSONALIZED_FILE, DFC_FILE):
+        if not (state / name).is_file():
+            raise FileNotFoundError(f"{state / name} not found: has this device trained a FedFR round?")
+    backbone = build_from_checkpoint(state / PERSONALIZED_FILE)
+    with safe_open(str(state / DFC_FILE), framework="pt") as fh:
+        weight, bias = fh.get_tensor("converter.weight"), fh.get_tensor("converter.bias")
+    converter = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        converter.weight.copy_(weight)
+        converter.bias.copy_(bias)
+    return PersonalizedModel(backbone, converter).eval()

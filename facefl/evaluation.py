@@ -141,7 +141,7 @@ def load_devices(
     offset = 0
     for d, names in enumerate(plan.devices):
         images, labels = load_identities(root, names, image_size, max_images_per_identity)
-        train, test = device_split(labels, test_fraction, seed)
+        train, test = device_split(labels, test_fraction, seed, names)
         labels = labels + offset  # global identity numbers: devices hold disjoint identities
         out.append(DeviceData(d, images[train], labels[train], images[test], labels[test]))
         offset += len(names)

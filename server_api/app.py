@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from server_api import db as dbmod
 from server_api import logs, metrics
 from server_api.errors import ApiError
-from server_api.routes import devices, health, models, rounds, tasks
+from server_api.routes import devices, health, models, public, rounds, tasks
 from server_api.routes import metrics as metrics_route
 from server_api.services import rounds as round_service
 from server_api.services.context import ServiceContext, log
@@ -91,6 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _refused(request, 422, "invalid_request", "; ".join(parts))
         return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "code": "invalid_request"})
 
-    for module in (health, devices, tasks, rounds, models, metrics_route):
+    for module in (health, devices, tasks, rounds, models, public, metrics_route):
         app.include_router(module.router)
     return app

@@ -91,6 +91,9 @@ class ModelVersion(Base):
     size_bytes: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # blob of server-only algorithm state at this version (FedFace: every device's class embedding);
+    # never served whole: each device may read its own row only
+    server_state_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Round(Base):

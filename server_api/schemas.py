@@ -12,7 +12,7 @@ MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 Architecture = Literal["small", "mobilefacenet"]
-Algorithm = Literal["fedavg", "fedprox"]
+Algorithm = Literal["fedavg", "fedprox", "fedfr", "fedface"]
 
 
 class Strict(BaseModel):
@@ -44,6 +44,19 @@ class Hyperparams(Strict):
     mu: Annotated[float, Field(ge=0, le=100)] = 0.0
     scale: Annotated[float, Field(gt=0, le=128)] = 30.0
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    # FedFR (DESIGN section 4): the public set the server serves, hard-negative selection on the device,
+    # the weights of the DFC and contrastive terms
+    public_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    hard_negative_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.4
+    max_hard_negatives: Annotated[int, Field(ge=0, le=100_000)] = 512
+    dfc_weight: Annotated[float, Field(ge=0, le=1000)] = 10.0
+    contrastive_weight: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    contrastive_temperature: Annotated[float, Field(gt=0, le=10)] = 0.5
+    # FedFace: the device's positive margin, the server's spreadout
+    fedface_margin: Annotated[float, Field(ge=-1, le=1)] = 0.9
+    spreadout_margin: Annotated[float, Field(ge=-1, lt=1)] = 0.0
+    spreadout_steps: Annotated[int, Field(ge=0, le=10_000)] = 10
+    spreadout_lr: Annotated[float, Field(gt=0, le=100)] = 1.0
 
 
 class RobustAggregation(Strict):
@@ -95,6 +108,10 @@ class TaskIn(Strict):
     def _fedprox_needs_mu(self) -> TaskIn:
         if self.algorithm == "fedprox" and self.hyperparams.mu <= 0:
             raise ValueError("fedprox needs hyperparams.mu > 0")
+        if self.algorithm == "fedfr" and self.hyperparams.public_set is None:
+            raise ValueError("fedfr needs hyperparams.public_set (a FACEFL_PUBLIC_SETS name)")
+        if self.algorithm != "fedfr" and self.hyperparams.public_set is not None:
+            raise ValueError("hyperparams.public_set applies to fedfr only")
         return self
 
 

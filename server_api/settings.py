@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         description='held-out generic sets a task may name, as JSON: {"lfw": "/data/lfw"} (LFW layout with '
         "pairs.txt: its test folds 6-10; any other image folder: pairs built from it)",
     )
+    public_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description='public face sets a FedFR task may name, as JSON: {"lfw-public": "/data/lfw"} '
+        "(LFW layout: "
+        "its public split, test folds excluded; any other image folder: all of it)",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -101,7 +101,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     t = parser.add_argument_group("training (the task's hyper-parameters)")
-    t.add_argument("--algorithm", choices=["fedavg", "fedprox"], default="fedavg", help="(fedavg)")
+    t.add_argument(
+        "--algorithm",
+        choices=["fedavg", "fedprox", "fedfr", "fedface"],
+        default="fedavg",
+        help="(fedavg); fedfr needs --public-set, fedface --ids-per-device 1",
+    )
+    t.add_argument(
+        "--public-set",
+        default=None,
+        metavar="DIR|NAME",
+        help="FedFR's public face set: a directory (LFW layout: its public split) for the server the "
+        "simulator starts, or a set name configured on --server",
+    )
+    t.add_argument(
+        "--hp",
+        dest="extra_hyperparams",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other task hyper-parameter, validated by the server (repeatable), e.g. --hp dfc_weight=0",
+    )
     t.add_argument("--mu", type=_non_negative_float, default=None, help="FedProx mu (0.01 with fedprox)")
     t.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round (1)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="local batch size (16)")
@@ -167,6 +187,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         lr=args.lr,
         algorithm=args.algorithm,
         mu=args.mu,
+        public_set=args.public_set,
+        extra_hyperparams=_parse_hyperparams(args.extra_hyperparams),
         target_reports=args.target_reports,
         min_reports=args.min_reports,
         round_timeout_s=args.round_timeout_s,
@@ -174,6 +196,24 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         work_dir=args.work_dir,
         progress=not args.no_progress,
     )
+
+
+def _parse_hyperparams(items: list[str]) -> dict[str, float | int | str]:
+    out: dict[str, float | int | str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--hp expects KEY=VALUE (got {item!r})")
+        value: float | int | str
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+        out[key.strip()] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
     from .run import SimulationError, simulate
     from .server import ServerStartError
 
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         config.validate()
     except ValueError as exc:
         print(f"facefl simulate: error: {exc}", file=sys.stderr)

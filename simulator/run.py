@@ -90,6 +90,10 @@ class SimulationConfig:
     weight_decay: float = 5e-4
     algorithm: str = "fedavg"
     mu: float | None = None  # default: 0.01 for fedprox, 0 for fedavg
+    # FedFR: the public set (a directory for the server the simulator starts, a name on --server)
+    public_set: str | None = None
+    # any other task hyper-parameter (validated by the server at task creation)
+    extra_hyperparams: dict[str, Any] = field(default_factory=dict)
     target_reports: int | None = None  # default: devices
     min_reports: int | None = None  # default: ceil(target / 2)
     over_selection: float = 1.3
@@ -144,9 +148,24 @@ class SimulationConfig:
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (got {self.batch_size})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
         need(
-            self.algorithm in ("fedavg", "fedprox"),
-            f"--algorithm must be fedavg or fedprox (got {self.algorithm!r})",
+            self.algorithm in ("fedavg", "fedprox", "fedfr", "fedface"),
+            f"--algorithm must be fedavg, fedprox, fedfr or fedface (got {self.algorithm!r})",
         )
+        need(
+            (self.algorithm == "fedfr") == (self.public_set is not None),
+            "--algorithm fedfr needs --public-set, and --public-set applies to fedfr only",
+        )
+        if self.public_set is not None and self.server is None:
+            need(
+                Path(self.public_set).is_dir(), f"--public-set must be a directory (got {self.public_set!r})"
+            )
+        need(
+            self.algorithm != "fedface" or self.ids_per_device == 1,
+            "--algorithm fedface trains one identity per device: use --ids-per-device 1",
+        )
+        reserved = {"local_epochs", "batch_size", "lr", "momentum", "weight_decay", "mu", "public_set"}
+        clash = sorted(reserved & set(self.extra_hyperparams))
+        need(not clash, f"--hp cannot set {clash}: use the dedicated options")
         if self.mu is None:
             self.mu = 0.01 if self.algorithm == "fedprox" else 0.0
         need(self.mu >= 0, f"--mu must be >= 0 (got {self.mu})")
@@ -385,6 +404,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             eval_env = {}
             if cfg.eval_set is not None:
                 eval_env["FACEFL_EVAL_SETS"] = json.dumps({"generic": str(Path(cfg.eval_set).resolve())})
+            if cfg.public_set is not None:
+                eval_env["FACEFL_PUBLIC_SETS"] = json.dumps({"public": str(Path(cfg.public_set).resolve())})
             server = LocalServer(
                 run_dir / "server",
                 database_url=cfg.db,
@@ -543,6 +564,13 @@ def _task_body(cfg: SimulationConfig) -> dict[str, Any]:
             "mu": cfg.mu,
             "scale": 30.0,
             "margin": 0.4,
+            **({"public_set": "public"} if cfg.public_set is not None and cfg.server is None else {}),
+            **(
+                {"public_set": cfg.public_set}
+                if cfg.public_set is not None and cfg.server is not None
+                else {}
+            ),
+            **cfg.extra_hyperparams,
         },
         "policy": {
             "target_reports": cfg.target_reports,

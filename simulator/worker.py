@@ -22,6 +22,7 @@ from device_sdk import (
     LocalDataset,
     RoundClosed,
     Trainer,
+    fetch_round_inputs,
 )
 
 __all__ = [
@@ -143,6 +144,8 @@ def run_device_job(job: DeviceJob) -> JobResult:
             rng=rng,
             backoff_base_s=0.1,
             backoff_cap_s=2.0,
+            # shared by the simulated devices of a run: FedFR's public pack is downloaded once
+            cache_dir=device_dir.parent.parent / "cache",
         )
         with client:
             try:
@@ -158,8 +161,11 @@ def run_device_job(job: DeviceJob) -> JobResult:
                 phase("checkin")
                 if assignment is not None:
                     base = client.download_model(assignment.base_version)
+                    inputs = fetch_round_inputs(client, assignment)
                     phase("download")
-                    trained = Trainer().train(assignment, base, dataset, device_dir / "state", seed=job.seed)
+                    trained = Trainer().train(
+                        assignment, base, dataset, device_dir / "state", seed=job.seed, inputs=inputs
+                    )
                     phase("train")
                     result.train_seconds = trained.seconds
                     result.metrics = trained.metrics

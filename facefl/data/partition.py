@@ -39,12 +39,19 @@ def partition_identities(
 
 
 def split_train_test(
-    labels: np.ndarray, test_fraction: float, seed: int, min_train: int = 1
+    labels: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    min_train: int = 1,
+    label_keys: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-identity split of sample indices into (train, test), both sorted int64 arrays.
 
     Each identity with n samples puts ``round(n * test_fraction)`` of them in test, but never so many
     that fewer than ``min_train`` remain for training (an identity must be learnable on the device).
+    With ``label_keys`` (a stable key per label, e.g. a hash of the identity's name) each identity's
+    split depends on ``seed`` and its key only, not on which other identities share the array: the same
+    person gets the same test images whether a device holds it alone or with others.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -61,7 +68,10 @@ def split_train_test(
         if len(idx) < min_train:
             raise ValueError(f"identity {label} has {len(idx)} samples, fewer than min_train={min_train}")
         n_test = min(round(len(idx) * test_fraction), len(idx) - min_train)
-        idx = rng.permutation(idx)
+        if label_keys is not None:
+            idx = np.random.default_rng([seed, int(label_keys[int(label)])]).permutation(idx)
+        else:
+            idx = rng.permutation(idx)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     if not train:

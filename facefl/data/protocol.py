@@ -5,6 +5,7 @@ out, and how each device's images split into training and test. One definition, 
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ def load_identities(
     return array, np.asarray(labels, np.int64)
 
 
-def device_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A device's (train, test) indices: each identity keeps at least one training image."""
-    return split_train_test(labels, test_fraction, seed, min_train=1)
+def device_split(
+    labels: np.ndarray, test_fraction: float, seed: int, identities: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A device's (train, test) indices: each identity keeps at least one training image.
+
+    With the device's ``identities`` (names, indexed by label) each person's split is keyed on its
+    name, so it does not depend on the device's other identities (FedFace's one-identity devices and
+    FedFR's ten-identity devices then agree on every person's test images).
+    """
+    keys = [zlib.crc32(name.encode("utf-8")) for name in identities] if identities is not None else None
+    return split_train_test(labels, test_fraction, seed, min_train=1, label_keys=keys)

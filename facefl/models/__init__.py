@@ -21,11 +21,13 @@ from facefl.models.small import SmallFaceNet
 
 __all__ = [
     "ARCHITECTURES",
+    "GLOBAL_EXTRA_PREFIXES",
     "Architecture",
     "CosFaceHead",
     "FastPReLU",
     "MobileFaceNet",
     "SmallFaceNet",
+    "backbone_state",
     "build_backbone",
     "get_architecture",
     "load_numpy_state",
@@ -92,6 +94,16 @@ def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
                 tensor.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, copy=True
             )
     return out
+
+
+# Tensors a global model may carry next to its backbone (FedFR's public classifier). The backbone alone
+# is what embeds faces: evaluation, export and embedding take ``backbone_state(weights)``.
+GLOBAL_EXTRA_PREFIXES = ("public_head.",)
+
+
+def backbone_state(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tensors`` without the global model's non-backbone entries (see ``GLOBAL_EXTRA_PREFIXES``)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(GLOBAL_EXTRA_PREFIXES)}
 
 
 def load_numpy_state(module: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
 
 from facefl import codec
 from facefl.algorithms.fedavg import WeightedMean
+from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, spreadout
 from server_api import metrics as prom
 from server_api.orm import ModelVersion, Round, Task, utcnow
-from server_api.services import evaluation, models, queries, rounds
+from server_api.services import evaluation, models, public, queries, rounds
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
 
@@ -36,26 +41,37 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         assert base is not None and task is not None and lease is not None
         base_key, architecture, task_id = base.blob_key, base.architecture, task.id
         embedding_dim, eval_set = base.embedding_dim, task.eval_set
-        updates = [(u.blob_key, u.num_samples, dict(u.metrics)) for u in queries.updates_of(s, round_id)]
+        algorithm, hyperparams, base_state_key = task.algorithm, dict(task.hyperparams), base.server_state_key
+        rows = queries.updates_of(s, round_id)
+        updates = [(u.blob_key, u.num_samples, dict(u.metrics), u.device_id) for u in rows]
         robust_config = task.policy.get("robust")  # None: the plain weighted mean below
-        norms = [u.norm for u in queries.updates_of(s, round_id)] if robust_config else []
+        norms = [u.norm for u in rows] if robust_config else []
 
     t0 = time.perf_counter()
     mean = WeightedMean()
     metric_sums: dict[str, float] = defaultdict(float)
-    for blob_key, num_samples, metrics in updates:
-        if not robust_config:
-            mean.add(codec.load_file(ctx.blobs.path(blob_key)), float(num_samples))
+    class_embeddings: dict[str, np.ndarray] = {}
+    for blob_key, num_samples, metrics, device_id in updates:
+        if not robust_config or algorithm == "fedface":
+            tensors = codec.load_file(ctx.blobs.path(blob_key))
+            w = tensors.pop(CLASS_EMBEDDING_KEY, None)  # FedFace: not part of the weighted mean
+            if w is not None:
+                class_embeddings[device_id] = w
+            if not robust_config:
+                mean.add(tensors, float(num_samples))
         for name, value in metrics.items():
             metric_sums[name] += float(value) * num_samples
-    total = sum(n for _, n, _ in updates)
+    total = sum(n for _, n, _, _ in updates)
     if robust_config:
-        reports = [(key, n, norm) for (key, n, _), norm in zip(updates, norms, strict=True)]
+        reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
         delta = robust_delta(ctx, reports, robust_config)
     else:
         delta = mean.result()
     new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), delta)
     blob = models.store_weights(ctx, new_weights, architecture)
+    state_key = (
+        _fedface_state(ctx, base_state_key, class_embeddings, hyperparams) if algorithm == "fedface" else None
+    )
     agg_seconds = time.perf_counter() - t0
     round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
     round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
@@ -73,12 +89,15 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             reports=len(updates),
             samples=total,
             round_metrics=round_metrics,
+            server_state_key=state_key,
         )
     except _LostLease:
         log.warning("aggregation of round %s lost its lease; result discarded", round_id)
         return None
     prom.ROUNDS_CLOSED.labels(outcome="aggregated").inc()
     prom.AGGREGATION_SECONDS.observe(agg_seconds)
+    if algorithm == "fedfr":
+        public.bank_key(ctx, version)  # ready before the next round's devices ask for it
     if eval_set is not None:
         ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
     log.info(
@@ -91,6 +110,40 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         },
     )
     return version
+
+
+def _fedface_state(
+    ctx: ServiceContext,
+    base_state_key: str | None,
+    reported: dict[str, np.ndarray],
+    hyperparams: dict[str, Any],
+) -> str:
+    """Every device's class embedding after this round: reported rows replace the stored ones, then the
+    spreadout regularizer pushes all of them apart. Stored as a blob; returns its key."""
+    rows: dict[str, np.ndarray] = {}
+    if base_state_key is not None:
+        rows.update(read_class_embeddings(ctx, base_state_key))
+    rows.update(reported)
+    devices = sorted(rows)
+    spread = spreadout(
+        np.stack([rows[d] for d in devices]).astype(np.float32),
+        margin=float(hyperparams.get("spreadout_margin", 0.0)),
+        steps=int(hyperparams.get("spreadout_steps", 10)),
+        lr=float(hyperparams.get("spreadout_lr", 1.0)),
+    )
+    data = codec.encode({CLASS_EMBEDDINGS: spread}, metadata={"devices": json.dumps(devices)})
+    key, _ = ctx.blobs.put_bytes(data)
+    return key
+
+
+CLASS_EMBEDDINGS = "class_embeddings"
+
+
+def read_class_embeddings(ctx: ServiceContext, key: str) -> dict[str, np.ndarray]:
+    data = ctx.blobs.read(key)
+    devices = json.loads(codec.read_metadata(data)["devices"])
+    matrix = codec.decode(data)[CLASS_EMBEDDINGS]
+    return {str(d): np.asarray(matrix[i], np.float32) for i, d in enumerate(devices)}
 
 
 class _LostLease(Exception):
@@ -110,6 +163,7 @@ def _commit(
     reports: int,
     samples: int,
     round_metrics: dict[str, float],
+    server_state_key: str | None = None,
 ) -> int:
     with ctx.db.write() as s:
         mv = models.add_version(
@@ -122,6 +176,7 @@ def _commit(
             blob=blob,
             metrics={"reports": reports, "samples": samples},
         )
+        mv.server_state_key = server_state_key
         if not queries.finish_aggregation(
             s, round_id, lease, utcnow(), result_version=mv.version, metrics=round_metrics
         ):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from facefl import codec
 from facefl.algorithms import robust
 from facefl.algorithms.fedavg import WeightedMean
+from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from server_api.services.context import ServiceContext
 
 
@@ -31,6 +32,7 @@ def robust_delta(
         mean = WeightedMean()
         for (key, num_samples, _), scale in zip(reports, scales, strict=True):
             tensors = codec.load_file(ctx.blobs.path(key))
+            tensors.pop(CLASS_EMBEDDING_KEY, None)  # FedFace's class embedding is not averaged
             if scale != 1.0:
                 tensors = {k: np.asarray(v, np.float32) * np.float32(scale) for k, v in tensors.items()}
             mean.add(tensors, float(num_samples))
@@ -39,7 +41,7 @@ def robust_delta(
         files = [
             stack.enter_context(safe_open(str(ctx.blobs.path(key)), framework="np")) for key, _, _ in reports
         ]
-        names = list(files[0].keys())
+        names = [name for name in files[0].keys() if name != CLASS_EMBEDDING_KEY]  # noqa: SIM118
         return robust.trimmed_mean_tensors(
             names, lambda i, name: files[i].get_tensor(name), len(files), trim, scales
         )

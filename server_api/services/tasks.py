@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion, Task
 from server_api.schemas import RoundOut, TaskIn, TaskOut
-from server_api.services import evaluation, models, queries, rounds
+from server_api.services import evaluation, models, public, queries, rounds
 from server_api.services.context import ServiceContext
 
 
@@ -20,7 +20,11 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     arch = ARCHITECTURES[body.architecture]
     embedding_dim = body.embedding_dim or arch.default_embedding_dim
     blob = None
-    if body.initial_version is None:
+    if body.algorithm == "fedfr":
+        # FedFR's global model is the backbone plus a public classifier: a new version, child of the
+        # initial one when given (CPU work: before the transaction opens)
+        blob, embedding_dim = _fedfr_initial_model(ctx, body, embedding_dim)
+    elif body.initial_version is None:
         # CPU work (building and serializing the model) happens before the transaction opens
         backbone = build_backbone(body.architecture, embedding_dim=embedding_dim, seed=body.seed)
         blob = models.store_weights(ctx, state_to_numpy(backbone), body.architecture)
@@ -62,7 +66,7 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
             mv = models.add_version(
                 s,
                 task_id=task.id,
-                parent=None,
+                parent=body.initial_version,
                 round_id=None,
                 architecture=body.architecture,
                 embedding_dim=embedding_dim,
@@ -76,6 +80,38 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     if out.eval_set is not None and out.current_version is not None:
         ctx.submit_eval(evaluation.evaluate_version, ctx, out.current_version, out.eval_set)
     return out
+
+
+def _fedfr_initial_model(
+    ctx: ServiceContext, body: TaskIn, embedding_dim: int
+) -> tuple[tuple[str, int], int]:
+    from facefl import codec
+    from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
+    from facefl.models import ARCHITECTURES, backbone_state, build_backbone, state_to_numpy
+
+    name = public.check_set_name(ctx, body.hyperparams.public_set)
+    if body.initial_version is not None:
+        with ctx.db.read() as s:
+            base = s.get(ModelVersion, body.initial_version)
+            if base is None:
+                raise invalid(
+                    "unknown_model_version", f"initial_version {body.initial_version} does not exist"
+                )
+            if base.architecture != body.architecture:
+                raise invalid(
+                    "architecture_mismatch",
+                    f"initial_version {base.version} is a {base.architecture} model, not {body.architecture}",
+                )
+            embedding_dim = base.embedding_dim or embedding_dim
+            blob_key = base.blob_key
+        weights = backbone_state(codec.load_file(ctx.blobs.path(blob_key)))
+    else:
+        weights = state_to_numpy(
+            build_backbone(body.architecture, embedding_dim=embedding_dim, seed=body.seed)
+        )
+    pack = public.load_pack(ctx, name, ARCHITECTURES[body.architecture].image_size)
+    head = public.public_head(body.architecture, embedding_dim, weights, pack)
+    return models.store_weights(ctx, {**weights, PUBLIC_HEAD_KEY: head}, body.architecture), embedding_dim
 
 
 def get(ctx: ServiceContext, task_id: int) -> TaskOut:

@@ -7,9 +7,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from facefl import codec
+from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from server_api import metrics as prom
 from server_api import security
 from server_api.errors import conflict, forbidden, gone, invalid, not_found
@@ -26,6 +28,7 @@ class UploadTarget:
     round_id: int
     base_version: int
     norm_bound: float | None
+    algorithm: str = "fedavg"
 
 
 def parse_metrics(raw: str | None) -> dict[str, float]:
@@ -72,19 +75,27 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
         rnd, _ = _check_assignment(s, round_id, device_id, upload_token)
         task = s.get(Task, rnd.task_id)
         assert task is not None
-        return UploadTarget(round_id, rnd.base_version, task.policy.get("update_norm_bound"))
+        return UploadTarget(round_id, rnd.base_version, task.policy.get("update_norm_bound"), task.algorithm)
 
 
 def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) -> float:
     """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm."""
     data = staged.read_bytes()
+    expected = dict(models.expected_specs(ctx, target.base_version))
+    if target.algorithm == "fedface":
+        # FedFace updates carry the device's class embedding next to the backbone delta
+        dim = int(models.info(ctx, target.base_version).embedding_dim or 0)
+        expected[CLASS_EMBEDDING_KEY] = codec.TensorSpec(shape=(dim,), dtype="F32")
     try:
         specs = codec.read_header(data)
-        codec.check_compatible(specs, models.expected_specs(ctx, target.base_version))
+        codec.check_compatible(specs, expected)
         tensors = codec.decode(data)
         codec.check_finite(tensors)
     except codec.CodecError as exc:
         raise invalid("bad_update", str(exc)) from exc
+    class_embedding = tensors.pop(CLASS_EMBEDDING_KEY, None)
+    if class_embedding is not None and abs(float(np.linalg.norm(class_embedding)) - 1.0) > 1e-3:
+        raise invalid("bad_update", f"{CLASS_EMBEDDING_KEY} must be L2-normalized")
     norm = codec.global_norm(tensors)
     if target.norm_bound is not None and norm > target.norm_bound:
         raise invalid(

@@ -1,5 +1,6 @@
-"""The accuracy benchmark's whole pipeline (pretrain, local-only, FedAvg through a real server) on
-generated faces with the smoke profile. Numbers are not asserted: only that every row is measured."""
+"""The accuracy benchmark's whole pipeline (pretrain, local-only, every federated method through a real
+server) on generated faces with the smoke profile. Numbers are not asserted: only that every row is
+measured, and that FedFR's personalized row comes from the devices' own models."""
 
 from __future__ import annotations
 
@@ -27,15 +28,18 @@ def test_smoke_profile_on_generated_faces(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| pretrained only |" in proc.stdout and "| FedAvg (server + simulator) |" in proc.stdout
+    names = ["pretrained only", "local-only", "FedAvg", "FedProx", "FedFace", "FedFR", "FedFR w/o DFC",
+             "FedFR w/o contrastive"]  # fmt: skip
+    for name in names:
+        assert f"| {name} |" in proc.stdout
     report = json.loads((out / "accuracy.json").read_text())
-    assert [r["name"] for r in report["rows"]] == [
-        "pretrained only",
-        "local-only",
-        "FedAvg (server + simulator)",
-    ]
+    assert [r["name"] for r in report["rows"]] == names
     for row in report["rows"]:
         assert 0.0 <= row["generic"]["accuracy"] <= 1.0
         assert 0.0 <= row["personalized"]["dir@far=1e-2"] <= 1.0
-    assert [c["round"] for c in report["fedavg_rounds"]] == [0, 1, 2]
+    for name in names[2:]:
+        assert [c["round"] for c in report["rounds"][name]] == [0, 1, 2]
+        assert all(c["status"] == "aggregated" for c in report["rounds"][name][1:])
+    assert report["rounds"]["FedFR"][-1]["personalized_model"] == "device backbone + DFC converter"
+    assert "personalized_model" not in report["rounds"]["FedAvg"][-1]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

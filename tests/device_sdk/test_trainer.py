@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from device_sdk import LocalDataset, Trainer
+from device_sdk import LocalDataset, RoundInputs, Trainer, load_personalized_model
 from device_sdk.trainer import HEAD_FILE
 from facefl import codec
+from facefl.data import preprocessing_for
 from facefl.models import build_backbone, state_to_numpy
 
 
@@ -144,3 +145,78 @@ def test_dataset_from_folder(tmp_path: Path) -> None:
     ds = LocalDataset.from_folder(root, image_size=64)
     assert ds.images.shape == (6, 64, 64, 3) and ds.identities == ("id_000001", "id_000002")
     assert list(ds.labels) == [0, 0, 0, 1, 1, 1]
+
+
+# ------------------------------------------------------------------------------------ FedFR, FedFace
+
+
+def _fedfr_inputs(base: dict[str, np.ndarray], trainer: Trainer) -> tuple[dict[str, np.ndarray], RoundInputs]:
+    from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
+    from facefl.data.public import PublicSet
+
+    images = np.concatenate([LocalDataset.synthetic([40 + i], 3, 64, seed=1).images for i in range(6)])
+    public = PublicSet(images, np.repeat(np.arange(6), 3), [f"p{i}" for i in range(6)])
+    bank = trainer.embed(base, images, architecture="small", embedding_dim=32)
+    rng = np.random.default_rng(0)
+    head = rng.normal(size=(6, 32)).astype(np.float32)
+    head /= np.linalg.norm(head, axis=1, keepdims=True)
+    return {**base, PUBLIC_HEAD_KEY: head}, RoundInputs(public=public, bank_embeddings=bank)
+
+
+def test_fedfr_round_updates_only_selected_public_rows_and_keeps_state(
+    trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset, tmp_path: Path
+) -> None:
+    from device_sdk.trainer import DFC_FILE, PERSONALIZED_FILE
+    from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
+
+    weights, inputs = _fedfr_inputs(base, trainer)
+    hp = {
+        "local_epochs": 1,
+        "batch_size": 8,
+        "lr": 0.05,
+        "max_hard_negatives": 4,
+        "hard_negative_threshold": -1,
+    }
+    job = Job(algorithm="fedfr", hyperparams=hp)
+    first = trainer.train(job, weights, data, tmp_path, seed=0, inputs=inputs)
+    assert set(first.delta) == set(weights)  # backbone + public classifier, nothing else
+    assert first.num_samples == len(data)  # weighted by the device's own images only
+    assert first.metrics["hard_negatives"] == 4.0 and first.metrics["contrastive_loss"] == 0.0
+    # the public classifier learns (hard negatives are its positives; local images push every row away)
+    assert np.abs(first.delta[PUBLIC_HEAD_KEY]).sum() > 0 and np.isfinite(first.delta[PUBLIC_HEAD_KEY]).all()
+    assert (tmp_path / PERSONALIZED_FILE).is_file() and (tmp_path / DFC_FILE).is_file()
+    second = trainer.train(job, weights, data, tmp_path, seed=1, inputs=inputs)
+    assert second.metrics["contrastive_loss"] > 0.0  # the previous local model now exists
+    model = load_personalized_model(tmp_path)
+    x = torch.from_numpy(preprocessing_for("small").batch(data.images[:3]))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3, 32) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_fedfr_needs_its_inputs(trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset) -> None:
+    weights, inputs = _fedfr_inputs(base, trainer)
+    job = Job(algorithm="fedfr")
+    with pytest.raises(ValueError, match="public pack"):
+        trainer.train(job, weights, data, None, seed=0)
+    with pytest.raises(ValueError, match="public_head"):
+        trainer.train(job, base, data, None, seed=0, inputs=inputs)
+
+
+def test_fedface_round(trainer: Trainer, base: dict[str, np.ndarray]) -> None:
+    from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
+
+    one = LocalDataset.synthetic([21], images_per_identity=8, image_size=64, seed=0)
+    job = Job(algorithm="fedface", hyperparams={"local_epochs": 3, "batch_size": 4, "lr": 0.05})
+    result = trainer.train(job, base, one, None, seed=0)
+    w = result.delta[CLASS_EMBEDDING_KEY]  # first round: the mean embedding under the received model
+    mean = trainer.embed(base, one.images, architecture="small", embedding_dim=32).mean(0)
+    assert np.allclose(w, mean / np.linalg.norm(mean), atol=1e-5)
+    # later rounds: the server's (spread-out) row is used as is, and training pulls the faces toward it
+    given = np.random.default_rng(0).normal(size=32).astype(np.float32)
+    given /= np.linalg.norm(given)
+    result = trainer.train(job, base, one, None, seed=0, inputs=RoundInputs(class_embedding=given))
+    assert np.allclose(result.delta[CLASS_EMBEDDING_KEY], given)
+    assert result.metrics["loss_after"] < 0.5 * result.metrics["loss_before"]
+    with pytest.raises(ValueError, match="one identity per device"):
+        trainer.train(job, base, LocalDataset.synthetic([1, 2], 4, 64), None, seed=0)

@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
         (["--server", "localhost:8000"], "--server must be an http(s) URL"),
         (["--images-per-id", "1"], "--images-per-id must be >= 2"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--algorithm", "fedfr"], "--algorithm fedfr needs --public-set"),
+        (["--public-set", "/tmp"], "--public-set applies to fedfr only"),
+        (["--algorithm", "fedfr", "--public-set", "/nonexistent/pub"], "--public-set must be a directory"),
+        (["--algorithm", "fedface"], "use --ids-per-device 1"),
+        (["--hp", "dfc_weight"], "--hp expects KEY=VALUE"),
+        (["--hp", "lr=0.1"], "--hp cannot set ['lr']"),
     ],
 )
 def test_invalid_combinations_exit_2_with_a_clear_message(

@@ -49,3 +49,25 @@ def test_simulator_trains_only_on_the_train_split(folder: ImageFolder, tmp_path:
     tr, te = device_split(labels, 0.5, 3)
     np.testing.assert_array_equal(train.images, images[tr])
     np.testing.assert_array_equal(test.images, images[te])
+
+
+def test_device_split_keyed_on_names_ignores_the_other_identities() -> None:
+    import numpy as np
+
+    from facefl.data.protocol import device_split
+
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    names = ["ann", "bob", "cy"]
+    train, test = device_split(labels, 0.4, seed=7, identities=names)
+    # bob alone on a device (FedFace) gets the same test images as bob among others (FedFR)
+    bob = np.flatnonzero(labels == 1)
+    alone_train, alone_test = device_split(np.zeros(5, np.int64), 0.4, seed=7, identities=["bob"])
+    assert (bob[alone_test]).tolist() == [i for i in test.tolist() if labels[i] == 1]
+    assert (bob[alone_train]).tolist() == [i for i in train.tolist() if labels[i] == 1]
+    assert len(test) == 6 and sorted(train.tolist() + test.tolist()) == list(range(15))
+    # and the key matters: another name splits differently for some seed
+    assert any(
+        device_split(np.zeros(5, np.int64), 0.4, seed=s, identities=["bob"])[1].tolist()
+        != device_split(np.zeros(5, np.int64), 0.4, seed=s, identities=["zed"])[1].tolist()
+        for s in range(5)
+    )

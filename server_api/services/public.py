@@ -1,0 +1,188 @@
+"""FedFR's public face set on the server: the image pack and the per-version feature bank.
+
+The pack (every public image at the model's input size) is built once per (set, image size); the bank
+(fp16 embeddings of the pack under one model version, with identity labels) once per version, eagerly
+after each aggregation and lazily on first request. Both live in the content-addressed blob store; a
+small index file under ``<data_dir>/derived`` maps what they were built from to their blob key, so every
+worker and every restart reuses them. Building is CPU work: callers run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from facefl import codec
+from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
+from facefl.data.public import PublicSet, decode_pack, encode_pack, load_public_set
+from server_api.errors import invalid, not_found
+from server_api.orm import ModelVersion, Task
+from server_api.services.context import ServiceContext, log
+
+BANK_EMBEDDINGS, BANK_LABELS = "embeddings", "labels"
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(name: str) -> threading.Lock:
+    # one builder per artefact in this process; other workers may build the same bytes concurrently,
+    # which is harmless: the blob store is content-addressed and the index write is atomic
+    with _locks_guard:
+        return _locks.setdefault(name, threading.Lock())
+
+
+def _index_path(ctx: ServiceContext, name: str) -> Path:
+    return ctx.settings.data_dir / "derived" / f"{name}.key"
+
+
+def _read_index(ctx: ServiceContext, name: str) -> str | None:
+    path = _index_path(ctx, name)
+    try:
+        key = path.read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    return key if ctx.blobs.exists(key) else None
+
+
+def _write_index(ctx: ServiceContext, name: str, key: str) -> None:
+    path = _index_path(ctx, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(key, encoding="ascii")
+    os.replace(tmp, path)
+
+
+def check_set_name(ctx: ServiceContext, name: str | None) -> str:
+    if not name:
+        raise invalid("public_set_required", "fedfr needs hyperparams.public_set (a FACEFL_PUBLIC_SETS name)")
+    if name not in ctx.settings.public_sets:
+        known = sorted(ctx.settings.public_sets) or "none (set FACEFL_PUBLIC_SETS)"
+        raise invalid("unknown_public_set", f"public_set {name!r} is not configured; known: {known}")
+    return name
+
+
+def pack_key(ctx: ServiceContext, name: str, image_size: int) -> str:
+    """Blob key of the set's pack at ``image_size``, building it on first use."""
+    index = f"pack-{name}-{image_size}"
+    with _lock_for(index):
+        key = _read_index(ctx, index)
+        if key is None:
+            public = load_public_set(ctx.settings.public_sets[name], image_size)
+            key, size = ctx.blobs.put_bytes(encode_pack(public))
+            _write_index(ctx, index, key)
+            log.info(
+                "public pack built", extra={"public_set": name, "images": len(public.images), "bytes": size}
+            )
+        return key
+
+
+@lru_cache(maxsize=2)
+def _pack_cached(path: str) -> PublicSet:
+    # decoded once per process: packs are immutable (content-addressed)
+    return decode_pack(Path(path).read_bytes())
+
+
+def load_pack(ctx: ServiceContext, name: str, image_size: int) -> PublicSet:
+    return _pack_cached(str(ctx.blobs.path(pack_key(ctx, name, image_size))))
+
+
+def _embed(
+    architecture: str, embedding_dim: int | None, weights: dict[str, np.ndarray], images: np.ndarray
+) -> np.ndarray:
+    from facefl.embedders import TorchEmbedder
+    from facefl.models import backbone_state, build_backbone, load_numpy_state
+
+    model = build_backbone(architecture, embedding_dim, seed=0)
+    load_numpy_state(model, backbone_state(weights))
+    return TorchEmbedder(model, architecture).embed(images)
+
+
+def public_head(
+    architecture: str, embedding_dim: int | None, weights: dict[str, np.ndarray], public: PublicSet
+) -> np.ndarray:
+    """Initial public classifier: each public identity's normalized mean embedding (num_ids, d)."""
+    emb = _embed(architecture, embedding_dim, weights, public.images)
+    sums = np.zeros((public.num_identities, emb.shape[1]), np.float64)
+    np.add.at(sums, public.labels, emb)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _version_and_set(ctx: ServiceContext, version: int) -> tuple[ModelVersion, str]:
+    with ctx.db.read() as s:
+        mv = s.get(ModelVersion, version)
+        if mv is None:
+            raise not_found(f"model version {version}")
+        task = s.get(Task, mv.task_id) if mv.task_id is not None else None
+        name = (
+            (task.hyperparams or {}).get("public_set")
+            if task is not None and task.algorithm == "fedfr"
+            else None
+        )
+        if not name:
+            raise not_found(
+                f"model version {version} belongs to no FedFR task: it has no public feature bank"
+            )
+        s.expunge(mv)
+        return mv, str(name)
+
+
+def bank_key(ctx: ServiceContext, version: int) -> str:
+    """Blob key of the version's public feature bank, computing it on first use."""
+    from facefl.models import ARCHITECTURES
+
+    mv, name = _version_and_set(ctx, version)
+    index = f"bank-{mv.sha256}-{name}"
+    with _lock_for(index):
+        key = _read_index(ctx, index)
+        if key is None:
+            public = load_pack(ctx, name, ARCHITECTURES[mv.architecture].image_size)
+            weights = codec.load_file(ctx.blobs.path(mv.blob_key))
+            emb = _embed(mv.architecture, mv.embedding_dim, weights, public.images)
+            data = codec.encode(
+                {BANK_EMBEDDINGS: emb.astype(np.float16), BANK_LABELS: public.labels.astype(np.float32)},
+                metadata={"model_sha256": mv.sha256, "public_set": name},
+            )
+            key, _ = ctx.blobs.put_bytes(data)
+            _write_index(ctx, index, key)
+            log.info("public bank built", extra={"model_version": version, "images": len(emb)})
+        return key
+
+
+def task_pack_key(ctx: ServiceContext, task_id: int) -> str:
+    from facefl.models import ARCHITECTURES
+
+    with ctx.db.read() as s:
+        task = s.get(Task, task_id)
+        if task is None:
+            raise not_found(f"task {task_id}")
+        name = (task.hyperparams or {}).get("public_set") if task.algorithm == "fedfr" else None
+        architecture = task.architecture
+    if not name:
+        raise not_found(f"task {task_id} is not a FedFR task: it has no public pack")
+    return pack_key(ctx, str(name), ARCHITECTURES[architecture].image_size)
+
+
+def has_public_head(weights: dict[str, np.ndarray]) -> bool:
+    return PUBLIC_HEAD_KEY in weights
+
+
+def class_embedding_of(ctx: ServiceContext, version: int, device_id: str) -> bytes:
+    """FedFace: the device's own row of the version's class embeddings, as safetensors bytes."""
+    from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
+    from server_api.services.aggregation import read_class_embeddings
+
+    with ctx.db.read() as s:
+        mv = s.get(ModelVersion, version)
+        if mv is None:
+            raise not_found(f"model version {version}")
+        key = mv.server_state_key
+    row = read_class_embeddings(ctx, key).get(device_id) if key is not None else None
+    if row is None:
+        raise not_found(f"no class embedding for this device at model version {version}")
+    return codec.encode({CLASS_EMBEDDING_KEY: row})
