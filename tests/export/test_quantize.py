@@ -33,8 +33,14 @@ def test_int8_is_small_quantized_and_close_to_pytorch(fp32: tuple[Path, Path], t
     model = onnx.load(str(int8))
     int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert any(len(t.dims) == 4 for t in int8_weights)  # convolution kernels stored as int8
-    per_channel_scales = [t for t in model.graph.initializer if t.name.endswith("_scale") and t.dims]
-    assert per_channel_scales, "weights should have one scale per output channel"
+    inits = {t.name: t for t in model.graph.initializer}
+    weight_scales = [
+        inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4
+    ]  # fmt: skip
+    assert weight_scales and all(s.dims and s.dims[0] > 1 for s in weight_scales), "one scale per channel"
     props = {p.key: p.value for p in model.metadata_props}
     assert PREPROCESSING_METADATA_KEY in props  # carried over from the fp32 model
     assert json.loads(props[QUANTIZATION_KEY])["calibration_images"] == 40
