@@ -13,6 +13,7 @@ Optional dependencies: ``pip install 'facefl[detect]'`` (dlib, face_recognition_
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from .errors import MultipleFaces, NoFaceFound, RecognizerError
 
-__all__ = ["CROP_PADDING", "CROP_SIZE", "FaceAligner", "detection_available"]
+__all__ = ["CROP_PADDING", "CROP_SIZE", "FaceAligner", "detection_available", "landmark_model_path"]
 
 CROP_SIZE = 112
 CROP_PADDING = 0.25
@@ -29,14 +30,26 @@ CROP_PADDING = 0.25
 _INSTALL_HINT = "face detection needs dlib and face_recognition_models: pip install 'facefl[detect]'"
 
 
+_LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"
+
+
+def landmark_model_path() -> Path | None:
+    """The 5-point landmark model installed by ``face_recognition_models``, or None.
+
+    Located without importing that package: its ``__init__`` needs ``pkg_resources``, which recent
+    setuptools no longer ships.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "models" / _LANDMARK_MODEL
+        if path.is_file():
+            return path
+    return None
+
+
 def detection_available() -> bool:
     """Whether dlib and the landmark model are installed (``align=True`` works)."""
-    try:
-        import dlib  # noqa: F401
-        import face_recognition_models  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("dlib") is not None and landmark_model_path() is not None
 
 
 class FaceAligner:
@@ -59,11 +72,9 @@ class FaceAligner:
         except ImportError as exc:
             raise RecognizerError(_INSTALL_HINT) from exc
         if predictor_path is None:
-            try:
-                import face_recognition_models
-            except ImportError as exc:
-                raise RecognizerError(_INSTALL_HINT) from exc
-            predictor_path = face_recognition_models.pose_predictor_five_point_model_location()
+            predictor_path = landmark_model_path()
+            if predictor_path is None:
+                raise RecognizerError(_INSTALL_HINT)
         if not Path(predictor_path).is_file():
             raise RecognizerError(f"landmark model {predictor_path} does not exist")
         if size <= 0 or upsample < 0 or padding < 0:
