@@ -190,7 +190,8 @@ def targets(row: dict[str, Any]) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | runtime | batch 1 ms | batch 32 ms | size MB | cosine to torch min / mean | LFW 6-10 acc |",
+        "| model | runtime | batch 1 ms | batch 32 ms | size MB | cosine to torch min / mean "
+        "| LFW 6-10 acc |",
         "|---|---|---|---|---|---|---|",
     ]
     labels = {"torch": "PyTorch eager", "ort_fp32": "ORT fp32", "ort_int8": "ORT int8"}
@@ -222,7 +223,8 @@ def format_targets(rows: list[dict[str, Any]]) -> str:
         parts = [
             f"ORT fp32 {t['ort_fp32_speedup_b1']:.1f}x faster than PyTorch at batch 1 "
             f"(target >= {SPEEDUP_TARGET:g}x: {yes(t['speedup_met'])})",
-            f"int8 = {100 * t['int8_size_ratio']:.0f}% of fp32 size (target <= 30%: {yes(t['int8_size_met'])})",
+            f"int8 = {100 * t['int8_size_ratio']:.0f}% of fp32 size "
+            f"(target <= 30%: {yes(t['int8_size_met'])})",
         ]
         if "int8_accuracy_loss" in t:
             parts.append(
@@ -295,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         "lfw": str(lfw) if lfw else None,
         "calibration": str(calibration) if calibration else "generated faces",
     }
-    print(f"threads={args.threads} (PyTorch and ONNX Runtime intra-op), median of {runs} runs at batch 1 "
-          f"and {max(3, runs // 5)} at batch 32; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
+    load = os.getloadavg()[0]
+    print(
+        f"threads={args.threads} (PyTorch and ONNX Runtime intra-op), median of {runs} runs at batch 1 "
+        f"and {max(3, runs // 5)} at batch 32; {os.cpu_count()} CPUs, load average {load:.1f}\n"
+    )
     print(format_table(rows))
     print()
     print(format_targets(rows))
