@@ -9,6 +9,10 @@ edge of its federated-learning job. The hierarchy::
     ├── ProtocolError         a response the SDK cannot interpret (bad JSON, missing field, unknown status)
     ├── AssignmentTimeout     wait_for_assignment ran out of time before the server gave an assignment
     ├── TaskCompleted         the task the device asked for has finished: there is nothing left to train
+    ├── RecognizerError       on-device recognition: bad image or model, empty image list, ...
+    │   ├── UnknownPerson     the person is not enrolled in the gallery
+    │   ├── NoFaceFound       face detection (align=True) found no face in a photo
+    │   └── MultipleFaces     face detection (align=True) found several faces in a photo
     └── APIError              the server answered with an error status (carries status, detail and code)
         ├── AuthError         401 / 403: unknown or forged token, or an upload token that is not ours
         ├── NotFound          404: no such round, task or model version
@@ -32,13 +36,17 @@ __all__ = [
     "DuplicateUpload",
     "FaceflError",
     "InvalidRequest",
+    "MultipleFaces",
+    "NoFaceFound",
     "NotFound",
     "ProtocolError",
     "RateLimited",
+    "RecognizerError",
     "RoundClosed",
     "ServerError",
     "TaskCompleted",
     "TransportError",
+    "UnknownPerson",
     "UpdateRejected",
 ]
 
@@ -136,3 +144,19 @@ class UpdateRejected(InvalidRequest):
 
 class ServerError(APIError):
     """5xx: the server failed to handle the request."""
+
+
+class RecognizerError(FaceflError):
+    """On-device recognition failed: unreadable or malformed image, empty image list, unusable model."""
+
+
+class UnknownPerson(RecognizerError):
+    """The person is not enrolled in the recognizer's gallery."""
+
+
+class NoFaceFound(RecognizerError):
+    """Face detection (``align=True``) found no face in a photo; nothing was guessed."""
+
+
+class MultipleFaces(RecognizerError):
+    """Face detection (``align=True``) found several faces in a photo; which one is meant is not guessed."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from export.onnx import DFC_FILE, PERSONALIZED_FILE
 from facefl import codec
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, class_embedding, positive_loss
 from facefl.algorithms.fedfr import (
@@ -43,7 +44,6 @@ from .dataset import LocalDataset
 
 __all__ = [
     "AssignmentLike",
-    "PersonalizedModel",
     "RoundInputs",
     "TrainConfig",
     "TrainResult",
@@ -52,10 +52,9 @@ __all__ = [
 ]
 
 HEAD_FILE = "local_head.safetensors"
-# FedFR's personal state: the backbone after the last local training (a facefl checkpoint; the
-# contrastive term's negative next round, and the personalized model's trunk) and the DFC module
-PERSONALIZED_FILE = "personalized.safetensors"
-DFC_FILE = "dfc.safetensors"
+# FedFR's personal state (file names shared with export.onnx): the backbone after the last local
+# training (a facefl checkpoint; the contrastive term's negative next round, and the personalized
+# model's trunk) and the DFC module
 
 
 class AssignmentLike(Protocol):
@@ -703,33 +702,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class PersonalizedModel(torch.nn.Module):
-    """FedFR's personalized model: the device's backbone followed by its DFC converter (L2-normalized)."""
+def load_personalized_model(state_dir: str | Path) -> torch.nn.Module:
+    """The personalized model a FedFR device keeps in ``state_dir`` (its backbone after the last local
+    training, then the DFC converter, L2-normalized), in eval mode; the same module ``facefl export
+    --personalized`` writes to ONNX (:func:`export.onnx.load_personalized`)."""
+    from export.onnx import load_personalized
 
-    def __init__(self, backbone: torch.nn.Module, converter: torch.nn.Linear) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.converter = converter
-        self.embedding_dim = int(converter.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.converter(self.backbone(x)), dim=1)
-
-
-def load_personalized_model(state_dir: str | Path) -> PersonalizedModel:
-    """The personalized model a FedFR device keeps in ``state_dir`` (``personalized.safetensors``, a facefl
-    checkpoint of its backbone, and ``dfc.safetensors``, whose ``converter.*`` tensors are used)."""
-    from facefl.checkpoint import build_from_checkpoint
-
-    state = Path(state_dir)
-    for name in (PERSONALIZED_FILE, DFC_FILE):
-        if not (state / name).is_file():
-            raise FileNotFoundError(f"{state / name} not found: has this device trained a FedFR round?")
-    backbone = build_from_checkpoint(state / PERSONALIZED_FILE)
-    with safe_open(str(state / DFC_FILE), framework="pt") as fh:
-        weight, bias = fh.get_tensor("converter.weight"), fh.get_tensor("converter.bias")
-    converter = torch.nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        converter.weight.copy_(weight)
-        converter.bias.copy_(bias)
-    return PersonalizedModel(backbone, converter).eval()
+    return load_personalized(state_dir).module

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server_api.cli", "run the aggregation server (uvicorn)"),
     "simulate": ("simulator.cli", "run many simulated devices against a real server"),
     "pretrain": ("facefl.pretrain", "centralized CosFace pretraining on the public split (LFW layout)"),
+    "export": ("export.cli", "a checkpoint or a device's personalized model to ONNX (int8, parity check)"),
     "eval": ("facefl.evaluation", "generic (LFW) and personalized metrics of a checkpoint or ONNX model"),
 }
 

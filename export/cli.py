@@ -1,0 +1,117 @@
+"""``facefl export``: a generic checkpoint or a device's personalized model to ONNX, optionally int8.
+
+    facefl export --model small.safetensors --out small.onnx --parity faces/
+    facefl export --personalized device-state/ --out me.onnx --int8 --calibration my-faces/ --parity my-faces/
+
+With ``--int8``, ``--out`` receives the int8 model and the fp32 model it was made from is kept beside it as
+``<name>.fp32.onnx``. With ``--parity DIR`` the embeddings of the images under DIR are compared between
+PyTorch and ONNX Runtime; the command fails (exit status 1) when the minimum cosine is under 0.9999 (fp32)
+or 0.998 (int8). Exporting a server model version means downloading it first (``GET /v1/models/{version}``
+returns the checkpoint); this command works on local files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("model (one of)")
+    src.add_argument("--model", type=Path, help="generic model: a facefl checkpoint (.safetensors)")
+    src.add_argument(
+        "--personalized",
+        type=Path,
+        metavar="DEVICE_STATE_DIR",
+        help="personalized model: a device state dir with personalized.safetensors and dfc.safetensors",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    parser.add_argument("--int8", action="store_true", help="static int8 quantization (needs --calibration)")
+    parser.add_argument(
+        "--calibration", type=Path, metavar="DIR", help="face crops to calibrate int8 activation ranges on"
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, default=200, metavar="N", help="calibration images used (200)"
+    )
+    parser.add_argument("--parity", type=Path, metavar="DIR", help="check PyTorch vs ONNX Runtime on these")
+    parser.add_argument("--parity-images", type=int, default=200, metavar="N", help="parity images (200)")
+    parser.add_argument(
+        "--default-threshold",
+        type=float,
+        default=None,
+        help="cosine threshold stored in the model for runtimes that cannot calibrate one on their own data",
+    )
+    parser.add_argument("--json", dest="json_path", type=Path, help="write the export report as JSON here")
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"facefl export: error: {message}", file=sys.stderr)
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from export.errors import ExportError
+    from export.images import load_image_dir
+    from export.onnx import export_onnx, load_generic, load_personalized
+    from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
+    from export.quantize import quantize_static_int8
+
+    if (args.model is None) == (args.personalized is None):
+        return _fail("give exactly one of --model FILE (generic) or --personalized DEVICE_STATE_DIR", 2)
+    if args.int8 and args.calibration is None:
+        return _fail("--int8 needs --calibration DIR (face crops to calibrate on)", 2)
+    if args.calibration is not None and not args.int8:
+        return _fail("--calibration is only used with --int8", 2)
+    if args.calibration_images <= 0 or args.parity_images <= 0:
+        return _fail("--calibration-images and --parity-images must be positive", 2)
+    out: Path = args.out
+    report: dict[str, Any] = {"out": str(out)}
+    failed = []
+    try:
+        source = load_personalized(args.personalized) if args.personalized else load_generic(args.model)
+        fp32_path = out.with_name(out.stem + ".fp32.onnx") if args.int8 else out
+        export_onnx(source, fp32_path, default_threshold=args.default_threshold)
+        print(f"wrote {fp32_path} ({source.kind}, {source.architecture}, d={source.embedding_dim}, "
+              f"{fp32_path.stat().st_size / 1e6:.2f} MB)")  # fmt: skip
+        report.update(kind=source.kind, architecture=source.architecture, fp32=str(fp32_path))
+        if args.int8:
+            size = source.preprocessing.image_size
+            calibration = load_image_dir(args.calibration, size, limit=args.calibration_images)
+            quantize_static_int8(fp32_path, out, calibration)
+            print(f"wrote {out} (int8, calibrated on {len(calibration)} images from {args.calibration}, "
+                  f"{out.stat().st_size / 1e6:.2f} MB)")  # fmt: skip
+            report["int8"] = str(out)
+        if args.parity is not None:
+            images = load_image_dir(args.parity, source.preprocessing.image_size, limit=args.parity_images)
+            checks = [(fp32_path, FP32_MIN_COSINE)] + ([(out, INT8_MIN_COSINE)] if args.int8 else [])
+            report["parity"] = []
+            for path, threshold in checks:
+                parity = parity_report(source.module, source.preprocessing, path, images, threshold)
+                print(parity.format())
+                report["parity"].append(parity.to_dict())
+                if not parity.passed:
+                    failed.append(parity)
+    except (ExportError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    if args.json_path:
+        args.json_path.parent.mkdir(parents=True, exist_ok=True)
+        args.json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if failed:
+        worst = min(failed, key=lambda p: p.min_cosine)
+        return _fail(
+            f"parity check failed: {worst.model} min cosine {worst.min_cosine:.6f} < {worst.threshold} "
+            "(the exported model does not reproduce the PyTorch embeddings closely enough)"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="facefl export", description=(__doc__ or "").splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
