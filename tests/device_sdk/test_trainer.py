@@ -122,8 +122,8 @@ def test_embed_returns_unit_vectors(
 
 
 def test_bad_inputs_are_refused(trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset) -> None:
-    with pytest.raises(ValueError, match="fedavg and fedprox"):
-        trainer.train(Job(algorithm="fedfr"), base, data)
+    with pytest.raises(ValueError, match="fedavg, fedprox, fedfr and fedface"):
+        trainer.train(Job(algorithm="scaffold"), base, data)
     with pytest.raises(ValueError, match="two images"):
         trainer.train(Job(), base, data.subset([0]))
     with pytest.raises(ValueError):
