@@ -576,6 +576,10 @@ class FederatedClient:
         resp = self._request("GET", f"/v1/tasks/{int(task_id)}", idempotent=True)
         return TaskInfo.from_json(self._json(resp))
 
+    def get_model_info(self, version: int) -> dict[str, Any]:
+        """``GET /v1/models/{version}/info``: architecture, embedding_dim, lineage, sha256, metrics."""
+        return self._json(self._request("GET", f"/v1/models/{int(version)}/info", idempotent=True))
+
     # ------------------------------------------------------------------------------------ internals
 
     def _backoff(self, attempt: int, rng: random.Random | None = None) -> float:

@@ -6,8 +6,8 @@
 With ``--int8``, ``--out`` receives the int8 model and the fp32 model it was made from is kept beside it as
 ``<name>.fp32.onnx``. With ``--parity DIR`` the embeddings of the images under DIR are compared between
 PyTorch and ONNX Runtime; the command fails (exit status 1) when the minimum cosine is under 0.9999 (fp32)
-or 0.998 (int8). Exporting a server model version means downloading it first (``GET /v1/models/{version}``
-returns the checkpoint); this command works on local files only.
+or 0.998 (int8). ``--server URL --version N`` exports a model version straight from a server (a global
+model the simulator or a real deployment trained; the token comes from ``--token`` or ``FACEFL_TOKEN``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("model (one of)")
     src.add_argument("--model", type=Path, help="generic model: a facefl checkpoint (.safetensors)")
+    src.add_argument("--version", type=int, help="generic model: this model version of --server")
     src.add_argument(
         "--personalized",
         type=Path,
         metavar="DEVICE_STATE_DIR",
         help="personalized model: a device state dir with personalized.safetensors and dfc.safetensors",
     )
+    parser.add_argument("--server", help="server URL for --version, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--token", help="bearer token for --server (default: $FACEFL_TOKEN)")
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization (needs --calibration)")
     parser.add_argument(
@@ -48,6 +51,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", type=Path, help="write the export report as JSON here")
 
 
+def _download_version(server: str, version: int, token: str | None, out: Path) -> Path:
+    """Fetch a model version's weights and write them as a facefl checkpoint beside ``out``."""
+    import os
+
+    import httpx
+
+    from device_sdk import FaceflError, FederatedClient
+    from facefl.checkpoint import save_checkpoint
+    from facefl.models import backbone_state
+
+    token = token or os.environ.get("FACEFL_TOKEN")
+    if not token:
+        raise ValueError("--server needs a device or admin token (--token or FACEFL_TOKEN)")
+    try:
+        with FederatedClient(server, token=token) as client:
+            weights = client.download_model(version)
+            info = client.get_model_info(version)
+    except (FaceflError, httpx.HTTPError) as exc:
+        raise ValueError(f"cannot fetch model version {version} from {server}: {exc}") from exc
+    path = out.with_name(f"{out.stem}.v{version}.safetensors")
+    # the backbone only: FedFR's public classifier is training state, not part of the embedding model
+    save_checkpoint(path, backbone_state(weights), info["architecture"], info["embedding_dim"])
+    print(f"downloaded model version {version} from {server} -> {path}")
+    return path
+
+
 def _fail(message: str, status: int = 1) -> int:
     print(f"facefl export: error: {message}", file=sys.stderr)
     return status
@@ -62,8 +91,13 @@ def run(args: argparse.Namespace) -> int:
     from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
     from export.quantize import quantize_static_int8
 
-    if (args.model is None) == (args.personalized is None):
-        return _fail("give exactly one of --model FILE (generic) or --personalized DEVICE_STATE_DIR", 2)
+    if sum(x is not None for x in (args.model, args.personalized, args.version)) != 1:
+        return _fail(
+            "give exactly one of --model FILE, --version N (with --server) or --personalized STATE_DIR",
+            2,
+        )
+    if (args.version is None) != (args.server is None):
+        return _fail("--version and --server go together", 2)
     if args.int8 and args.calibration is None:
         return _fail("--int8 needs --calibration DIR (face crops to calibrate on)", 2)
     if args.calibration is not None and not args.int8:
@@ -74,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"out": str(out)}
     failed = []
     try:
+        if args.version is not None:
+            args.model = _download_version(args.server, args.version, args.token, out)
         source = load_personalized(args.personalized) if args.personalized else load_generic(args.model)
         fp32_path = out.with_name(out.stem + ".fp32.onnx") if args.int8 else out
         export_onnx(source, fp32_path, default_threshold=args.default_threshold)

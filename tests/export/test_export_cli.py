@@ -67,3 +67,47 @@ def test_failed_parity_fails_the_command(
     assert status == 1
     err = capsys.readouterr().err
     assert "parity check failed: m.onnx min cosine" in err and "< 1.01" in err
+
+
+@pytest.mark.slow
+def test_export_a_server_model_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import httpx
+    import numpy as np
+    import torch
+
+    from facefl.data import Preprocessing, synthetic_identity_images
+    from facefl.embedders import load_embedder
+    from facefl.models import build_backbone
+    from tests.conftest import ADMIN, LiveServer
+
+    server = LiveServer(tmp_path / "srv").start()
+    try:
+        with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+            task = c.post("/v1/tasks", json={"name": "t", "embedding_dim": 16, "seed": 4}).json()
+        out = tmp_path / "v.onnx"
+        version = str(task["current_version"])
+        assert main(["export", "--server", server.base_url, "--version", version, "--out", str(out)]) == 1
+        assert "token" in capsys.readouterr().err
+        argv = [
+            "export",
+            "--server",
+            server.base_url,
+            "--version",
+            version,
+            "--token",
+            ADMIN,
+            "--out",
+            str(out),
+        ]
+        assert main(argv) == 0
+        assert main(["export", "--version", version, "--out", str(out)]) == 2  # --server missing
+    finally:
+        server.stop()
+    # the ONNX model embeds like the server's weights (version 1 = the seeded initial model)
+    model = build_backbone("small", 16, seed=4).eval()
+    faces = synthetic_identity_images(1, 4, 64)
+    x = torch.from_numpy(Preprocessing(64).batch(faces))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = load_embedder(out).embed(faces)
+    assert np.allclose(got, expected, atol=1e-4)
