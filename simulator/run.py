@@ -258,6 +258,10 @@ class RoundResult:
     corrupted: int = 0
     refused: int = 0
     server_kills: int = 0
+    # for overhead accounting: each job's pure local-training seconds, and when the last job finished
+    # (seconds from the round's start; wall_s - jobs_done_s is the wait for the round to close)
+    device_train_s: list[float] = field(default_factory=list)
+    jobs_done_s: float = 0.0
 
 
 @dataclass
@@ -545,6 +549,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             for job_result in backend.map_unordered(run_device_job, jobs):
                 job_results.append(job_result)
                 bar.update(1)
+            jobs_done_s = round(time.perf_counter() - round_started, 3)
             if killer is not None:
                 killer.join()
             job_results.sort(key=lambda jr: jr.device_index)
@@ -581,6 +586,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     job_seconds=_mean_phases(job_results),
                     **_fault_counts(job_results),
                     server_kills=int(killer is not None and killer.killed),
+                    device_train_s=[round(jr.train_seconds, 4) for jr in job_results if jr.train_seconds > 0],
+                    jobs_done_s=jobs_done_s,
                 )
             )
         bar.close()
