@@ -52,6 +52,26 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
+    return value
+
+
+def _kill_at(text: str) -> str:
+    from .faults import parse_kill_at
+
+    try:
+        parse_kill_at(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--kill-server-at ")) from None
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options to ``parser`` (used by ``facefl simulate`` and ``python -m simulator``)."""
     g = parser.add_argument_group("simulation")
@@ -97,7 +117,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dropout",
         type=_non_negative_float,
         default=0.0,
-        help="probability that a device trains but never uploads (0)",
+        help="probability that a device vanishes mid-round (after check-in, download or training) "
+        "and never uploads (0)",
+    )
+
+    f = parser.add_argument_group("faults (per device and round, seeded by --seed; see simulator/faults.py)")
+    f.add_argument(
+        "--stragglers", type=_probability, default=0.0, help="probability that a device is a straggler (0)"
+    )
+    f.add_argument(
+        "--slow-factor",
+        type=_positive_float,
+        default=3.0,
+        help="a straggler's training takes this many times longer (>= 1; 3)",
+    )
+    f.add_argument(
+        "--corrupt",
+        type=_probability,
+        default=0.0,
+        help="probability that a device uploads a corrupt update (NaN, wrong shape or garbage bytes) (0)",
+    )
+    f.add_argument(
+        "--kill-server-at",
+        type=_kill_at,
+        default=None,
+        metavar="ROUND:SECONDS",
+        help="SIGKILL the started server SECONDS into ROUND, then restart it on the same DB and blobs",
     )
 
     t = parser.add_argument_group("training (the task's hyper-parameters)")
@@ -151,6 +196,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--workers", type=_positive_int, default=None, help="worker processes (CPU count)")
     s.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="run device jobs in local worker processes (default) or as Ray tasks (the 'ray' extra)",
+    )
+    s.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="with --backend ray: join this Ray cluster (default: start a local Ray with --workers CPUs)",
+    )
+    s.add_argument(
         "--work-dir",
         default=None,
         metavar="DIR",
@@ -193,6 +250,12 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         min_reports=args.min_reports,
         round_timeout_s=args.round_timeout_s,
         dropout=args.dropout,
+        stragglers=args.stragglers,
+        slow_factor=args.slow_factor,
+        corrupt=args.corrupt,
+        kill_server_at=args.kill_server_at,
+        backend=args.backend,
+        ray_address=args.ray_address,
         work_dir=args.work_dir,
         progress=not args.no_progress,
     )

@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 import os
-import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,19 +33,22 @@ from facefl.data import ImageFolder, partition_identities
 from facefl.data.protocol import plan_devices
 from facefl.models import ARCHITECTURES
 
+from .backends import BACKENDS, make_backend, ray_available
 from .evaluation import rank1_identification
+from .faults import FaultConfig, KillAt, parse_kill_at
 from .server import LocalServer
 from .worker import (
+    CORRUPT_ACCEPTED,
+    CORRUPT_REFUSED,
     DROPPED,
     FAILED,
     NOT_SELECTED,
+    ROUND_CLOSED,
     UPLOADED,
     DataSpec,
     DeviceJob,
     JobResult,
-    init_worker,
     run_device_job,
-    warm_up,
 )
 
 __all__ = ["RoundResult", "SimulationConfig", "SimulationError", "SimulationResult", "simulate"]
@@ -106,6 +107,15 @@ class SimulationConfig:
     eval_set: str | None = None
     # start from these weights (a `facefl pretrain` checkpoint) instead of a seeded random model
     initial_model: str | None = None
+    # simulated faults (simulator.faults): stragglers train slow_factor times longer; corrupt devices
+    # upload garbage; kill_server_at "ROUND:SECONDS" SIGKILLs and restarts the started server
+    stragglers: float = 0.0
+    slow_factor: float = 3.0
+    corrupt: float = 0.0
+    kill_server_at: str | None = None
+    # where device jobs run: "local" worker processes or "ray" tasks (on ray_address, else a local Ray)
+    backend: str = "local"
+    ray_address: str | None = None
 
     def validate(self) -> SimulationConfig:
         """Raise ValueError with a message naming the option; fill derived defaults in place."""
@@ -188,6 +198,26 @@ class SimulationConfig:
         need(self.round_timeout_s > 0, f"--round-timeout-s must be > 0 (got {self.round_timeout_s})")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(self.seed >= 0, f"--seed must be >= 0 (got {self.seed})")
+        self.faults().validate()
+        if self.kill_server_at is not None:
+            kill = self.kill_at()
+            assert kill is not None
+            need(
+                kill.round <= self.rounds,
+                f"--kill-server-at round {kill.round} is after the last round ({self.rounds})",
+            )
+            need(
+                self.server is None,
+                "--kill-server-at needs the server the simulator starts; not with --server",
+            )
+        need(
+            self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})"
+        )
+        need(self.ray_address is None or self.backend == "ray", "--ray-address needs --backend ray")
+        need(
+            self.backend != "ray" or ray_available(),
+            "--backend ray needs Ray: pip install 'facefl[ray]'",
+        )
         need(
             self.server is None or self.db is None,
             "--db applies to the server the simulator starts; not with --server",
@@ -212,6 +242,16 @@ class SimulationConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"admin_token": None, "enrollment_secret": None}  # never write secrets
 
+    def faults(self) -> FaultConfig:
+        return FaultConfig(self.dropout, self.stragglers, self.slow_factor, self.corrupt, self.seed)
+
+    def kill_at(self) -> KillAt | None:
+        return None if self.kill_server_at is None else parse_kill_at(self.kill_server_at)
+
+    @property
+    def faults_enabled(self) -> bool:
+        return self.faults().enabled or self.kill_server_at is not None
+
 
 @dataclass
 class RoundResult:
@@ -229,6 +269,18 @@ class RoundResult:
     train_loss: float | None = None
     jobs: dict[str, int] = field(default_factory=dict)  # job outcome -> count
     job_seconds: dict[str, float] = field(default_factory=dict)  # mean seconds per phase of a job
+    # simulated faults: devices that vanished after check-in (planned dropouts that got an assignment),
+    # stragglers and those of them refused as late (410), corrupt uploads and how many were refused (4xx)
+    vanished: int = 0
+    stragglers: int = 0
+    late: int = 0
+    corrupted: int = 0
+    refused: int = 0
+    server_kills: int = 0
+    # for overhead accounting: each job's pure local-training seconds, and when the last job finished
+    # (seconds from the round's start; wall_s - jobs_done_s is the wait for the round to close)
+    device_train_s: list[float] = field(default_factory=list)
+    jobs_done_s: float = 0.0
 
 
 @dataclass
@@ -256,10 +308,13 @@ class SimulationResult:
 
     def table(self) -> str:
         generic = self.initial_generic is not None
+        faults = self.config.faults_enabled
         header = (
             f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
             f"{'heldout acc':>11}" + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
         )
+        if faults:
+            header += f" {'selected':>8} {'vanished':>8} {'late/slow':>9} {'refused/bad':>11} {'kills':>5}"
         lines = [
             f"initial held-out rank-1 accuracy: {self.initial_heldout_accuracy:.3f} "
             f"(chance {self.chance_accuracy:.3f})"
@@ -278,9 +333,23 @@ class SimulationResult:
                     if generic
                     else ""
                 )
+                + (_fault_cells(r) if faults else "")
+            )
+        if faults:
+            lines.append(
+                "selected: assignments handed out; vanished: dropouts after check-in; late/slow: stragglers "
+                "refused with 410 / all stragglers; refused/bad: corrupt uploads refused with 4xx / all "
+                "corrupt uploads; an abandoned round is reopened on the same base model"
             )
         lines.append(f"total wall time: {self.total_wall_s:.1f} s")
         return "\n".join(lines)
+
+
+def _fault_cells(r: RoundResult) -> str:
+    return (
+        f" {r.assigned:>8} {r.vanished:>8} {f'{r.late}/{r.stragglers}':>9} "
+        f"{f'{r.refused}/{r.corrupted}':>11} {r.server_kills:>5}"
+    )
 
 
 def _fmt(report: dict[str, float] | None, key: str) -> str:
@@ -394,12 +463,9 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
         # worker processes first: they import torch while the server starts
         workers = min(cfg.workers or 1, cfg.devices)
-        pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
-        )
-        stack.callback(pool.shutdown, wait=False, cancel_futures=True)
-        for _ in range(workers):
-            pool.submit(warm_up)
+        backend = make_backend(cfg.backend, workers, cfg.ray_address)
+        stack.callback(backend.close)
+        server: LocalServer | None = None
         if cfg.server is None:
             eval_env = {}
             if cfg.eval_set is not None:
@@ -430,7 +496,11 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
         task = admin.create_task(body)
         task_id = int(task["id"])
 
-        reader = FederatedClient(base_url, token=admin_token, timeout=60.0)
+        kill = cfg.kill_at()
+        # a server being killed and restarted: the simulator's own reads retry for a while
+        reader = FederatedClient(
+            base_url, token=admin_token, timeout=60.0, max_retries=12 if kill else 3, backoff_cap_s=2.0
+        )
         stack.callback(reader.close)
 
         device_dirs = _register_devices(base_url, secret, run_dir, plan.device_specs)
@@ -465,7 +535,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             file=sys.stderr,
         )
         stack.callback(bar.close)
-        drop_rng = random.Random(cfg.seed + 7919)
+        faults = cfg.faults()
         seen_rounds: set[int] = set()
 
         for r in range(1, cfg.rounds + 1):
@@ -488,18 +558,27 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     expected_round_id=open_round.id,
                     seed=cfg.seed * 1_000_003 + r * 10_007 + i,
                     assignment_timeout_s=min(60.0, cfg.round_timeout_s),
-                    drop_after_training=drop_rng.random() < cfg.dropout,
+                    fault=faults.decide(r, i),
+                    outage_tolerance_s=min(120.0, cfg.round_timeout_s) if kill else 0.0,
                 )
                 for i in range(cfg.devices)
             ]
-            futures: list[Future[JobResult]] = [pool.submit(run_device_job, job) for job in jobs]
+            killer = None
+            if kill is not None and kill.round == r and server is not None:
+                killer = _ServerKiller(server, kill.seconds, say)
             job_results: list[JobResult] = []
-            for fut in as_completed(futures):
-                job_results.append(fut.result())
+            for job_result in backend.map_unordered(run_device_job, jobs):
+                job_results.append(job_result)
                 bar.update(1)
+            jobs_done_s = round(time.perf_counter() - round_started, 3)
+            if killer is not None:
+                killer.join()
             job_results.sort(key=lambda jr: jr.device_index)
             for jr in job_results:
-                if jr.status not in (UPLOADED, DROPPED, NOT_SELECTED):
+                expected = (
+                    jr.fault == "straggler" and jr.status == ROUND_CLOSED
+                ) or jr.status == CORRUPT_REFUSED
+                if jr.status not in (UPLOADED, DROPPED, NOT_SELECTED) and not expected:
                     result.errors.append(f"round {r} device {jr.device_index}: {jr.status}: {jr.error}")
             if all(jr.status == FAILED for jr in job_results):
                 raise SimulationError(f"round {r}: every device failed; first error: {job_results[0].error}")
@@ -526,10 +605,14 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     train_loss=float(np.mean(losses)) if losses else None,
                     jobs=dict(Counter(jr.status for jr in job_results)),
                     job_seconds=_mean_phases(job_results),
+                    **_fault_counts(job_results),
+                    server_kills=int(killer is not None and killer.killed),
+                    device_train_s=[round(jr.train_seconds, 4) for jr in job_results if jr.train_seconds > 0],
+                    jobs_done_s=jobs_done_s,
                 )
             )
         bar.close()
-        pool.shutdown(wait=True)
+        backend.close()
 
     result.total_wall_s = round(time.perf_counter() - started, 3)
     if cfg.json_path:
@@ -537,6 +620,47 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     return result
+
+
+class _ServerKiller:
+    """SIGKILL the started server ``seconds`` from now, then restart it on the same port, database and
+    blob store (a thread; ``join()`` waits until the server is back)."""
+
+    def __init__(self, server: LocalServer, seconds: float, say: Callable[[str], None]) -> None:
+        self.server, self.seconds, self.say = server, seconds, say
+        self.killed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="facefl-server-killer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        time.sleep(self.seconds)
+        try:
+            self.say(f"killing the server (SIGKILL, pid {self.server.pid})")
+            self.server.kill()
+            self.killed = True
+            started = time.perf_counter()
+            self.server.restart()
+            self.say(f"server restarted in {time.perf_counter() - started:.1f} s (pid {self.server.pid})")
+        except BaseException as exc:  # reported by join() in the main thread
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise SimulationError(f"restarting the killed server failed: {self.error}") from self.error
+
+
+def _fault_counts(results: Sequence[JobResult]) -> dict[str, int]:
+    stragglers = [jr for jr in results if jr.fault == "straggler" and jr.status != NOT_SELECTED]
+    corrupted = [jr for jr in results if jr.status in (CORRUPT_REFUSED, CORRUPT_ACCEPTED)]
+    return {
+        "vanished": sum(1 for jr in results if jr.fault == "dropout" and jr.status == DROPPED),
+        "stragglers": len(stragglers),
+        "late": sum(1 for jr in stragglers if jr.status == ROUND_CLOSED),
+        "corrupted": len(corrupted),
+        "refused": sum(1 for jr in corrupted if jr.status == CORRUPT_REFUSED),
+    }
 
 
 def _mean_phases(results: Sequence[JobResult]) -> dict[str, float]:

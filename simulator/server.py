@@ -104,14 +104,7 @@ class LocalServer:
         last_error = "not started"
         for _attempt in range(3):  # a port picked as free can be taken before uvicorn binds it
             self.port = free_port()
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-            cmd = [sys.executable, "-m", "uvicorn", self.app, "--factory",
-                   "--host", self.host, "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-            if self.app_dir is not None:
-                cmd += ["--app-dir", str(self.app_dir)]
-            self._proc = subprocess.Popen(
-                cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.work_dir
-            )
+            self._spawn(env)
             try:
                 self._wait_healthy()
                 return self
@@ -119,6 +112,34 @@ class LocalServer:
                 last_error = str(exc)
                 self.stop()
         raise ServerStartError(f"{last_error}\n--- server log tail ---\n{self.log_tail()}")
+
+    def _spawn(self, env: dict[str, str]) -> None:
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "uvicorn", self.app, "--factory",
+               "--host", self.host, "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        if self.app_dir is not None:
+            cmd += ["--app-dir", str(self.app_dir)]
+        self._proc = subprocess.Popen(
+            cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.work_dir
+        )
+
+    def restart(self) -> LocalServer:
+        """Start again on the same port, database and blob store (after :meth:`kill` or :meth:`stop`),
+        so that clients holding the old URL reconnect; retried while the port is still being released."""
+        if self.port is None:
+            raise RuntimeError("server never started")
+        self.stop()  # a no-op after kill()
+        last_error = "not started"
+        for _attempt in range(5):
+            self._spawn(self._env())
+            try:
+                self._wait_healthy()
+                return self
+            except ServerStartError as exc:
+                last_error = str(exc)
+                self.stop()
+                time.sleep(0.5)
+        raise ServerStartError(f"restart failed: {last_error}\n--- server log tail ---\n{self.log_tail()}")
 
     def _wait_healthy(self) -> None:
         assert self._proc is not None

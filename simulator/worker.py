@@ -9,21 +9,30 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import httpx
 import torch
 
 from device_sdk import (
     Assignment,
     DeviceCredentials,
+    DuplicateUpload,
     FaceflError,
     FederatedClient,
     LocalDataset,
     RoundClosed,
+    ServerError,
     Trainer,
+    TrainResult,
+    TransportError,
     fetch_round_inputs,
 )
+
+from .faults import DeviceFault, corrupt_payload
 
 __all__ = [
     "DataSpec",
@@ -42,6 +51,10 @@ NOT_SELECTED = "not_selected"  # the server said "round full" / "already partici
 LATE = "late"  # the expected round had closed; the device was offered a later round and declined
 ROUND_CLOSED = "round_closed"  # the upload arrived after the round closed (410)
 FAILED = "failed"  # any other error (message in JobResult.error)
+CORRUPT_REFUSED = "corrupt_refused"  # uploaded a corrupt update (simulated fault); the server said 4xx
+CORRUPT_ACCEPTED = "corrupt_accepted"  # uploaded a corrupt update and the server accepted it: a bug
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,9 @@ class DeviceJob:
     assignment_timeout_s: float = 60.0
     drop_after_training: bool = False
     http_timeout_s: float = 60.0
+    fault: DeviceFault | None = None  # simulated fault of this device in this round (simulator.faults)
+    # keep retrying transport errors and 5xx answers for this long (a server being restarted)
+    outage_tolerance_s: float = 0.0
 
 
 @dataclass
@@ -84,6 +100,8 @@ class JobResult:
     phases: dict[str, float] = field(default_factory=dict)  # checkin, download, train, upload seconds
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    fault: str = "none"  # the simulated fault's kind: none | dropout | straggler | corrupt
+    upload_status: int | None = None  # HTTP status of a corrupt upload
 
 
 _DATA_CACHE: dict[DataSpec, LocalDataset] = {}
@@ -157,22 +175,39 @@ def run_device_job(job: DeviceJob) -> JobResult:
                     result.phases[name] = now - mark
                     mark = now
 
+                fault = job.fault or DeviceFault()
+                result.fault = fault.kind
                 assignment = _checkin_for_round(client, job, rng, result)
                 phase("checkin")
-                if assignment is not None:
-                    base = client.download_model(assignment.base_version)
-                    inputs = fetch_round_inputs(client, assignment)
+                if assignment is not None and fault.drop_after == "checkin":
+                    result.status = DROPPED
+                elif assignment is not None:
+                    version = assignment.base_version
+                    base = _outage_retry(job, rng, lambda: client.download_model(version))
+                    inputs = _outage_retry(job, rng, lambda: fetch_round_inputs(client, assignment))
                     phase("download")
+                    if fault.drop_after == "download":
+                        result.status = DROPPED
+                        return _finish(result, started)
                     trained = Trainer().train(
                         assignment, base, dataset, device_dir / "state", seed=job.seed, inputs=inputs
                     )
                     phase("train")
                     result.train_seconds = trained.seconds
                     result.metrics = trained.metrics
-                    if job.drop_after_training:
+                    if fault.slow_factor > 1.0:  # a straggler: training took slow_factor times longer
+                        time.sleep((fault.slow_factor - 1.0) * trained.seconds)
+                        phase("straggle")
+                    if job.drop_after_training or fault.drop_after == "train":
                         result.status = DROPPED
+                    elif fault.corrupt is not None:
+                        body = corrupt_payload(fault.corrupt, trained.delta, job.seed)
+                        result.upload_status = _upload_raw(client, creds.token, assignment, body, job)
+                        phase("upload")
+                        ok = 400 <= result.upload_status < 500
+                        result.status = CORRUPT_REFUSED if ok else CORRUPT_ACCEPTED
                     else:
-                        client.upload_update(assignment, trained.delta, trained.num_samples, trained.metrics)
+                        _upload_with_retries(client, job, rng, assignment, trained)
                         phase("upload")
                         result.status = UPLOADED
             except RoundClosed as exc:
@@ -187,8 +222,63 @@ def run_device_job(job: DeviceJob) -> JobResult:
     except Exception as exc:  # report, do not kill the pool: the main process decides what to do
         result.status = FAILED
         result.error = f"{type(exc).__name__}: {exc}"
+    return _finish(result, started)
+
+
+def _finish(result: JobResult, started: float) -> JobResult:
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _outage_retry(job: DeviceJob, rng: random.Random, call: Callable[[], _T]) -> _T:
+    """``call()``, retried on transport errors and 5xx answers for ``job.outage_tolerance_s``."""
+    deadline = time.monotonic() + job.outage_tolerance_s
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except (TransportError, ServerError):
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay * (1.0 + 0.2 * rng.random()))
+            delay = min(2.0 * delay, 2.0)
+
+
+def _upload_with_retries(
+    client: FederatedClient, job: DeviceJob, rng: random.Random, assignment: Assignment, trained: TrainResult
+) -> None:
+    """Upload; after a transport failure (the server may have died mid-request) send it again: a 409
+    then means the first attempt was committed, which is success."""
+    delta, num_samples, metrics = trained.delta, trained.num_samples, trained.metrics
+    attempts = 0
+
+    def once() -> None:
+        nonlocal attempts
+        attempts += 1
+        try:
+            client.upload_update(assignment, delta, num_samples, metrics)
+        except DuplicateUpload:
+            if attempts == 1:
+                raise
+
+    _outage_retry(job, rng, once)
+
+
+def _upload_raw(
+    client: FederatedClient, token: str, assignment: Assignment, body: bytes, job: DeviceJob
+) -> int:
+    """POST ``body`` as the update (a simulated corrupt upload); returns the HTTP status."""
+    url = f"{job.base_url.rstrip('/')}/v1/rounds/{assignment.round_id}/updates"
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "X-Upload-Token": assignment.upload_token,
+        "Content-Type": "application/octet-stream",
+    }
+    resp = httpx.post(
+        url, params={"num_samples": 1}, content=body, headers=headers, timeout=job.http_timeout_s
+    )
+    client.stats.bytes_sent += len(body)
+    return resp.status_code
 
 
 def _checkin_for_round(
@@ -196,8 +286,9 @@ def _checkin_for_round(
 ) -> Assignment | None:
     """Check in until assigned to the expected round; None (with result.status set) otherwise."""
     deadline = time.monotonic() + job.assignment_timeout_s
+    capabilities = {"accelerator": "cpu", "num_samples": result.num_samples}
     while True:
-        answer = client.checkin(job.task_id, {"accelerator": "cpu", "num_samples": result.num_samples})
+        answer = _outage_retry(job, rng, lambda: client.checkin(job.task_id, capabilities))
         if isinstance(answer, Assignment):
             result.round_id = answer.round_id
             if job.expected_round_id is not None and answer.round_id != job.expected_round_id:
