@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from facefl import codec
 from simulator.server import LocalServer
 
 ADMIN = "bench-admin-token-0123456789"
@@ -188,7 +189,8 @@ def run_facefl(
     database_url: str | None = None,
     procs: int = 2,
     threads: int = 16,
-    embedding_dim: int = 8,
+    embedding_dim: int = 20,
+    architecture: str = "tiny",
     log: Any = print,
 ) -> FaceflRun:
     """One run of the trivial task (see the module docstring); raises ServerStartError if serve refuses."""
@@ -206,7 +208,7 @@ def run_facefl(
             httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
         )
         body = {
-            "name": "trivial-fedavg", "algorithm": "fedavg", "architecture": "small",
+            "name": "trivial-fedavg", "algorithm": "fedavg", "architecture": architecture,
             "embedding_dim": embedding_dim, "rounds": warmup + rounds,
             "policy": {"target_reports": clients, "over_selection": 1.0, "min_reports": clients,
                        "round_timeout_s": 3600.0},
@@ -215,8 +217,8 @@ def run_facefl(
         if resp.status_code != 201:
             raise RuntimeError(f"task creation failed: {resp.status_code} {resp.text[:300]}")
         task = resp.json()
-        base = admin.get(f"/v1/models/{task['current_version']}/info").raise_for_status().json()
-        floats = int(base["size_bytes"]) // 4  # float32 safetensors, header negligible
+        weights = codec.decode(admin.get(f"/v1/models/{task['current_version']}").raise_for_status().content)
+        floats = sum(int(v.size) for v in weights.values())
         log(f"facefl: registering {clients} devices (workers={workers}, {server.database_url.split(':')[0]})")
         tokens = _register(server.base_url, clients)
         ctx = multiprocessing.get_context("spawn")

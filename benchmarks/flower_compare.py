@@ -12,8 +12,8 @@ second over the timed rounds, and start-up (until the warm-up round has aggregat
   so it lives in its own environment: ``--flower-python`` (default ``.venv-flower/bin/python``).
   It runs twice: with the task's 1,000-float model, and with as many floats as facefl's update.
 - facefl: a real server (``facefl serve``, SQLite unless ``--db``), real HTTP, device SDK clients
-  (``benchmarks/_trivial_fedavg.py``). The API only builds registered backbones and the smallest is
-  ``small`` with an 8-d embedding: 297,794 floats (1.19 MB) per update, not 1,000.
+  (``benchmarks/_trivial_fedavg.py``) on the ``tiny`` architecture (one linear layer, 980 floats: the
+  task's ~1,000-float model).
 
 Markdown table on stdout, JSON under benchmarks/results/. Speed is measured, not asserted.
 """

@@ -5,7 +5,7 @@ names of :func:`facefl.models.state_to_numpy` -- exactly what the server stores 
 string metadata:
 
     format          "facefl-backbone/1"
-    architecture    a key of facefl.models.ARCHITECTURES ("small", "mobilefacenet")
+    architecture    a key of facefl.models.ARCHITECTURES ("small", "mobilefacenet", "tiny")
     embedding_dim   e.g. "128"
     image_size      e.g. "64" (must be the architecture's input size)
     preprocessing   JSON of facefl.data.Preprocessing.to_dict() (the one preprocessing definition)

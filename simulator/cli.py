@@ -77,7 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("simulation")
     g.add_argument("--devices", type=_positive_int, default=20, help="number of simulated devices (20)")
     g.add_argument("--rounds", type=_positive_int, default=2, help="federated rounds to run (2)")
-    g.add_argument("--model", choices=["small", "mobilefacenet"], default="small", help="backbone (small)")
+    g.add_argument(
+        "--model",
+        choices=["small", "mobilefacenet", "tiny"],
+        default="small",
+        help="backbone (small); tiny: ~1k floats, protocol benchmarks only",
+    )
     g.add_argument(
         "--data",
         default="synthetic",

@@ -18,6 +18,7 @@ from torch import nn
 from facefl.models.heads import CosFaceHead
 from facefl.models.mobilefacenet import FastPReLU, MobileFaceNet
 from facefl.models.small import SmallFaceNet
+from facefl.models.tiny import TinyNet
 
 __all__ = [
     "ARCHITECTURES",
@@ -27,6 +28,7 @@ __all__ = [
     "FastPReLU",
     "MobileFaceNet",
     "SmallFaceNet",
+    "TinyNet",
     "backbone_state",
     "build_backbone",
     "get_architecture",
@@ -46,11 +48,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "small": Architecture("small", image_size=64, default_embedding_dim=128),
     # 128-d as in the MobileFaceNet paper (Chen et al. 2018); also keeps updates small on the wire.
     "mobilefacenet": Architecture("mobilefacenet", image_size=112, default_embedding_dim=128),
+    # protocol benchmarks only (~1k floats), see facefl/models/tiny.py
+    "tiny": Architecture("tiny", image_size=4, default_embedding_dim=20),
 }
 
 _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "small": lambda d: SmallFaceNet(embedding_dim=d),
     "mobilefacenet": lambda d: MobileFaceNet(embedding_dim=d),
+    "tiny": lambda d: TinyNet(embedding_dim=d),
 }
 
 

@@ -42,7 +42,7 @@ def _randomise_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def test_registry_entries() -> None:
-    assert set(ARCHITECTURES) == {"small", "mobilefacenet"}
+    assert set(ARCHITECTURES) == {"small", "mobilefacenet", "tiny"}
     assert ARCHITECTURES["small"].image_size == 64
     assert ARCHITECTURES["mobilefacenet"].image_size == 112
     assert get_architecture("small") is ARCHITECTURES["small"]
