@@ -240,6 +240,8 @@ def run_federated(
                 model=profile.model,
                 data=str(celeba),
                 ids_per_device=1 if fedface else profile.ids_per_device,
+                # a person with a single photo cannot train alone (FedFace); such devices sit out
+                skip_small_devices=fedface,
                 images_per_id=profile.images_per_id,
                 heldout_ids=profile.heldout_ids,
                 test_fraction=profile.test_fraction,

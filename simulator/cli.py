@@ -158,6 +158,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="(fedavg); fedfr needs --public-set, fedface --ids-per-device 1",
     )
     t.add_argument(
+        "--skip-small-devices",
+        action="store_true",
+        help="leave out devices with fewer than two training images (e.g. FedFace devices of a person with "
+        "one photo) instead of refusing the plan",
+    )
+    t.add_argument(
         "--public-set",
         default=None,
         metavar="DIR|NAME",
@@ -250,6 +256,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         algorithm=args.algorithm,
         mu=args.mu,
         public_set=args.public_set,
+        skip_small_devices=args.skip_small_devices,
         extra_hyperparams=_parse_hyperparams(args.extra_hyperparams),
         target_reports=args.target_reports,
         min_reports=args.min_reports,

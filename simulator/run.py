@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,9 @@ class SimulationConfig:
     mu: float | None = None  # default: 0.01 for fedprox, 0 for fedavg
     # FedFR: the public set (a directory for the server the simulator starts, a name on --server)
     public_set: str | None = None
+    # leave out devices with fewer than two training images (FedFace's one-identity devices of a person
+    # with a single photo) instead of refusing the plan; the round policy is scaled to those left
+    skip_small_devices: bool = False
     # any other task hyper-parameter (validated by the server at task creation)
     extra_hyperparams: dict[str, Any] = field(default_factory=dict)
     target_reports: int | None = None  # default: devices
@@ -369,15 +372,33 @@ def _plan_data(cfg: SimulationConfig, image_size: int) -> _DataPlan:
     """Which identities each device holds (disjoint), and the held-out identities (disjoint from all)."""
     n, k = cfg.devices, cfg.ids_per_device
     if cfg.data == "synthetic":
-        parts = partition_identities(list(range(n * k)), n, k, cfg.seed)
-        specs = [DataSpec("synthetic", tuple(p), image_size, cfg.images_per_id, cfg.seed) for p in parts]
+        id_parts = partition_identities(list(range(n * k)), n, k, cfg.seed)
+        specs = [DataSpec("synthetic", tuple(p), image_size, cfg.images_per_id, cfg.seed) for p in id_parts]
         heldout_ids = list(range(HELDOUT_OFFSET, HELDOUT_OFFSET + cfg.heldout_ids))
         heldout = LocalDataset.synthetic(heldout_ids, cfg.images_per_id or 10, image_size, cfg.seed)
         return _DataPlan(specs, heldout)
 
     root = Path(cfg.data)
     folder = ImageFolder(root)  # DataError (a ValueError) when the layout is wrong
-    device_plan = plan_devices(folder, n, k, cfg.heldout_ids, cfg.seed, cfg.images_per_id)
+    device_plan = plan_devices(
+        folder,
+        n,
+        k,
+        cfg.heldout_ids,
+        cfg.seed,
+        cfg.images_per_id,
+        min_device_images=1 if cfg.skip_small_devices else 2,
+    )
+    parts = device_plan.devices
+    if cfg.skip_small_devices:
+        counts = Counter(label for _, label in folder.samples)
+        usable = {name: counts[i] for i, name in enumerate(folder.identities)}
+
+        def train_images(name: str) -> int:
+            n_img = min(usable[name], cfg.images_per_id) if cfg.images_per_id else usable[name]
+            return n_img - min(round(n_img * cfg.test_fraction), n_img - 1)  # facefl.data.device_split
+
+        parts = [part for part in parts if sum(train_images(name) for name in part) >= 2]
     specs = [
         DataSpec(
             "folder",
@@ -388,7 +409,7 @@ def _plan_data(cfg: SimulationConfig, image_size: int) -> _DataPlan:
             str(root.resolve()),
             cfg.test_fraction,
         )
-        for part in device_plan.devices
+        for part in parts
     ]
     heldout = LocalDataset.from_folder(
         root, image_size, identities=device_plan.heldout, max_images_per_identity=cfg.images_per_id
@@ -452,6 +473,18 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
     admin_token = cfg.admin_token or os.environ.get("FACEFL_ADMIN_TOKEN") or "dev-admin-token"
     secret = cfg.enrollment_secret or os.environ.get("FACEFL_ENROLLMENT_SECRET") or "dev-enrollment-secret"
     plan = _plan_data(cfg, arch.image_size)  # before anything is created: bad data fails fast
+    if len(plan.device_specs) < cfg.devices:
+        left_out = cfg.devices - len(plan.device_specs)
+        kept = len(plan.device_specs)
+        if kept == 0:
+            raise ValueError("no device holds two training images; lower --test-fraction or add images")
+        say(f"left out {left_out} device(s) with fewer than two training images; {kept} devices take part")
+        cfg = replace(
+            cfg,
+            devices=kept,
+            target_reports=min(cfg.target_reports or kept, kept),
+            min_reports=min(cfg.min_reports or 1, kept),
+        )
     chance = 1.0 / plan.heldout.num_identities
 
     with contextlib.ExitStack() as stack:
