@@ -175,6 +175,9 @@ def evaluate_rows(
         method_curves[0]["personalized"] = _flat(personal_base)  # round 0: the pretrained checkpoint
         rows.append(Row(method.name, final[0], final[1], time.perf_counter() - t0))
         curves[method.name] = method_curves
+        if method.name == "FedFR":  # what its global model alone gives the devices (no personalization)
+            global_only = method_curves[-1]["personalized_global"]
+            rows.append(Row("FedFR, global model only", final[0], global_only, 0.0))
         log(f"{method.name}: {rows[-1].generic.get('accuracy', float('nan')):.4f} ({rows[-1].seconds:.0f} s)")
     return {"rows": rows, "curves": curves}
 
@@ -287,6 +290,7 @@ def run_federated(
                 )
                 for d in devices
             ]
+            curves[-1]["personalized_global"] = curves[-1]["personalized"]  # the global model, for contrast
             curves[-1]["personalized"] = _flat(evaluate_personalized(per_device, devices))
             curves[-1]["personalized_model"] = "device backbone + DFC converter"
     final = curves[-1]

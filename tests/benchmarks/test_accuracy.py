@@ -28,8 +28,8 @@ def test_smoke_profile_on_generated_faces(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = ["pretrained only", "local-only", "FedAvg", "FedProx", "FedFace", "FedFR", "FedFR w/o DFC",
-             "FedFR w/o contrastive"]  # fmt: skip
+    names = ["pretrained only", "local-only", "FedAvg", "FedProx", "FedFace", "FedFR", "FedFR, global model only",
+             "FedFR w/o DFC", "FedFR w/o contrastive"]  # fmt: skip
     for name in names:
         assert f"| {name} |" in proc.stdout
     report = json.loads((out / "accuracy.json").read_text())
@@ -37,9 +37,12 @@ def test_smoke_profile_on_generated_faces(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert 0.0 <= row["generic"]["accuracy"] <= 1.0
         assert 0.0 <= row["personalized"]["dir@far=1e-2"] <= 1.0
-    for name in names[2:]:
+    for name in [n for n in names[2:] if n != "FedFR, global model only"]:
         assert [c["round"] for c in report["rounds"][name]] == [0, 1, 2]
         assert all(c["status"] == "aggregated" for c in report["rounds"][name][1:])
     assert report["rounds"]["FedFR"][-1]["personalized_model"] == "device backbone + DFC converter"
+    fedfr_rows = {r["name"]: r for r in report["rows"] if r["name"].startswith("FedFR")}
+    # the same global model, evaluated without and with the devices' personalization
+    assert fedfr_rows["FedFR"]["generic"] == fedfr_rows["FedFR, global model only"]["generic"]
     assert "personalized_model" not in report["rounds"]["FedAvg"][-1]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
