@@ -28,8 +28,8 @@ def test_smoke_profile_on_generated_faces(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = ["pretrained only", "local-only", "FedAvg", "FedProx", "FedFace", "FedFR", "FedFR, global model only",
-             "FedFR w/o DFC", "FedFR w/o contrastive"]  # fmt: skip
+    names = ["pretrained only", "local-only", "FedAvg", "FedProx", "FedFace", "FedFR",
+             "FedFR, global model only", "FedFR w/o DFC", "FedFR w/o contrastive"]  # fmt: skip
     for name in names:
         assert f"| {name} |" in proc.stdout
     report = json.loads((out / "accuracy.json").read_text())
