@@ -174,11 +174,11 @@ def evaluate_rows(
         final, method_curves = run_federated(method, profile, ckpt, lfw, celeba, out, devices, embedder_for)
         method_curves[0]["personalized"] = _flat(personal_base)  # round 0: the pretrained checkpoint
         rows.append(Row(method.name, final[0], final[1], time.perf_counter() - t0))
+        log(f"{method.name}: {rows[-1].generic.get('accuracy', float('nan')):.4f} ({rows[-1].seconds:.0f} s)")
         curves[method.name] = method_curves
         if method.name == "FedFR":  # what its global model alone gives the devices (no personalization)
             global_only = method_curves[-1]["personalized_global"]
             rows.append(Row("FedFR, global model only", final[0], global_only, 0.0))
-        log(f"{method.name}: {rows[-1].generic.get('accuracy', float('nan')):.4f} ({rows[-1].seconds:.0f} s)")
     return {"rows": rows, "curves": curves}
 
 
