@@ -330,14 +330,23 @@ def plot(rows: list[Row], curves: dict[str, list[dict[str, Any]]], path: Path) -
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     specs = [
         ("generic", "accuracy", "LFW folds 6-10 accuracy (global model)"),
-        ("personalized", "tar@far=1e-2", "device TAR@FAR=1e-2"),
-        ("personalized", "dir@far=1e-2", "device DIR@FAR=1e-2"),
+        ("personalized", "tar@far=1e-2", "device TAR@FAR=1e-2 (star: personalized)"),
+        ("personalized", "dir@far=1e-2", "device DIR@FAR=1e-2 (star: personalized)"),
     ]
     for ax, (sec, key, title) in zip(axes, specs, strict=True):
         for name, method_curves in curves.items():
-            pts = [(c["round"], c[sec][key]) for c in method_curves if c.get(sec) and key in c[sec]]
+            # lines: the global model every round; FedFR's personalized models: one star at the end
+            field = "personalized_global" if sec == "personalized" else sec
+            pts = [
+                (c["round"], (c.get(field) or c[sec])[key])
+                for c in method_curves
+                if c.get(sec) and key in c[sec]
+            ]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
+                (line,) = ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
+                last = method_curves[-1]
+                if sec == "personalized" and "personalized_global" in last:
+                    ax.plot(last["round"], last[sec][key], marker="*", markersize=11, color=line.get_color())
         for r, style in zip(rows[:2], ("--", ":"), strict=True):
             ax.axhline(getattr(r, sec)[key], linestyle=style, color="grey", label=r.name)
         ax.set_title(title, fontsize=10)
