@@ -46,7 +46,7 @@ def test_simulator_trains_only_on_the_train_split(folder: ImageFolder, tmp_path:
     full = LocalDataset.from_folder(folder.root, 16, identities=list(folder.identities[:2]))
     train, test = full.train_test_split(0.5, seed=3)
     images, labels = load_identities(folder.root, list(folder.identities[:2]), 16)
-    tr, te = device_split(labels, 0.5, 3)
+    tr, te = device_split(labels, 0.5, 3, list(folder.identities[:2]))
     np.testing.assert_array_equal(train.images, images[tr])
     np.testing.assert_array_equal(test.images, images[te])
 
