@@ -237,11 +237,7 @@ class Trainer:
             raise ValueError(
                 f"the trainer implements fedavg, fedprox, fedfr and fedface, not {assignment.algorithm!r}"
             )
-        cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
-        if len(dataset) < 2:
-            raise ValueError("local training needs at least two images")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        cfg, gen = self._prepare(assignment, dataset, seed)
 
         model = self._backbone(assignment.architecture, assignment.embedding_dim, base_weights)
         x_all = self._preprocess(dataset.images, assignment.architecture)
@@ -262,7 +258,6 @@ class Trainer:
         params = list(model.parameters()) + list(head.parameters())
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         n = len(dataset)
-        num_batches = math.ceil(n / cfg.batch_size)
         steps = 0
         epoch_loss = 0.0
         first_epoch_loss: float | None = None
@@ -270,14 +265,8 @@ class Trainer:
         model.train()
         head.train()
         for _epoch in range(cfg.local_epochs):
-            perm = torch.randperm(n, generator=gen)
-            flips = torch.rand(n, generator=gen) < 0.5
             epoch_loss, seen = 0.0, 0
-            # balanced batches: no batch of one sample (BatchNorm cannot train on it)
-            for idx in torch.tensor_split(perm, num_batches):
-                x = x_all[idx]
-                flip = flips[idx]
-                x = torch.where(flip[:, None, None, None], x.flip(3), x).to(self.device, non_blocking=True)
+            for idx, x in self._epoch(x_all, cfg, gen):
                 y = y_all[idx.to(self.device)]
                 logits = head(model(x), y)
                 loss = F.cross_entropy(logits, y)
@@ -338,11 +327,7 @@ class Trainer:
         public = inputs.public
         if len(inputs.bank_embeddings) != len(public.images):
             raise ValueError("the public bank and pack disagree on the number of images")
-        cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
-        if len(dataset) < 2:
-            raise ValueError("local training needs at least two images")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        cfg, gen = self._prepare(assignment, dataset, seed)
         arch = assignment.architecture
 
         model = self._backbone(arch, assignment.embedding_dim, base_weights)
@@ -395,21 +380,13 @@ class Trainer:
             lr=cfg.lr,
             momentum=cfg.momentum,
         )
-        n = len(x_all)
-        num_batches = max(1, math.ceil(n / cfg.batch_size))
         sums = {"ce": 0.0, "dfc": 0.0, "contrastive": 0.0}
         steps = 0
         model.train()
         head.train()
         dfc.train()
         for _epoch in range(cfg.local_epochs):
-            perm = torch.randperm(n, generator=gen)
-            flips = torch.rand(n, generator=gen) < 0.5
-            for idx in torch.tensor_split(perm, num_batches):
-                if len(idx) < 2:
-                    continue  # BatchNorm cannot train on a batch of one
-                x = x_all[idx]
-                x = torch.where(flips[idx][:, None, None, None], x.flip(3), x).to(self.device)
+            for idx, x in self._epoch(x_all, cfg, gen):
                 dev_idx = idx.to(self.device)
                 emb = model(x)
                 weight = torch.cat([head.weight, public_head])
@@ -530,11 +507,7 @@ class Trainer:
             raise ValueError(
                 f"fedface trains one identity per device, this dataset has {dataset.num_identities}"
             )
-        cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
-        if len(dataset) < 2:
-            raise ValueError("local training needs at least two images")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        cfg, gen = self._prepare(assignment, dataset, seed)
         model = self._backbone(assignment.architecture, assignment.embedding_dim, base_weights)
         embedding_dim = self._embedding_dim(model)
         x_all = self._preprocess(dataset.images, assignment.architecture)
@@ -548,17 +521,10 @@ class Trainer:
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         n = len(x_all)
-        num_batches = max(1, math.ceil(n / cfg.batch_size))
         steps, loss_sum = 0, 0.0
         model.train()
         for _epoch in range(cfg.local_epochs):
-            perm = torch.randperm(n, generator=gen)
-            flips = torch.rand(n, generator=gen) < 0.5
-            for idx in torch.tensor_split(perm, num_batches):
-                if len(idx) < 2:
-                    continue
-                x = x_all[idx]
-                x = torch.where(flips[idx][:, None, None, None], x.flip(3), x).to(self.device)
+            for _idx, x in self._epoch(x_all, cfg, gen):
                 loss = positive_loss(model(x), w, cfg.fedface_margin)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -579,6 +545,37 @@ class Trainer:
         # the identities apart with it)
         delta[CLASS_EMBEDDING_KEY] = w.detach().cpu().numpy().astype(np.float32)
         return TrainResult(delta=delta, num_samples=n, metrics=metrics, seconds=time.perf_counter() - started)
+
+    # ------------------------------------------------------------------------------------- shared
+
+    @staticmethod
+    def _prepare(
+        assignment: AssignmentLike, dataset: LocalDataset, seed: int | None
+    ) -> tuple[TrainConfig, torch.Generator]:
+        """The validated hyper-parameters and the seeded generator of batch order and augmentation."""
+        cfg = TrainConfig.from_hyperparams(assignment.hyperparams)
+        if len(dataset) < 2:
+            raise ValueError("local training needs at least two images")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        return cfg, gen
+
+    def _epoch(
+        self, x_all: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of (indices, batch on the device): a fresh permutation, a horizontal flip for about
+        half the images, balanced batch sizes, and never a batch of one (BatchNorm cannot train on it)."""
+        n = len(x_all)
+        perm = torch.randperm(n, generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        for idx in torch.tensor_split(perm, max(1, math.ceil(n / cfg.batch_size))):
+            if len(idx) < 2:
+                continue
+            x = x_all[idx]
+            yield (
+                idx,
+                torch.where(flips[idx][:, None, None, None], x.flip(3), x).to(self.device, non_blocking=True),
+            )
 
     # --------------------------------------------------------------------------------------- embed
 

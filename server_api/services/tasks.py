@@ -30,23 +30,8 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
         blob = models.store_weights(ctx, state_to_numpy(backbone), body.architecture)
     with ctx.db.write() as s:
         if body.initial_version is not None:
-            base = s.get(ModelVersion, body.initial_version)
-            if base is None:
-                raise invalid(
-                    "unknown_model_version", f"initial_version {body.initial_version} does not exist"
-                )
-            if base.architecture != body.architecture:
-                raise invalid(
-                    "architecture_mismatch",
-                    f"initial_version {base.version} is a {base.architecture} model, not {body.architecture}",
-                )
-            if base.embedding_dim is not None:
-                if body.embedding_dim is not None and body.embedding_dim != base.embedding_dim:
-                    raise invalid(
-                        "embedding_dim_mismatch",
-                        f"initial_version {base.version} has embedding_dim {base.embedding_dim}",
-                    )
-                embedding_dim = base.embedding_dim
+            base = _initial_version(s, body)
+            embedding_dim = base.embedding_dim or embedding_dim
         task = Task(
             name=body.name,
             algorithm=body.algorithm,
@@ -82,6 +67,24 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     return out
 
 
+def _initial_version(s: Session, body: TaskIn) -> ModelVersion:
+    """The task's initial model version, checked against the requested architecture and embedding size."""
+    assert body.initial_version is not None
+    base = s.get(ModelVersion, body.initial_version)
+    if base is None:
+        raise invalid("unknown_model_version", f"initial_version {body.initial_version} does not exist")
+    if base.architecture != body.architecture:
+        raise invalid(
+            "architecture_mismatch",
+            f"initial_version {base.version} is a {base.architecture} model, not {body.architecture}",
+        )
+    if base.embedding_dim is not None and body.embedding_dim not in (None, base.embedding_dim):
+        raise invalid(
+            "embedding_dim_mismatch", f"initial_version {base.version} has embedding_dim {base.embedding_dim}"
+        )
+    return base
+
+
 def _fedfr_initial_model(
     ctx: ServiceContext, body: TaskIn, embedding_dim: int
 ) -> tuple[tuple[str, int], int]:
@@ -92,16 +95,7 @@ def _fedfr_initial_model(
     name = public.check_set_name(ctx, body.hyperparams.public_set)
     if body.initial_version is not None:
         with ctx.db.read() as s:
-            base = s.get(ModelVersion, body.initial_version)
-            if base is None:
-                raise invalid(
-                    "unknown_model_version", f"initial_version {body.initial_version} does not exist"
-                )
-            if base.architecture != body.architecture:
-                raise invalid(
-                    "architecture_mismatch",
-                    f"initial_version {base.version} is a {base.architecture} model, not {body.architecture}",
-                )
+            base = _initial_version(s, body)
             embedding_dim = base.embedding_dim or embedding_dim
             blob_key = base.blob_key
         weights = backbone_state(codec.load_file(ctx.blobs.path(blob_key)))
