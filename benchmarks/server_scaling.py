@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     row |= run.to_json() | {"status": "ok"}
                     log(f"{backend} x{workers}: {run.updates_per_s:.1f} updates/s")
                 except ServerStartError as exc:
-                    refused = "several workers need PostgreSQL" in str(exc)
+                    refused = "several workers need PostgreSQL" in str(exc)  # older servers
                     row["status"] = "refused by serve (SQLite single-writer)" if refused else "server failed"
                     row["error"] = str(exc)[-600:]
                     log(f"{backend} x{workers}: {row['status']}")

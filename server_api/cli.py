@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from server_api.metrics import MULTIPROC_ENV
@@ -41,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise SystemExit(f"error: invalid settings:\n{exc}") from exc
     if args.workers > 1 and settings.database_url.startswith("sqlite"):
-        raise SystemExit(
-            "error: several workers need PostgreSQL (--db postgresql://...); SQLite has one writer"
+        # correct (WAL, BEGIN IMMEDIATE, busy timeout; rounds are claimed by compare-and-set), but the
+        # workers queue on SQLite's single write lock across processes: use PostgreSQL to scale writes
+        print(
+            "warning: several workers on SQLite share one write lock; use PostgreSQL (--db "
+            "postgresql://...) to scale writes",
+            file=sys.stderr,
         )
     if args.workers > 1:
         # migrate once here rather than in each worker (concurrent migrators would also be safe: an

@@ -1,4 +1,4 @@
-"""Four uvicorn workers (`facefl serve --workers 4`) on PostgreSQL: 40 devices, 5 rounds.
+"""Four uvicorn workers (`facefl serve --workers 4`) on PostgreSQL and on SQLite: 40 devices, 5 rounds.
 
 Exactly 5 new model versions, every acknowledged update counted exactly once, even though one worker is
 SIGKILLed while devices are uploading (uvicorn's supervisor starts a replacement)."""
@@ -18,7 +18,7 @@ from tests.conftest import ADMIN
 from tests.server_api.fleet import Fleet, check_every_ack_counted_once
 from tests.server_api.serve import ServeProcess
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 ROUNDS = 5
 
@@ -29,8 +29,13 @@ def _metric(text: str, name: str) -> float:
     return sum(float(v) for v in pattern.findall(text))
 
 
-def test_four_workers_forty_devices_five_rounds(tmp_path: Path, pg_url: str) -> None:
-    server = ServeProcess(tmp_path, pg_url, workers=4, FACEFL_AGGREGATION_LEASE_S="5").start()
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_four_workers_forty_devices_five_rounds(
+    tmp_path: Path, db: str, request: pytest.FixtureRequest
+) -> None:
+    # SQLite: the workers share one write lock across processes (slower, but the same guarantees)
+    url = request.getfixturevalue("pg_url") if db == "postgres" else f"sqlite:///{tmp_path / 'facefl.db'}"
+    server = ServeProcess(tmp_path, url, workers=4, FACEFL_AGGREGATION_LEASE_S="5").start()
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as c:
             r = c.post(
@@ -64,7 +69,7 @@ def test_four_workers_forty_devices_five_rounds(tmp_path: Path, pg_url: str) -> 
             task = c.get("/v1/tasks/1", headers=ADMIN_H).json()
             assert task["status"] == "completed" and task["aggregated_rounds"] == ROUNDS
             metrics = c.get("/metrics").text
-        rounds = check_every_ack_counted_once(pg_url, fleet.acks, ROUNDS)
+        rounds = check_every_ack_counted_once(url, fleet.acks, ROUNDS)
         deadline = time.monotonic() + 30  # the supervisor notices the death between health pings
         while len(server.worker_pids()) < 4 and time.monotonic() < deadline:
             time.sleep(0.2)
