@@ -31,6 +31,7 @@ import numpy as np
 from facefl import codec
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from facefl.data.public import PublicSet, decode_pack
+from facefl.fileio import atomic_write_bytes
 
 from .errors import (
     APIError,
@@ -516,8 +517,8 @@ class FederatedClient:
             raise ProtocolError(f"{path}: {exc}", status_code=resp.status_code) from exc
         if cached_file is not None and etag_file is not None and etag:
             cached_file.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cached_file, body)
-            _atomic_write(etag_file, etag.encode("utf-8"))
+            atomic_write_bytes(cached_file, body)
+            atomic_write_bytes(etag_file, etag.encode("utf-8"))
         return parsed
 
     def upload_update(
@@ -740,9 +741,3 @@ def _parse_time(value: Any) -> datetime | None:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -44,7 +44,6 @@ new snapshot at once, so a query sees the old triple or the new one, never a mix
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -59,6 +58,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
+
+from facefl.fileio import sha256_file
 
 from .errors import RecognizerError, UnknownPerson
 
@@ -146,14 +147,6 @@ class _Snapshot:
     names: tuple[str, ...]  # enrolled people, sorted
     templates: np.ndarray  # (P, d) unit-norm templates, row k for names[k]
     threshold: Threshold
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -317,7 +310,7 @@ class Recognizer:
             embedder = OnnxEmbedder(path, batch_size=self._batch_size, threads=self._threads)
         except (DataError, ValueError) as exc:
             raise RecognizerError(f"cannot use {path} as a face-embedding model: {exc}") from exc
-        return embedder, _sha256(path)
+        return embedder, sha256_file(path)
 
     @staticmethod
     def _open_store(path: Path) -> sqlite3.Connection:

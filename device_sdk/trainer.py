@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from facefl.algorithms.fedprox import proximal_term
 from facefl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from facefl.data import preprocessing_for
 from facefl.data.public import PublicSet
+from facefl.fileio import atomic_write_bytes
 from facefl.models import CosFaceHead, backbone_state, build_backbone, load_numpy_state, state_to_numpy
 
 from .dataset import LocalDataset
@@ -489,7 +489,7 @@ class Trainer:
         data = codec.encode(
             tensors, metadata={"identities": json.dumps(list(identities)), "architecture": architecture}
         )
-        _atomic_write(state_dir / DFC_FILE, data)
+        atomic_write_bytes(state_dir / DFC_FILE, data)
 
     # -------------------------------------------------------------------------------------- FedFace
 
@@ -689,14 +689,7 @@ class Trainer:
             {"weight": head.weight.detach().cpu().float()},
             metadata={"identities": json.dumps(list(identities)), "architecture": architecture},
         )
-        _atomic_write(state_dir / HEAD_FILE, data)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        atomic_write_bytes(state_dir / HEAD_FILE, data)
 
 
 def load_personalized_model(state_dir: str | Path) -> torch.nn.Module:

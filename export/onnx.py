@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from torch import nn
 from export.errors import ExportError
 from facefl.data import Preprocessing
 from facefl.embedders import PREPROCESSING_METADATA_KEY
+from facefl.fileio import atomic_write, sha256_file
 
 __all__ = [
     "DFC_FILE",
@@ -92,14 +92,6 @@ class ExportSource:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_backbone(path: Path) -> tuple[nn.Module, Preprocessing, str, int]:
     from facefl.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 
@@ -120,7 +112,7 @@ def load_generic(checkpoint: str | Path) -> ExportSource:
         architecture=architecture,
         embedding_dim=dim,
         kind="generic",
-        metadata={SOURCE_SHA256_KEY: _sha256(path)},
+        metadata={SOURCE_SHA256_KEY: sha256_file(path)},
     )
 
 
@@ -168,7 +160,7 @@ def load_personalized(state_dir: str | Path) -> ExportSource:
     converter = load_dfc_converter(state_dir / DFC_FILE, dim)
     digest = hashlib.sha256()
     for part in (backbone_path, state_dir / DFC_FILE):
-        digest.update(_sha256(part).encode())
+        digest.update(sha256_file(part).encode())
     return ExportSource(
         module=EmbeddingGraph(backbone, converter).eval(),
         preprocessing=preprocessing,
@@ -183,20 +175,7 @@ def save_model_atomic(model: object, out: Path) -> Path:
     """Write an ``onnx.ModelProto`` to ``out`` as one self-contained file, atomically (temp file + rename)."""
     import onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp, save_as_external_data=False)  # type: ignore[arg-type]
-        # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 & ~umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda tmp: onnx.save_model(model, tmp, save_as_external_data=False))  # type: ignore[arg-type]
 
 
 def graph_op_types(model: str | Path) -> set[str]:

@@ -23,8 +23,6 @@ truncated file where a good one was.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from facefl.data.preprocess import Preprocessing
+from facefl.fileio import atomic_write
 from facefl.models import build_backbone, get_architecture, load_numpy_state, state_to_numpy
 
 CHECKPOINT_FORMAT = "facefl-backbone/1"
@@ -82,19 +81,7 @@ def _to_float_tensors(model_or_tensors: nn.Module | Mapping[str, Any]) -> dict[s
 
 
 def _atomic_save(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 & ~umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
 
 
 def save_checkpoint(

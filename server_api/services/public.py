@@ -9,7 +9,6 @@ worker and every restart reuses them. Building is CPU work: callers run it off t
 
 from __future__ import annotations
 
-import os
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from facefl import codec
 from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
 from facefl.data.public import PublicSet, decode_pack, encode_pack, load_public_set
+from facefl.fileio import atomic_write_bytes
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion, Task
 from server_api.services.context import ServiceContext, log
@@ -50,11 +50,7 @@ def _read_index(ctx: ServiceContext, name: str) -> str | None:
 
 
 def _write_index(ctx: ServiceContext, name: str, key: str) -> None:
-    path = _index_path(ctx, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(key, encoding="ascii")
-    os.replace(tmp, path)
+    atomic_write_bytes(_index_path(ctx, name), key.encode("ascii"))
 
 
 def check_set_name(ctx: ServiceContext, name: str | None) -> str:
