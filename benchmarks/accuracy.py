@@ -118,7 +118,7 @@ def evaluate_rows(
     from facefl.checkpoint import load_checkpoint
     from facefl.embedders import TorchEmbedder
     from facefl.evaluation import VerificationSet, evaluate_personalized, evaluate_verification, load_devices
-    from facefl.models import backbone_state, build_backbone, load_numpy_state
+    from facefl.models import backbone_from_weights
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     checkpoint = load_checkpoint(ckpt)
@@ -136,8 +136,7 @@ def evaluate_rows(
     )
 
     def embedder_for(weights: dict[str, np.ndarray]) -> TorchEmbedder:
-        model = build_backbone(checkpoint.architecture, checkpoint.embedding_dim, seed=0)
-        load_numpy_state(model, backbone_state(weights))
+        model = backbone_from_weights(checkpoint.architecture, checkpoint.embedding_dim, weights)
         return TorchEmbedder(model.eval(), checkpoint.architecture)
 
     rows: list[Row] = []

@@ -38,7 +38,7 @@ from facefl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from facefl.data import preprocessing_for
 from facefl.data.public import PublicSet
 from facefl.fileio import atomic_write_bytes
-from facefl.models import CosFaceHead, backbone_state, build_backbone, load_numpy_state, state_to_numpy
+from facefl.models import CosFaceHead, backbone_from_weights, state_to_numpy
 
 from .dataset import LocalDataset
 
@@ -598,8 +598,7 @@ class Trainer:
     def _backbone(
         self, architecture: str, embedding_dim: int | None, weights: Mapping[str, np.ndarray]
     ) -> torch.nn.Module:
-        model = build_backbone(architecture, embedding_dim, seed=0)
-        load_numpy_state(model, backbone_state(weights))
+        model = backbone_from_weights(architecture, embedding_dim, weights)
         return model.to(self.device)
 
     @staticmethod

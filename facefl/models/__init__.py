@@ -29,6 +29,7 @@ __all__ = [
     "MobileFaceNet",
     "SmallFaceNet",
     "TinyNet",
+    "backbone_from_weights",
     "backbone_state",
     "build_backbone",
     "get_architecture",
@@ -109,6 +110,15 @@ GLOBAL_EXTRA_PREFIXES = ("public_head.",)
 def backbone_state(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``tensors`` without the global model's non-backbone entries (see ``GLOBAL_EXTRA_PREFIXES``)."""
     return {k: v for k, v in tensors.items() if not k.startswith(GLOBAL_EXTRA_PREFIXES)}
+
+
+def backbone_from_weights(
+    architecture: str, embedding_dim: int | None, weights: Mapping[str, np.ndarray]
+) -> nn.Module:
+    """A backbone of ``architecture`` holding ``weights`` (a global model's extra entries are ignored)."""
+    model = build_backbone(architecture, embedding_dim, seed=0)
+    load_numpy_state(model, backbone_state(weights))
+    return model
 
 
 def load_numpy_state(module: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:

@@ -22,7 +22,7 @@ def _verification_set(root: str, image_size: int) -> VerificationSet:
 def evaluate_version(ctx: ServiceContext, version: int, eval_set: str) -> dict[str, Any]:
     """Embed the set with the version's weights, score it, and store the metrics with the version."""
     from facefl.embedders import TorchEmbedder
-    from facefl.models import ARCHITECTURES, backbone_state, build_backbone, load_numpy_state
+    from facefl.models import ARCHITECTURES, backbone_from_weights
 
     with ctx.db.read() as s:
         mv = s.get(ModelVersion, version)
@@ -31,8 +31,7 @@ def evaluate_version(ctx: ServiceContext, version: int, eval_set: str) -> dict[s
         architecture, embedding_dim, blob_key = mv.architecture, mv.embedding_dim, mv.blob_key
     t0 = time.perf_counter()
     vset = _verification_set(str(ctx.settings.eval_sets[eval_set]), ARCHITECTURES[architecture].image_size)
-    model = build_backbone(architecture, embedding_dim, seed=0)
-    load_numpy_state(model, backbone_state(codec.load_file(ctx.blobs.path(blob_key))))
+    model = backbone_from_weights(architecture, embedding_dim, codec.load_file(ctx.blobs.path(blob_key)))
     report: dict[str, Any] = dict(evaluate_verification(TorchEmbedder(model, architecture), vset))
     report.update(set=eval_set, seconds=time.perf_counter() - t0)
     with ctx.db.write() as s:

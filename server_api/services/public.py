@@ -91,10 +91,9 @@ def _embed(
     architecture: str, embedding_dim: int | None, weights: dict[str, np.ndarray], images: np.ndarray
 ) -> np.ndarray:
     from facefl.embedders import TorchEmbedder
-    from facefl.models import backbone_state, build_backbone, load_numpy_state
+    from facefl.models import backbone_from_weights
 
-    model = build_backbone(architecture, embedding_dim, seed=0)
-    load_numpy_state(model, backbone_state(weights))
+    model = backbone_from_weights(architecture, embedding_dim, weights)
     return TorchEmbedder(model, architecture).embed(images)
 
 

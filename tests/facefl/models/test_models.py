@@ -252,3 +252,14 @@ def test_onnx_export_matches_onnxruntime(name: str, tmp_path: Path) -> None:
     assert got.shape == expected.shape
     cosine = (got * expected).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosine.min() >= 0.9999
+
+
+def test_backbone_from_weights_ignores_the_global_models_extras() -> None:
+    from facefl.models import backbone_from_weights
+
+    weights = state_to_numpy(build_backbone("tiny", 20, seed=1))
+    extra = {"public_head.weight": np.zeros((3, 20), np.float32)}
+    model = backbone_from_weights("tiny", 20, {**weights, **extra})
+    assert all(np.array_equal(v, weights[k]) for k, v in state_to_numpy(model).items())
+    with pytest.raises(ValueError, match="missing"):
+        backbone_from_weights("tiny", 20, {})
