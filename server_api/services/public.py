@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from facefl import codec
-from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
 from facefl.data.public import PublicSet, decode_pack, encode_pack, load_public_set
 from facefl.fileio import atomic_write_bytes
 from server_api.errors import invalid, not_found
@@ -108,23 +107,26 @@ def public_head(
     return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def _public_set_of(task: Task | None) -> str | None:
+    """The public set a FedFR task names (None for any other task)."""
+    if task is None or task.algorithm != "fedfr":
+        return None
+    name = (task.hyperparams or {}).get("public_set")
+    return str(name) if name else None
+
+
 def _version_and_set(ctx: ServiceContext, version: int) -> tuple[ModelVersion, str]:
     with ctx.db.read() as s:
         mv = s.get(ModelVersion, version)
         if mv is None:
             raise not_found(f"model version {version}")
-        task = s.get(Task, mv.task_id) if mv.task_id is not None else None
-        name = (
-            (task.hyperparams or {}).get("public_set")
-            if task is not None and task.algorithm == "fedfr"
-            else None
-        )
+        name = _public_set_of(s.get(Task, mv.task_id) if mv.task_id is not None else None)
         if not name:
             raise not_found(
                 f"model version {version} belongs to no FedFR task: it has no public feature bank"
             )
         s.expunge(mv)
-        return mv, str(name)
+        return mv, name
 
 
 def bank_key(ctx: ServiceContext, version: int) -> str:
@@ -156,15 +158,11 @@ def task_pack_key(ctx: ServiceContext, task_id: int) -> str:
         task = s.get(Task, task_id)
         if task is None:
             raise not_found(f"task {task_id}")
-        name = (task.hyperparams or {}).get("public_set") if task.algorithm == "fedfr" else None
+        name = _public_set_of(task)
         architecture = task.architecture
     if not name:
         raise not_found(f"task {task_id} is not a FedFR task: it has no public pack")
-    return pack_key(ctx, str(name), ARCHITECTURES[architecture].image_size)
-
-
-def has_public_head(weights: dict[str, np.ndarray]) -> bool:
-    return PUBLIC_HEAD_KEY in weights
+    return pack_key(ctx, name, ARCHITECTURES[architecture].image_size)
 
 
 def class_embedding_of(ctx: ServiceContext, version: int, device_id: str) -> bytes:

@@ -29,6 +29,7 @@ class UploadTarget:
     base_version: int
     norm_bound: float | None
     algorithm: str = "fedavg"
+    embedding_dim: int | None = None
 
 
 def parse_metrics(raw: str | None) -> dict[str, float]:
@@ -75,17 +76,24 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
         rnd, _ = _check_assignment(s, round_id, device_id, upload_token)
         task = s.get(Task, rnd.task_id)
         assert task is not None
-        return UploadTarget(round_id, rnd.base_version, task.policy.get("update_norm_bound"), task.algorithm)
+        return UploadTarget(
+            round_id,
+            rnd.base_version,
+            task.policy.get("update_norm_bound"),
+            task.algorithm,
+            task.embedding_dim,
+        )
 
 
 def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) -> float:
     """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm."""
     data = staged.read_bytes()
-    expected = dict(models.expected_specs(ctx, target.base_version))
+    expected = models.expected_specs(ctx, target.base_version)
     if target.algorithm == "fedface":
-        # FedFace updates carry the device's class embedding next to the backbone delta
-        dim = int(models.info(ctx, target.base_version).embedding_dim or 0)
-        expected[CLASS_EMBEDDING_KEY] = codec.TensorSpec(shape=(dim,), dtype="F32")
+        # FedFace updates carry the device's class embedding next to the backbone delta (the task's
+        # embedding size, read with the round in preflight: no extra query per upload)
+        spec = codec.TensorSpec(shape=(int(target.embedding_dim or 0),), dtype="F32")
+        expected = {**expected, CLASS_EMBEDDING_KEY: spec}
     try:
         specs = codec.read_header(data)
         codec.check_compatible(specs, expected)
