@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from device_sdk import DeviceCredentials, FederatedClient, LocalDataset, RoundInfo, Trainer
 from facefl.data import ImageFolder, partition_identities
+from facefl.data.partition import held_out_count
 from facefl.data.protocol import plan_devices
 from facefl.models import ARCHITECTURES
 
@@ -396,7 +397,7 @@ def _plan_data(cfg: SimulationConfig, image_size: int) -> _DataPlan:
 
         def train_images(name: str) -> int:
             n_img = min(usable[name], cfg.images_per_id) if cfg.images_per_id else usable[name]
-            return n_img - min(round(n_img * cfg.test_fraction), n_img - 1)  # facefl.data.device_split
+            return n_img - held_out_count(n_img, cfg.test_fraction)  # as facefl.data.protocol.device_split
 
         parts = [part for part in parts if sum(train_images(name) for name in part) >= 2]
     specs = [

@@ -38,6 +38,11 @@ def partition_identities(
     return out
 
 
+def held_out_count(n: int, test_fraction: float, min_train: int = 1) -> int:
+    """How many of an identity's ``n`` images :func:`split_train_test` holds out for testing."""
+    return min(round(n * test_fraction), n - min_train)
+
+
 def split_train_test(
     labels: np.ndarray,
     test_fraction: float,
@@ -67,7 +72,7 @@ def split_train_test(
         idx = np.flatnonzero(labels == label)
         if len(idx) < min_train:
             raise ValueError(f"identity {label} has {len(idx)} samples, fewer than min_train={min_train}")
-        n_test = min(round(len(idx) * test_fraction), len(idx) - min_train)
+        n_test = held_out_count(len(idx), test_fraction, min_train)
         if label_keys is not None:
             idx = np.random.default_rng([seed, int(label_keys[int(label)])]).permutation(idx)
         else:
