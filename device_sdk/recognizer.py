@@ -29,8 +29,10 @@ cosine between a probe's embedding and a template. ``verify`` accepts when score
 
 **Threshold.** Fixed when ``threshold=`` is given. Otherwise calibrated on the device's own enrolled data
 for ``target_far``: the impostor scores are the cosines between every pair of enrolled images of two
-different people; the threshold is set just above the ``floor(target_far * n)``-th highest of those ``n``
-scores, so at most a ``target_far`` share of them would be accepted. Image-to-image impostor scores have
+different people; with ``k = floor(target_far * n)`` of those ``n`` scores, the threshold lies between the
+(k+1)-th highest score (rejected) and the k-th (accepted): in the middle of that gap, and at most
+:data:`CALIBRATION_MARGIN` above the rejected one, so at most a ``target_far`` share would be accepted and
+float noise between embedding paths cannot flip a pair. Image-to-image impostor scores have
 heavier tails than the probe-to-template scores used at run time, so this errs on the safe side (fewer
 false accepts). It needs at least ``ceil(1 / target_far)`` impostor pairs (e.g. 1,000 for 1e-3: five
 people with ten images each give 1,000); with less data the threshold falls back to the model's
@@ -84,6 +86,9 @@ __all__ = [
 #: anything that matters.
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TARGET_FAR = 1e-3
+#: How far above the highest rejected impostor score a calibrated threshold may sit (at most half the gap
+#: to the next higher score): far above embedding float noise (~1e-6), far below a meaningful cosine step.
+CALIBRATION_MARGIN = 1e-3
 DEFAULT_THRESHOLD_KEY = "facefl.default_threshold"  # same key as export.onnx writes
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -184,7 +189,12 @@ def calibrate_threshold(
     if n == 0 or n < math.ceil(1.0 / target_far):
         return Threshold(float(fallback), fallback_source, target_far, n)
     k = math.floor(target_far * n)  # accepting the k highest impostor scores keeps the share <= target_far
-    value = float(np.nextafter(np.float32(impostor[k]), np.float32(np.inf)))  # accept iff score >= value
+    # The threshold sits in the middle of the gap between the highest rejected score and the lowest
+    # accepted one (k >= 1 because n >= 1 / target_far), so that the float noise of another embedding
+    # path (batching, another runtime) cannot move a score across it.
+    rejected, accepted = float(impostor[k]), float(impostor[k - 1])
+    value = rejected + min((accepted - rejected) / 2, CALIBRATION_MARGIN)
+    value = float(np.nextafter(np.float32(value), np.float32(np.inf)))  # accept iff score >= value
     return Threshold(value, "calibrated", target_far, n)
 
 

@@ -71,12 +71,23 @@ class RobustAggregation(Strict):
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
 
 
+#: Default cap on the weight (``num_samples``) one update may claim: a phone holds tens to hundreds of
+#: enrolled face images, so an honest device stays below it, while a device claiming 10^9 cannot take
+#: the whole weighted mean.
+DEFAULT_MAX_SAMPLE_WEIGHT = 1000
+
+
 class RoundPolicy(Strict):
     target_reports: Annotated[int, Field(ge=1, le=100_000)] = 10
     over_selection: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
     min_reports: Annotated[int | None, Field(ge=1, le=100_000)] = None
     round_timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
-    update_norm_bound: Annotated[float | None, Field(gt=0, le=1e12)] = None
+    # Updates whose L2 norm exceeds this are refused (422). Absent or null: the architecture's default
+    # (the L2 norm of its freshly initialised weights, resolved at task creation and stored); "off"
+    # disables the bound explicitly.
+    update_norm_bound: Annotated[float, Field(gt=0, le=1e12)] | Literal["off"] | None = None
+    # num_samples above this is counted as this much weight in the weighted mean
+    max_sample_weight: Annotated[int, Field(ge=1, le=1_000_000_000)] = DEFAULT_MAX_SAMPLE_WEIGHT
     robust: RobustAggregation | None = None
 
     @model_validator(mode="after")

@@ -52,3 +52,15 @@ class LiveServer(LocalServer):
             min_retry_after_s=0.05,
             extra_env={"FACEFL_TICK_INTERVAL_S": "0.2", **env},
         )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With FACEFL_FORBID_SKIPS=1 (set by .ci/run) a skipped test fails: in CI every dependency is
+    installed, PostgreSQL runs and ../shared/data is present, so a skip means something is missing."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get("FACEFL_FORBID_SKIPS") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may be: {reason}"

@@ -42,7 +42,9 @@ class WeightedMean:
                 if self._scratch.size < arr.size:
                     self._scratch = np.empty(arr.size, np.float64)
                 weighted = self._scratch[: arr.size].reshape(arr.shape)
-                np.multiply(arr, weight, out=weighted)  # upcast and scale in one pass
+                # dtype=float64 makes NumPy compute in float64: without it NumPy 2 multiplies in the input's
+                # float32 and only then stores, so 3e38 * 10 would already be inf
+                np.multiply(arr, weight, out=weighted, dtype=np.float64)
                 acc += weighted
         self._total_weight += float(weight)
         self.count += 1

@@ -14,7 +14,7 @@ from facefl import codec
 from facefl.algorithms.fedavg import WeightedMean
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, spreadout
 from server_api import metrics as prom
-from server_api.orm import ModelVersion, Round, Task, utcnow
+from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
 from server_api.services import evaluation, models, public, queries, rounds
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
@@ -68,6 +68,11 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     else:
         delta = mean.result()
     new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), delta)
+    bad = [name for name, value in new_weights.items() if not np.isfinite(value).all()]
+    if bad:  # never store or serve a non-finite model: the round is abandoned and reopened on its base
+        reason = f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}"
+        _abandon_aggregation(ctx, round_id, lease, reason)
+        return None
     blob = models.store_weights(ctx, new_weights, architecture)
     state_key = (
         _fedface_state(ctx, base_state_key, class_embeddings, hyperparams) if algorithm == "fedface" else None
@@ -144,6 +149,22 @@ def read_class_embeddings(ctx: ServiceContext, key: str) -> dict[str, np.ndarray
     devices = json.loads(codec.read_metadata(data)["devices"])
     matrix = codec.decode(data)[CLASS_EMBEDDINGS]
     return {str(d): np.asarray(matrix[i], np.float32) for i, d in enumerate(devices)}
+
+
+def _abandon_aggregation(ctx: ServiceContext, round_id: int, lease: datetime, reason: str) -> None:
+    """aggregating -> abandoned (fenced by our lease), and the next round opens on the same base."""
+    with ctx.db.write() as s:
+        if not queries.finish_aggregation(
+            s, round_id, lease, utcnow(), status=ROUND_ABANDONED, metrics={"abandoned_reason": reason}
+        ):
+            return
+        rnd = s.get(Round, round_id)
+        assert rnd is not None
+        task = s.get(Task, rnd.task_id)
+        assert task is not None
+        rounds.open_round(s, task)
+    prom.ROUNDS_CLOSED.labels(outcome="abandoned").inc()
+    log.warning("round abandoned at aggregation: %s", reason, extra={"round_id": round_id})
 
 
 class _LostLease(Exception):

@@ -102,7 +102,7 @@ def finish_aggregation(s: Session, round_id: int, lease: datetime, now: datetime
     res = s.execute(
         update(Round)
         .where(Round.id == round_id, Round.status == ROUND_AGGREGATING, Round.aggregation_started_at == lease)
-        .values(status="aggregated", closed_at=now, **values)
+        .values(**{"status": "aggregated", "closed_at": now, **values})
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from sqlalchemy.orm import Session
 
 from server_api.errors import invalid, not_found
@@ -40,7 +42,7 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
             image_size=arch.image_size,
             rounds=body.rounds,
             hyperparams=body.hyperparams.model_dump(),
-            policy=body.policy.model_dump(),
+            policy=_resolved_policy(body, embedding_dim),
             status="running",
             eval_set=body.eval_set,
             aggregated_rounds=0,
@@ -65,6 +67,24 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     if out.eval_set is not None and out.current_version is not None:
         ctx.submit_eval(evaluation.evaluate_version, ctx, out.current_version, out.eval_set)
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def default_update_norm_bound(architecture: str, embedding_dim: int) -> float:
+    """The L2 norm of the architecture's freshly initialised weights (seed 0): an honest update moves
+    the model by far less than a whole new model, so anything larger is refused by default."""
+    from facefl import codec
+    from facefl.models import build_backbone, state_to_numpy
+
+    weights = state_to_numpy(build_backbone(architecture, embedding_dim=embedding_dim, seed=0))
+    return float(f"{codec.global_norm(weights):.4g}")
+
+
+def _resolved_policy(body: TaskIn, embedding_dim: int) -> dict[str, object]:
+    policy = body.policy.model_dump()
+    if policy["update_norm_bound"] is None:
+        policy["update_norm_bound"] = default_update_norm_bound(body.architecture, embedding_dim)
+    return policy
 
 
 def _initial_version(s: Session, body: TaskIn) -> ModelVersion:

@@ -30,6 +30,7 @@ class UploadTarget:
     norm_bound: float | None
     algorithm: str = "fedavg"
     embedding_dim: int | None = None
+    max_sample_weight: int | None = None
 
 
 def parse_metrics(raw: str | None) -> dict[str, float]:
@@ -76,12 +77,14 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
         rnd, _ = _check_assignment(s, round_id, device_id, upload_token)
         task = s.get(Task, rnd.task_id)
         assert task is not None
+        bound = task.policy.get("update_norm_bound")
         return UploadTarget(
             round_id,
             rnd.base_version,
-            task.policy.get("update_norm_bound"),
+            None if bound in (None, "off") else float(bound),  # None: a task created before the default
             task.algorithm,
             task.embedding_dim,
+            task.policy.get("max_sample_weight"),
         )
 
 
@@ -142,7 +145,8 @@ def accept(
                 assignment_id=assignment.id,
                 blob_key=key,
                 size_bytes=size,
-                num_samples=num_samples,
+                # the weight this update gets in the mean: the task caps what a device may claim
+                num_samples=min(num_samples, target.max_sample_weight or num_samples),
                 norm=norm,
                 metrics=metrics,
             )

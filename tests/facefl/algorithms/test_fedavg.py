@@ -51,3 +51,13 @@ def test_mismatches_and_bad_weights_raise() -> None:
             acc.add({"w": np.zeros(2, np.float32)}, bad)
     with pytest.raises(ValueError, match="no updates"):
         WeightedMean().result()
+
+
+def test_weighted_mean_scales_in_float64_so_large_finite_updates_stay_finite() -> None:
+    # NumPy 2 would evaluate float32 * weight in float32 before storing: 1e38 * 10 = inf
+    acc = WeightedMean()
+    acc.add({"w": np.full(3, 0.001, np.float32)}, 10.0)
+    acc.add({"w": np.full(3, 1e38, np.float32)}, 10.0)
+    out = acc.result()["w"]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, np.full(3, (0.001 * 10 + 1e38 * 10) / 20), rtol=1e-6)
