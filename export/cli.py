@@ -6,8 +6,10 @@
 With ``--int8``, ``--out`` receives the int8 model and the fp32 model it was made from is kept beside it as
 ``<name>.fp32.onnx``. With ``--parity DIR`` the embeddings of the images under DIR are compared between
 PyTorch and ONNX Runtime; the command fails (exit status 1) when the minimum cosine is under 0.9999 (fp32)
-or 0.998 (int8). ``--server URL --version N`` exports a model version straight from a server (a global
-model the simulator or a real deployment trained; the token comes from ``--token`` or ``FACEFL_TOKEN``).
+or 0.998 (int8). ``--threshold-set DIR`` stores each model's operating threshold at FAR 1e-3 on a public
+set, the Recognizer's fallback when a gallery is too small to calibrate one. ``--server URL --version N``
+exports a model version straight from a server (a global model the simulator or a real deployment
+trained; the token comes from ``--token`` or ``FACEFL_TOKEN``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cosine threshold stored in the model for runtimes that cannot calibrate one on their own data",
     )
+    parser.add_argument(
+        "--threshold-set",
+        type=Path,
+        metavar="DIR",
+        help="store the operating threshold at --threshold-far chosen on this public image folder, embedded "
+        "by each exported model (an LFW-layout folder gives only its public split, never test folds)",
+    )
+    parser.add_argument(
+        "--threshold-far", type=float, default=1e-3, metavar="FAR", help="--threshold-set's target FAR (1e-3)"
+    )
+    parser.add_argument(
+        "--threshold-images", type=int, default=2000, metavar="N", help="--threshold-set images used (2000)"
+    )
     parser.add_argument("--json", dest="json_path", type=Path, help="write the export report as JSON here")
 
 
@@ -87,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
     from export.errors import ExportError
     from export.images import load_image_dir
-    from export.onnx import export_onnx, load_generic, load_personalized
+    from export.onnx import DEFAULT_THRESHOLD_KEY, export_onnx, load_generic, load_personalized, set_metadata
     from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
     from export.quantize import quantize_static_int8
+    from export.threshold import threshold_for_model
 
     if sum(x is not None for x in (args.model, args.personalized, args.version)) != 1:
         return _fail(
@@ -102,8 +118,12 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--int8 needs --calibration DIR (face crops to calibrate on)", 2)
     if args.calibration is not None and not args.int8:
         return _fail("--calibration is only used with --int8", 2)
-    if args.calibration_images <= 0 or args.parity_images <= 0:
-        return _fail("--calibration-images and --parity-images must be positive", 2)
+    if args.calibration_images <= 0 or args.parity_images <= 0 or args.threshold_images <= 1:
+        return _fail("--calibration-images and --parity-images must be positive, --threshold-images > 1", 2)
+    if args.threshold_set is not None and args.default_threshold is not None:
+        return _fail("give --default-threshold or --threshold-set, not both", 2)
+    if not 0.0 < args.threshold_far < 1.0:
+        return _fail(f"--threshold-far must be in (0, 1), got {args.threshold_far}", 2)
     out: Path = args.out
     report: dict[str, Any] = {"out": str(out)}
     failed = []
@@ -123,6 +143,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {out} (int8, calibrated on {len(calibration)} images from {args.calibration}, "
                   f"{out.stat().st_size / 1e6:.2f} MB)")  # fmt: skip
             report["int8"] = str(out)
+        if args.threshold_set is not None:
+            report["operating_points"] = {}
+            for path in [fp32_path] + ([out] if args.int8 else []):
+                point = threshold_for_model(
+                    path, args.threshold_set, args.threshold_far, args.threshold_images
+                )
+                set_metadata(path, {DEFAULT_THRESHOLD_KEY: repr(point.threshold)})
+                print(f"{path.name}: {point.format()}")
+                report["operating_points"][str(path)] = point.to_dict()
         if args.parity is not None:
             images = load_image_dir(args.parity, source.preprocessing.image_size, limit=args.parity_images)
             checks = [(fp32_path, FP32_MIN_COSINE)] + ([(out, INT8_MIN_COSINE)] if args.int8 else [])

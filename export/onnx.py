@@ -247,3 +247,16 @@ def export_onnx(
     if prelu:
         raise ExportError(f"exported graph has PRelu nodes {prelu[:3]}; expected Relu/Mul/Sub (FastPReLU)")
     return save_model_atomic(model, out)
+
+
+def set_metadata(path: str | Path, items: Mapping[str, str]) -> Path:
+    """Add or replace ``metadata_props`` entries of the ONNX model at ``path`` (atomically)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in items]
+    del model.metadata_props[:]
+    for key, value in [*kept, *items.items()]:
+        model.metadata_props.add(key=key, value=value)
+    return save_model_atomic(model, path)

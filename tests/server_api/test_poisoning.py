@@ -17,6 +17,7 @@ from facefl.models import build_backbone, state_to_numpy
 from server_api.app import create_app
 from server_api.orm import ModelVersion
 from server_api.schemas import DEFAULT_MAX_SAMPLE_WEIGHT
+from server_api.services.tasks import NORM_BOUND_FACTOR
 from tests.conftest import make_settings
 from tests.server_api.test_api import ADMIN_H, Api, unchanged, wait_for
 
@@ -32,10 +33,10 @@ def _round_status(api: Api, round_id: int) -> str:
     return str(api.c.get(f"/v1/rounds/{round_id}", headers=ADMIN_H).json()["status"])
 
 
-def test_default_norm_bound_is_the_fresh_models_norm_and_refuses_a_huge_update(api: Api) -> None:
+def test_default_norm_bound_derives_from_the_fresh_model_and_refuses_a_huge_update(api: Api) -> None:
     task = api.task(policy={"target_reports": 2, "min_reports": 1})
     fresh = state_to_numpy(build_backbone("small", seed=0))
-    expected = codec.global_norm(fresh)
+    expected = NORM_BOUND_FACTOR * codec.global_norm(fresh)
     assert task["policy"]["update_norm_bound"] == pytest.approx(expected, rel=1e-3)
     honest, hostile = api.device(), api.device()
     a1, a2 = api.assignment(honest), api.assignment(hostile)
