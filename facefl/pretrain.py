@@ -253,7 +253,7 @@ def augment(x: Any, aug: Augmentation, gen: Any, mean: float | np.ndarray, std: 
     def per_channel(value: float | np.ndarray) -> Any:  # (C, 1, 1) broadcasts over (N, C, H, W)
         return torch.from_numpy(np.asarray(value, np.float32)).reshape(-1, 1, 1) if np.ndim(value) else value
 
-    m, s = per_channel(mean), per_channel(std)
+    mean_t, std_t = per_channel(mean), per_channel(std)
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=gen)
@@ -270,7 +270,7 @@ def augment(x: Any, aug: Augmentation, gen: Any, mean: float | np.ndarray, std: 
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if aug.brightness > 0 or aug.contrast > 0 or aug.saturation > 0 or aug.gray > 0:
-        p = x * s + m  # back to [0, 1] pixel intensities
+        p = x * std_t + mean_t  # back to [0, 1] pixel intensities
         if aug.brightness > 0:
             p = p * uniform(1 - aug.brightness, 1 + aug.brightness)[:, None, None, None]
         lum = (0.299 * p[:, 0] + 0.587 * p[:, 1] + 0.114 * p[:, 2]).unsqueeze(1)
@@ -283,7 +283,7 @@ def augment(x: Any, aug: Augmentation, gen: Any, mean: float | np.ndarray, std: 
             if aug.gray > 0:
                 s = torch.where(torch.rand(n, generator=gen) < aug.gray, torch.zeros(n), s)
             p = lum + (p - lum) * s[:, None, None, None]
-        x = (p.clamp(0.0, 1.0) - m) / s
+        x = (p.clamp(0.0, 1.0) - mean_t) / std_t
     return x
 
 
