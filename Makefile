@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,postgres,ray]"
+	$(BIN)/pip install --quiet -e ".[dev,postgres,ray,pretrained]"
 	touch $@
 
 run: install
