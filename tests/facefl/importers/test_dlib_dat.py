@@ -89,7 +89,7 @@ def test_reads_the_whole_file(model_file: Path) -> None:
     tensors = read_face_resnet(model_file)
     assert tensors["stem.conv.weight"].shape == (32, 3, 7, 7)
     assert tensors["fc.weight"].shape == (128, 256)
-    assert len(tensors) == 2 + 2 + 29 * 4  # stem conv, stem affine, 29 convs + affines in blocks, fc
+    assert len(tensors) == 4 + 14 * 8 + 1  # stem conv + affine; 14 blocks of 2 convs + 2 affines; fc
     assert all(v.dtype == np.float32 for v in tensors.values())
 
 
