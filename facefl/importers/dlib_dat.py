@@ -168,8 +168,8 @@ def _residual(prefix: str, channels: int, down: bool) -> list[_Layer]:
         _Layer("tag"),
     ]
     if down:  # relu(add_prev2(avg_pool(skip1(tag2(block(tag1(x)))))))
-        return [_Layer("relu"), _Layer("add_prev"), _Layer("avg_pool", kernel=2, stride=2),
-                _Layer("skip"), _Layer("tag"), *body]  # fmt: skip
+        shortcut = [_Layer("avg_pool", kernel=2, stride=2), _Layer("skip"), _Layer("tag")]
+        return [_Layer("relu"), _Layer("add_prev"), *shortcut, *body]
     return [_Layer("relu"), _Layer("add_prev"), *body]
 
 
