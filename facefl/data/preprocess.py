@@ -36,12 +36,9 @@ _COLOURS = ("RGB", "BGR")
 
 def _channel_value(name: str, value: Any) -> ChannelValue:
     """A plain float, or a 3-tuple of floats for per-channel values (lists from JSON metadata included)."""
-    if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or three numbers, got {value!r}") from None
     try:
+        if np.ndim(value) == 0:
+            return float(value)
         values = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number or three numbers, got {value!r}") from None

@@ -1,7 +1,8 @@
 """``dlib-resnet``: dlib's face ResNet imported into facefl, against dlib itself (PyTorch and ONNX Runtime).
 
-Needs the ``pretrained`` extra (dlib-bin and face_recognition_models), which CI installs: the parity tests
-compare with ``dlib.face_recognition_model_v1`` on chips made here, so they need no shared data.
+Needs the ``pretrained`` extra (dlib-bin and face_recognition_models), which CI and ``make install`` install,
+so a missing one fails rather than skips. The parity tests compare with ``dlib.face_recognition_model_v1``
+on chips made here, so they need no shared data; the ``realdata`` ones use LFW when it is there.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dlib  # the pretrained extra (dlib-bin): CI installs it, so a missing one fails rather than skips
 import numpy as np
 import pytest
 import torch
@@ -21,8 +23,6 @@ from facefl.importers.cli import import_dlib_resnet
 from facefl.importers.dlib_dat import find_model_file
 from facefl.models import ARCHITECTURES, build_backbone, load_numpy_state, state_to_numpy
 from facefl.models.dlib_resnet import DLIB_PREPROCESSING, PARAMETER_GROUPS, add_zero_padded
-
-dlib = pytest.importorskip("dlib", reason="the pretrained extra (dlib-bin) is not installed")
 
 # One thread: on a shared 2-core runner, two OpenMP threads spin-wait on each other and run ~10x slower.
 torch.set_num_threads(1)
