@@ -300,7 +300,8 @@ def _parse(r: DatReader) -> dict[str, np.ndarray]:
         r.read_version((1,), "the network")
         loss = r.read_string("the loss layer's type")
     except DlibFormatError as exc:
-        raise DlibFormatError(f"{r.source} is not a dlib network file: {exc}") from None
+        detail = str(exc).removeprefix(f"{r.source}: ")
+        raise DlibFormatError(f"{r.source} is not a dlib network file ({detail})") from None
     if loss not in ("loss_metric_", "loss_metric_2"):
         raise r.error(
             f"holds another network (its loss layer is {loss!r}), not dlib's face recognition ResNet "

@@ -128,6 +128,10 @@ def test_another_network_is_refused(model_file: Path, tmp_path: Path) -> None:
     with pytest.raises(DlibFormatError, match=r"another network.*loss_mmod") as info:
         read_face_resnet(detector)
     assert str(detector) in str(info.value)
+    landmarks = model_file.with_name("shape_predictor_5_face_landmarks.dat")  # not a dnn at all
+    with pytest.raises(DlibFormatError, match="is not a dlib network file") as info:
+        read_face_resnet(landmarks)
+    assert str(info.value).count(str(landmarks)) == 1
     path = tmp_path / "other.dat"
     path.write_bytes(_int(1) + _int(12) + b"loss_multicl" + bytes(10))
     with pytest.raises(DlibFormatError, match="another network"):
