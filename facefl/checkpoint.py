@@ -5,10 +5,11 @@ names of :func:`facefl.models.state_to_numpy` -- exactly what the server stores 
 string metadata:
 
     format          "facefl-backbone/1"
-    architecture    a key of facefl.models.ARCHITECTURES ("small", "mobilefacenet", "tiny")
+    architecture    a key of facefl.models.ARCHITECTURES ("small", "mobilefacenet", "tiny", "dlib-resnet")
     embedding_dim   e.g. "128"
     image_size      e.g. "64" (must be the architecture's input size)
-    preprocessing   JSON of facefl.data.Preprocessing.to_dict() (the one preprocessing definition)
+    preprocessing   JSON of facefl.data.Preprocessing.to_dict() (the one preprocessing definition; the
+                    architecture's, e.g. dlib's per-channel means for "dlib-resnet")
     metrics         JSON object, free-form (e.g. the LFW verification report of the run)
     extra           JSON object, free-form (e.g. the training recipe)
 
@@ -111,7 +112,7 @@ def save_checkpoint(
         raise ValueError(
             f"tensors do not fit a {arch.name!r} backbone with d={embedding_dim}: {exc}"
         ) from exc
-    preprocessing = Preprocessing(image_size=arch.image_size)
+    preprocessing = arch.preprocessing
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "architecture": arch.name,
@@ -176,7 +177,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: image_size {image_size} does not match architecture {arch.name!r} ({arch.image_size})"
         )
-    preprocessing = _json_field(path, raw, "preprocessing", Preprocessing(image_size).to_dict())
+    # files without it predate per-architecture preprocessing: the architecture's own is what they used
+    preprocessing = _json_field(path, raw, "preprocessing", arch.preprocessing.to_dict())
     try:
         if Preprocessing.from_dict(preprocessing).image_size != image_size:
             raise CheckpointError(f"{path}: preprocessing image_size differs from image_size {image_size}")

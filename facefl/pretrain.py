@@ -240,12 +240,20 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
     return low + (base_lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def augment(x: Any, aug: Augmentation, gen: Any, mean: float, std: float) -> Any:
-    """Apply ``aug`` to a normalised float (N, 3, S, S) tensor, drawing from torch generator ``gen``."""
+def augment(x: Any, aug: Augmentation, gen: Any, mean: float | np.ndarray, std: float | np.ndarray) -> Any:
+    """Apply ``aug`` to a normalised float (N, 3, S, S) tensor, drawing from torch generator ``gen``.
+
+    ``mean`` and ``std`` are the normalisation's (one number, or one per channel in the tensor's order).
+    """
     import torch
     import torch.nn.functional as F
 
     n = x.shape[0]
+
+    def per_channel(value: float | np.ndarray) -> Any:  # (C, 1, 1) broadcasts over (N, C, H, W)
+        return torch.from_numpy(np.asarray(value, np.float32)).reshape(-1, 1, 1) if np.ndim(value) else value
+
+    mean_t, std_t = per_channel(mean), per_channel(std)
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=gen)
@@ -262,7 +270,7 @@ def augment(x: Any, aug: Augmentation, gen: Any, mean: float, std: float) -> Any
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if aug.brightness > 0 or aug.contrast > 0 or aug.saturation > 0 or aug.gray > 0:
-        p = x * std + mean  # back to [0, 1] pixel intensities
+        p = x * std_t + mean_t  # back to [0, 1] pixel intensities
         if aug.brightness > 0:
             p = p * uniform(1 - aug.brightness, 1 + aug.brightness)[:, None, None, None]
         lum = (0.299 * p[:, 0] + 0.587 * p[:, 1] + 0.114 * p[:, 2]).unsqueeze(1)
@@ -275,7 +283,7 @@ def augment(x: Any, aug: Augmentation, gen: Any, mean: float, std: float) -> Any
             if aug.gray > 0:
                 s = torch.where(torch.rand(n, generator=gen) < aug.gray, torch.zeros(n), s)
             p = lum + (p - lum) * s[:, None, None, None]
-        x = (p.clamp(0.0, 1.0) - mean) / std
+        x = (p.clamp(0.0, 1.0) - mean_t) / std_t
     return x
 
 
@@ -349,7 +357,7 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None) -
         save_training_state,
         training_state_path,
     )
-    from facefl.data import DataError, Preprocessing
+    from facefl.data import DataError
     from facefl.data.lfw import LfwProtocol, pair_arrays, pair_folds
     from facefl.embedders import TorchEmbedder
     from facefl.evaluation import VerificationSet, evaluate_verification
@@ -360,7 +368,8 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None) -
 
     arch = get_architecture(config.model)
     dim = config.embedding_dim or arch.default_embedding_dim
-    pre = Preprocessing(image_size=arch.image_size)
+    pre = arch.preprocessing
+    mean, std = pre.channel_stats()
     torch.set_num_threads(config.threads)
 
     protocol = LfwProtocol.from_root(
@@ -456,7 +465,7 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None) -
             idx = np.sort(order[b * batch : (b + 1) * batch])
             x = torch.from_numpy(pre.normalize(images[idx]))
             y = torch.from_numpy(labels[idx])
-            x = augment(x, config.augmentation, gen, pre.mean, pre.std)
+            x = augment(x, config.augmentation, gen, mean, std)
             lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = lr

@@ -1,20 +1,23 @@
 """Backbone registry and the NumPy <-> module weight bridge.
 
-Every backbone takes float32 NCHW images of shape (N, 3, S, S), preprocessed by
-:class:`facefl.data.Preprocessing` with ``image_size == Architecture.image_size``, and returns
-L2-normalised embeddings of shape (N, d). The wire format (and the server) only ever sees
+Every backbone takes float32 NCHW images of shape (N, 3, S, S), preprocessed by its architecture's
+:class:`facefl.data.Preprocessing` (``Architecture.preprocessing``, of size ``S == Architecture.image_size``),
+and returns L2-normalised embeddings of shape (N, d). The wire format (and the server) only ever sees
 :func:`state_to_numpy` output, so the server can aggregate without instantiating models.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from facefl.data.preprocess import Preprocessing
+from facefl.models import dlib_resnet
+from facefl.models.dlib_resnet import DlibResNet
 from facefl.models.heads import CosFaceHead
 from facefl.models.mobilefacenet import FastPReLU, MobileFaceNet
 from facefl.models.small import SmallFaceNet
@@ -25,6 +28,7 @@ __all__ = [
     "GLOBAL_EXTRA_PREFIXES",
     "Architecture",
     "CosFaceHead",
+    "DlibResNet",
     "FastPReLU",
     "MobileFaceNet",
     "SmallFaceNet",
@@ -40,23 +44,39 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Architecture:
+    """A backbone kind: its input preprocessing (size and normalisation), its default embedding size and
+    named groups of its parameters (group name -> parameter-name prefixes, for training a part only)."""
+
     name: str
-    image_size: int
+    preprocessing: Preprocessing
     default_embedding_dim: int
+    parameter_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "small": Architecture("small", image_size=64, default_embedding_dim=128),
+    "small": Architecture("small", Preprocessing(64), default_embedding_dim=128),
     # 128-d as in the MobileFaceNet paper (Chen et al. 2018); also keeps updates small on the wire.
-    "mobilefacenet": Architecture("mobilefacenet", image_size=112, default_embedding_dim=128),
+    "mobilefacenet": Architecture("mobilefacenet", Preprocessing(112), default_embedding_dim=128),
     # protocol benchmarks only (~1k floats), see facefl/models/tiny.py
-    "tiny": Architecture("tiny", image_size=4, default_embedding_dim=20),
+    "tiny": Architecture("tiny", Preprocessing(4), default_embedding_dim=20),
+    # dlib's pretrained face ResNet (`facefl import-model dlib-resnet`), with dlib's own normalisation
+    "dlib-resnet": Architecture(
+        "dlib-resnet",
+        dlib_resnet.DLIB_PREPROCESSING,
+        default_embedding_dim=dlib_resnet.EMBEDDING_DIM,
+        parameter_groups=dlib_resnet.PARAMETER_GROUPS,
+    ),
 }
 
 _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "small": lambda d: SmallFaceNet(embedding_dim=d),
     "mobilefacenet": lambda d: MobileFaceNet(embedding_dim=d),
     "tiny": lambda d: TinyNet(embedding_dim=d),
+    "dlib-resnet": lambda d: DlibResNet(embedding_dim=d),
 }
 
 

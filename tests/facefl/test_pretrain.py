@@ -166,4 +166,9 @@ def test_config_validation_schedule_and_augmentation() -> None:
     assert torch.equal(augment(x, none, torch.Generator().manual_seed(0), 0.5, 0.5), x)
     flip_only = Augmentation(1.0, 0, 0, 0, 0, 0, 0, 0)
     assert torch.equal(augment(x, flip_only, torch.Generator(), 0.5, 0.5), x.flip(3))
+    # per-channel normalisation (e.g. dlib-resnet's): equal channels give what one number gives
+    half = np.full(3, 0.5, np.float32)
+    colour = Augmentation(0, 0, 0, 0, 0.3, 0.3, 0.3, 0.5)
+    expected = augment(x, colour, torch.Generator().manual_seed(1), 0.5, 0.5)
+    torch.testing.assert_close(augment(x, colour, torch.Generator().manual_seed(1), half, half), expected)
     assert isinstance(tune_malloc(), bool)

@@ -110,3 +110,45 @@ def test_preprocessing_for_architecture() -> None:
     assert preprocessing_for("mobilefacenet") == Preprocessing(112)
     with pytest.raises(ValueError, match="unknown architecture"):
         preprocessing_for("nope")
+
+
+def test_per_channel_mean_and_std() -> None:
+    image = np.zeros((2, 2, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 255, 51, 0
+    prep = Preprocessing(2, mean=(0.5, 0.1, 0.25), std=(0.5, 0.25, 1.0))
+    np.testing.assert_allclose(prep(image)[:, 0, 0], [1.0, 0.4, -0.25], atol=1e-6)
+    # the values are given in RGB order and follow their channel into BGR output
+    bgr = Preprocessing(2, mean=(0.5, 0.1, 0.25), std=(0.5, 0.25, 1.0), colour="BGR")
+    np.testing.assert_allclose(bgr(image)[:, 0, 0], [-0.25, 0.4, 1.0], atol=1e-6)
+    mean, std = bgr.channel_stats()
+    np.testing.assert_allclose(mean, [0.25, 0.1, 0.5])
+    np.testing.assert_allclose(std, [1.0, 0.25, 0.5])
+    # one number for all channels computes exactly what it always did
+    flat = _ramp(4, 4)
+    same = Preprocessing(4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    np.testing.assert_array_equal(same(flat), Preprocessing(4)(flat))
+    with pytest.raises(ValueError, match="three numbers"):
+        Preprocessing(4, mean=(0.5, 0.5))  # type: ignore[arg-type]  # deliberately wrong
+    with pytest.raises(ValueError, match="std must be positive"):
+        Preprocessing(4, std=(0.5, 0.0, 0.5))
+
+
+def test_per_channel_metadata_round_trip_and_old_metadata() -> None:
+    import json
+
+    prep = Preprocessing(150, mean=(0.48, 0.46, 0.41), std=256 / 255)
+    meta = json.loads(json.dumps(prep.to_dict()))  # as stored in checkpoints and ONNX metadata
+    assert meta["mean"] == [0.48, 0.46, 0.41] and meta["std"] == 256 / 255
+    assert Preprocessing.from_dict(meta) == prep
+    # metadata written before per-channel values: plain numbers
+    old = {"image_size": 64, "mean": 0.5, "std": 0.5, "colour": "RGB", "resize": "bilinear", "layout": "NCHW"}
+    assert Preprocessing.from_dict(old) == Preprocessing(64)
+    assert Preprocessing.from_dict({"image_size": 64}) == Preprocessing(64)
+    assert Preprocessing(64).to_dict()["mean"] == 0.5  # and still written so for one-number values
+
+
+def test_each_architecture_has_its_preprocessing() -> None:
+    dlib = preprocessing_for("dlib-resnet")
+    assert dlib.image_size == 150 and isinstance(dlib.mean, tuple)
+    np.testing.assert_allclose(np.asarray(dlib.mean) * 255, [122.782, 117.001, 104.298])
+    assert dlib.std == pytest.approx(256 / 255)

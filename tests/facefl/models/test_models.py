@@ -42,12 +42,14 @@ def _randomise_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def test_registry_entries() -> None:
-    assert set(ARCHITECTURES) == {"small", "mobilefacenet", "tiny"}
+    assert set(ARCHITECTURES) == {"small", "mobilefacenet", "tiny", "dlib-resnet"}
     assert ARCHITECTURES["small"].image_size == 64
     assert ARCHITECTURES["mobilefacenet"].image_size == 112
+    assert ARCHITECTURES["dlib-resnet"].image_size == 150
     assert get_architecture("small") is ARCHITECTURES["small"]
     for name, arch in ARCHITECTURES.items():
         assert arch.name == name
+        assert arch.preprocessing.image_size == arch.image_size
 
 
 def test_unknown_architecture_lists_known_names() -> None:

@@ -1,0 +1,1 @@
+"""Pretrained networks from other toolkits, as ordinary facefl checkpoints (``facefl import-model``)."""
