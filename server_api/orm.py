@@ -83,7 +83,8 @@ class Task(Base):
     eval_set: Mapped[str | None] = mapped_column(String(64))
     # parameter groups that train on devices (None: the whole model)
     trainable: Mapped[list[str] | None] = mapped_column(JSON)
-    # the served version (the last that passed the task's release gate); no FK: tasks and model_versions reference each other; the service keeps this consistent
+    # the served version (the last that passed the task's release gate); no FK: tasks and
+    # model_versions reference each other; the service keeps this consistent
     current_version: Mapped[int | None]
     aggregated_rounds: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
