@@ -173,6 +173,9 @@ class RoundInfo:
     reported: int
     deadline: datetime | None
     metrics: dict[str, Any]
+    # what devices get after the round: result_version, or base_version when the release gate held the
+    # result back (None until the round aggregated, and from servers without a gate)
+    served_version: int | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -196,6 +199,7 @@ class RoundInfo:
                 reported=int(data.get("reported") or 0),
                 deadline=_parse_time(data.get("deadline")),
                 metrics=dict(data.get("metrics") or {}),
+                served_version=_opt_int(data.get("served_version")),
                 raw=dict(data),
             )
         except (KeyError, TypeError, ValueError) as exc:
