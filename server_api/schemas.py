@@ -156,7 +156,7 @@ class RoundOut(BaseModel):
     metrics: dict[str, Any]
     # the version devices get after this round: result_version when it passed the task's release gate
     # (or there is none), else the base version; None until the round aggregated
-    served_version: int | None = None
+    served_version: int | None
 
 
 class TaskOut(BaseModel):
@@ -173,7 +173,7 @@ class TaskOut(BaseModel):
     policy: dict[str, Any]
     status: str
     eval_set: str | None
-    trainable: list[str] | None = None
+    trainable: list[str] | None
     # the served version: the last one that passed the release gate (every version without a gate)
     current_version: int | None
     aggregated_rounds: int
@@ -195,8 +195,8 @@ class ModelVersionOut(BaseModel):
     metrics: dict[str, Any]
     created_at: datetime
     # False: held back by the task's release gate (recorded, never handed to devices); reason says why
-    served: bool = True
-    held_back_reason: str | None = None
+    served: bool
+    held_back_reason: str | None
 
 
 class CheckinIn(Strict):
@@ -218,8 +218,8 @@ class AssignmentOut(BaseModel):
     upload_token: str
     # partial training: the task's parameter groups and their name prefixes (facefl.models
     # trainable_names); the update carries exactly those tensors. None: the whole model
-    trainable: list[str] | None = None
-    trainable_prefixes: list[str] | None = None
+    trainable: list[str] | None
+    trainable_prefixes: list[str] | None
 
 
 class TrainAction(BaseModel):

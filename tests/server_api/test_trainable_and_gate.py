@@ -178,3 +178,25 @@ def test_gate_holds_back_a_worse_version_and_serves_a_passing_one(api: Api) -> N
     assert api.c.get("/v1/models/3", headers=dev).status_code == 200
     listed = api.c.get(f"/v1/models?task_id={task.json()['id']}", headers=dev).json()
     assert [(m["version"], m["served"]) for m in listed] == [(1, True), (2, False), (3, True)]
+
+
+def test_openapi_shows_the_new_fields_as_always_present(api: Api) -> None:
+    schemas = api.c.get("/openapi.json").json()["components"]["schemas"]
+    assert {"served", "held_back_reason"} <= set(schemas["ModelVersionOut"]["required"])
+    assert "served_version" in schemas["RoundOut"]["required"]
+    assert "trainable" in schemas["TaskOut"]["required"]
+    assert {"trainable", "trainable_prefixes"} <= set(schemas["AssignmentOut"]["required"])
+    gate = schemas["ReleaseGate"]["properties"]
+    assert set(gate["metric"]["enum"]) == {"accuracy", "auc", "tar@far=1e-2", "tar@far=1e-3"}
+
+
+def test_gate_metrics_are_keys_of_the_evaluation_report() -> None:
+    from typing import get_args
+
+    from facefl.metrics import verification_report
+    from server_api.schemas import GateMetric
+
+    rng = np.random.default_rng(0)
+    is_same = np.arange(40) % 2 == 0
+    report = verification_report(rng.random(40) + is_same, is_same, np.arange(40) % 4)
+    assert set(get_args(GateMetric)) <= set(report)
