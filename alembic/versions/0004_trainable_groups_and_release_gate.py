@@ -18,15 +18,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("tasks", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("trainable", sa.JSON(), nullable=True))
-
-    with op.batch_alter_table("model_versions", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("served", sa.Boolean(), server_default=sa.true(), nullable=False))
-        batch_op.add_column(sa.Column("held_back_reason", sa.String(length=256), nullable=True))
-
-    with op.batch_alter_table("rounds", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("served_version", sa.Integer(), nullable=True))
+    # plain ADD COLUMN (no batch): on SQLite a batch would copy model_versions into a new table and drop
+    # the old one, which the foreign keys of existing rounds refuse (PRAGMA foreign_keys=ON)
+    op.add_column("tasks", sa.Column("trainable", sa.JSON(), nullable=True))
+    op.add_column(
+        "model_versions", sa.Column("served", sa.Boolean(), server_default=sa.true(), nullable=False)
+    )
+    op.add_column("model_versions", sa.Column("held_back_reason", sa.String(length=256), nullable=True))
+    op.add_column("rounds", sa.Column("served_version", sa.Integer(), nullable=True))
     # before any gate existed every aggregated round's result was served
     op.execute("UPDATE rounds SET served_version = result_version WHERE status = 'aggregated'")
 
