@@ -112,6 +112,9 @@ class Assignment:
     hyperparams: dict[str, Any]
     deadline: datetime | None
     upload_token: str
+    # partial training: the task's parameter groups and their name prefixes (None: the whole model)
+    trainable: tuple[str, ...] | None = None
+    trainable_prefixes: tuple[str, ...] | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Assignment:
@@ -128,6 +131,8 @@ class Assignment:
                 hyperparams=dict(data.get("hyperparams") or {}),
                 deadline=_parse_time(data.get("deadline")),
                 upload_token=str(data["upload_token"]),
+                trainable=_opt_strings(data.get("trainable")),
+                trainable_prefixes=_opt_strings(data.get("trainable_prefixes")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed assignment: {exc!r}") from exc
@@ -168,6 +173,9 @@ class RoundInfo:
     reported: int
     deadline: datetime | None
     metrics: dict[str, Any]
+    # what devices get after the round: result_version, or base_version when the release gate held the
+    # result back (None until the round aggregated, and from servers without a gate)
+    served_version: int | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -191,6 +199,7 @@ class RoundInfo:
                 reported=int(data.get("reported") or 0),
                 deadline=_parse_time(data.get("deadline")),
                 metrics=dict(data.get("metrics") or {}),
+                served_version=_opt_int(data.get("served_version")),
                 raw=dict(data),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -737,6 +746,14 @@ def _parse_time(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
     return datetime.fromisoformat(str(value))
+
+
+def _opt_strings(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
 
 
 def _opt_int(value: Any) -> int | None:

@@ -1,19 +1,22 @@
 """Local training of a round's assignment on the device (PyTorch; CUDA when present, else CPU).
 
 The device receives the global backbone, trains it on its own faces with a CosFace head over its local
-identities, and returns ``delta = local - base`` for every tensor of the base model. The local head is the
-device's private classifier: it is persisted in the device's state directory across rounds (initialised
-the first time from the mean embedding of each local identity under the received model) and never leaves
-the device.
+identities, and returns ``delta = local - base`` for every tensor of the base model. With a task's
+``trainable`` parameter groups (``assignment.trainable_prefixes``) everything else is frozen (no
+gradient, and frozen BatchNorm layers keep their running statistics) and the delta holds the trainable
+tensors only. The local head is the device's private classifier: it is persisted in the device's state
+directory across rounds (initialised the first time from the mean embedding of each local identity under
+the received model) and never leaves the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +41,7 @@ from facefl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from facefl.data import preprocessing_for
 from facefl.data.public import PublicSet
 from facefl.fileio import atomic_write_bytes
-from facefl.models import CosFaceHead, backbone_from_weights, state_to_numpy
+from facefl.models import CosFaceHead, backbone_from_weights, state_to_numpy, trainable_names
 
 from .dataset import LocalDataset
 
@@ -240,6 +243,7 @@ class Trainer:
         cfg, gen = self._prepare(assignment, dataset, seed)
 
         model = self._backbone(assignment.architecture, assignment.embedding_dim, base_weights)
+        trained = _freeze_outside(model, base_weights, _prefixes(assignment))
         x_all = self._preprocess(dataset.images, assignment.architecture)
         y_all = torch.from_numpy(dataset.labels).to(self.device)
         embedding_dim = self._embedding_dim(model)
@@ -253,16 +257,16 @@ class Trainer:
         # FedProx: mu/2 ||w - w_global||^2 against this round's global weights (a frozen copy)
         global_params: dict[str, torch.Tensor] = {}
         if algorithm == "fedprox" and cfg.mu > 0:
-            global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            global_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-        params = list(model.parameters()) + list(head.parameters())
+        params = _trainable_parameters(model) + list(head.parameters())
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         n = len(dataset)
         steps = 0
         epoch_loss = 0.0
         first_epoch_loss: float | None = None
         prox_total = 0.0
-        model.train()
+        _train_mode(model, trained)
         head.train()
         for _epoch in range(cfg.local_epochs):
             epoch_loss, seen = 0.0, 0
@@ -287,7 +291,7 @@ class Trainer:
 
         loss_after, acc_after = self._score(head, self._embed_tensor(model, x_all), y_all)
         local = state_to_numpy(model)
-        delta = codec.delta({k: local[k] for k in base_weights}, base_weights)
+        delta = codec.delta({k: local[k] for k in trained}, {k: base_weights[k] for k in trained})
         if state_dir is not None:
             self._save_head(Path(state_dir), head, dataset.identities, assignment.architecture)
         # train_loss*: mean CosFace loss over an epoch's batches (train mode, augmented);
@@ -331,6 +335,7 @@ class Trainer:
         arch = assignment.architecture
 
         model = self._backbone(arch, assignment.embedding_dim, base_weights)
+        trained = _freeze_outside(model, base_weights, _prefixes(assignment))  # + the public classifier
         embedding_dim = self._embedding_dim(model)
         x_local = self._preprocess(dataset.images, arch)
         emb_before = self._embed_tensor(model, x_local)
@@ -368,7 +373,7 @@ class Trainer:
         # 3. DFC: kept on the device; the binary classifiers start from the local classifier's rows
         dfc = self._load_or_init_dfc(state_dir, dataset, head, embedding_dim, arch)
 
-        decay = list(model.parameters()) + list(head.parameters())
+        decay = _trainable_parameters(model) + list(head.parameters())
         # no weight decay on the public classifier or DFC: a device moves public rows through its loss
         # only, rather than shrinking all of them every round (CosFace normalizes rows anyway)
         optimizer = torch.optim.SGD(
@@ -382,7 +387,7 @@ class Trainer:
         )
         sums = {"ce": 0.0, "dfc": 0.0, "contrastive": 0.0}
         steps = 0
-        model.train()
+        _train_mode(model, trained)
         head.train()
         dfc.train()
         for _epoch in range(cfg.local_epochs):
@@ -412,7 +417,7 @@ class Trainer:
 
         local = state_to_numpy(model)
         local_with_head = {**local, PUBLIC_HEAD_KEY: public_head.detach().cpu().numpy().astype(np.float32)}
-        delta = codec.delta({k: local_with_head[k] for k in base_weights}, base_weights)
+        delta = codec.delta({k: local_with_head[k] for k in trained}, {k: base_weights[k] for k in trained})
         emb_after = self._embed_tensor(model, x_local)
         loss_after, acc_after = self._score(head, emb_after, torch.from_numpy(dataset.labels).to(self.device))
         if state_dir is not None:
@@ -509,6 +514,7 @@ class Trainer:
             )
         cfg, gen = self._prepare(assignment, dataset, seed)
         model = self._backbone(assignment.architecture, assignment.embedding_dim, base_weights)
+        trained = _freeze_outside(model, base_weights, _prefixes(assignment))
         embedding_dim = self._embedding_dim(model)
         x_all = self._preprocess(dataset.images, assignment.architecture)
         received = inputs.class_embedding if inputs is not None else None
@@ -518,11 +524,11 @@ class Trainer:
             w = class_embedding(self._embed_tensor(model, x_all))
         loss_before = float(positive_loss(self._embed_tensor(model, x_all), w, cfg.fedface_margin))
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            _trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         n = len(x_all)
         steps, loss_sum = 0, 0.0
-        model.train()
+        _train_mode(model, trained)
         for _epoch in range(cfg.local_epochs):
             for _idx, x in self._epoch(x_all, cfg, gen):
                 loss = positive_loss(model(x), w, cfg.fedface_margin)
@@ -532,7 +538,7 @@ class Trainer:
                 steps += 1
                 loss_sum += float(loss.detach())
         local = state_to_numpy(model)
-        delta = codec.delta({k: local[k] for k in base_weights}, base_weights)
+        delta = codec.delta({k: local[k] for k in trained}, {k: base_weights[k] for k in trained})
         metrics = {
             "train_loss": loss_sum / max(steps, 1),
             "loss_before": loss_before,
@@ -689,6 +695,48 @@ class Trainer:
             metadata={"identities": json.dumps(list(identities)), "architecture": architecture},
         )
         atomic_write_bytes(state_dir / HEAD_FILE, data)
+
+
+def _prefixes(assignment: AssignmentLike) -> Sequence[str] | None:
+    """The assignment's trainable name prefixes (None: the whole model; assignments without the field)."""
+    prefixes: Sequence[str] | None = getattr(assignment, "trainable_prefixes", None)
+    return prefixes
+
+
+def _freeze_outside(
+    model: torch.nn.Module, base_weights: Mapping[str, np.ndarray], prefixes: Sequence[str] | None
+) -> list[str]:
+    """Freeze the parameters outside ``prefixes`` (requires_grad False); the names of ``base_weights``
+    that train and are uploaded (every one without prefixes; a global model's extras always)."""
+    trained = trainable_names(base_weights, prefixes)
+    if prefixes is not None:
+        keep = set(trained)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in keep)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"the trainable prefixes {list(prefixes)} select no parameter of this model")
+    return trained
+
+
+def _trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _train_mode(model: torch.nn.Module, trained: Sequence[str]) -> None:
+    """Train mode, except for modules none of whose own tensors train: those stay in eval mode, so a
+    frozen BatchNorm normalizes with, and keeps, the base model's running statistics."""
+    model.train()
+    keep = set(trained)
+    for module_name, module in model.named_modules():
+        own = [
+            f"{module_name}.{n}" if module_name else n
+            for n, t in itertools.chain(
+                module.named_parameters(recurse=False), module.named_buffers(recurse=False)
+            )
+            if t.is_floating_point()
+        ]
+        if own and not any(n in keep for n in own):
+            module.eval()
 
 
 def load_personalized_model(state_dir: str | Path) -> torch.nn.Module:

@@ -9,7 +9,9 @@ PyTorch and ONNX Runtime; the command fails (exit status 1) when the minimum cos
 or 0.998 (int8). ``--threshold-set DIR`` stores each model's operating threshold at FAR 1e-3 on a public
 set, the Recognizer's fallback when a gallery is too small to calibrate one. ``--server URL --version N``
 exports a model version straight from a server (a global model the simulator or a real deployment
-trained; the token comes from ``--token`` or ``FACEFL_TOKEN``).
+trained; the token comes from ``--token`` or ``FACEFL_TOKEN``); ``--server URL --task ID`` exports the
+version the server serves for that task (the last one that passed the task's release gate). A version
+the gate held back is refused.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--model", type=Path, help="generic model: a facefl checkpoint (.safetensors)")
     src.add_argument("--version", type=int, help="generic model: this model version of --server")
     src.add_argument(
+        "--task", type=int, help="generic model: the version --server serves for this task (its release gate)"
+    )
+    src.add_argument(
         "--personalized",
         type=Path,
         metavar="DEVICE_STATE_DIR",
         help="personalized model: a device state dir with personalized.safetensors and dfc.safetensors",
     )
-    parser.add_argument("--server", help="server URL for --version, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--server", help="server URL for --version/--task, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", help="bearer token for --server (default: $FACEFL_TOKEN)")
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization (needs --calibration)")
@@ -66,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", type=Path, help="write the export report as JSON here")
 
 
-def _download_version(server: str, version: int, token: str | None, out: Path) -> Path:
-    """Fetch a model version's weights and write them as a facefl checkpoint beside ``out``."""
+def _download_version(
+    server: str, version: int | None, task: int | None, token: str | None, out: Path
+) -> Path:
+    """Fetch a model version's weights (``version``, or the one the server serves for ``task``) and write
+    them as a facefl checkpoint beside ``out``. A version the task's release gate held back is refused."""
     import os
 
     import httpx
@@ -81,10 +89,22 @@ def _download_version(server: str, version: int, token: str | None, out: Path) -
         raise ValueError("--server needs a device or admin token (--token or FACEFL_TOKEN)")
     try:
         with FederatedClient(server, token=token) as client:
-            weights = client.download_model(version)
+            if version is None:
+                assert task is not None
+                version = client.get_task(task).current_version
+                if version is None:
+                    raise ValueError(f"task {task} on {server} serves no model version yet")
+                print(f"task {task} serves model version {version}")
             info = client.get_model_info(version)
+            if info.get("served") is False:
+                raise ValueError(
+                    f"model version {version} was held back by its task's release gate "
+                    f"({info.get('held_back_reason')}); export what the task serves with --task"
+                )
+            weights = client.download_model(version)
     except (FaceflError, httpx.HTTPError) as exc:
-        raise ValueError(f"cannot fetch model version {version} from {server}: {exc}") from exc
+        what = f"model version {version}" if version is not None else f"task {task}'s model"
+        raise ValueError(f"cannot fetch {what} from {server}: {exc}") from exc
     path = out.with_name(f"{out.stem}.v{version}.safetensors")
     # the backbone only: FedFR's public classifier is training state, not part of the embedding model
     save_checkpoint(path, backbone_state(weights), info["architecture"], info["embedding_dim"])
@@ -107,13 +127,14 @@ def run(args: argparse.Namespace) -> int:
     from export.quantize import quantize_static_int8
     from export.threshold import threshold_for_model
 
-    if sum(x is not None for x in (args.model, args.personalized, args.version)) != 1:
+    if sum(x is not None for x in (args.model, args.personalized, args.version, args.task)) != 1:
         return _fail(
-            "give exactly one of --model FILE, --version N (with --server) or --personalized STATE_DIR",
+            "give exactly one of --model FILE, --version N or --task ID (with --server) or "
+            "--personalized STATE_DIR",
             2,
         )
-    if (args.version is None) != (args.server is None):
-        return _fail("--version and --server go together", 2)
+    if (args.version is None and args.task is None) != (args.server is None):
+        return _fail("--version or --task and --server go together", 2)
     if args.int8 and args.calibration is None:
         return _fail("--int8 needs --calibration DIR (face crops to calibrate on)", 2)
     if args.calibration is not None and not args.int8:
@@ -128,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"out": str(out)}
     failed = []
     try:
-        if args.version is not None:
-            args.model = _download_version(args.server, args.version, args.token, out)
+        if args.server is not None:
+            args.model = _download_version(args.server, args.version, args.task, args.token, out)
         source = load_personalized(args.personalized) if args.personalized else load_generic(args.model)
         fp32_path = out.with_name(out.stem + ".fp32.onnx") if args.int8 else out
         export_onnx(source, fp32_path, default_threshold=args.default_threshold)

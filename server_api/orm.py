@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    text,
+    true,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -69,7 +81,10 @@ class Task(Base):
     policy: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default="running")
     eval_set: Mapped[str | None] = mapped_column(String(64))
-    # no FK: tasks and model_versions reference each other; the service keeps this consistent
+    # parameter groups that train on devices (None: the whole model)
+    trainable: Mapped[list[str] | None] = mapped_column(JSON)
+    # the served version (the last that passed the task's release gate); no FK: tasks and
+    # model_versions reference each other; the service keeps this consistent
     current_version: Mapped[int | None]
     aggregated_rounds: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -94,6 +109,9 @@ class ModelVersion(Base):
     # blob of server-only algorithm state at this version (FedFace: every device's class embedding);
     # never served whole: each device may read its own row only
     server_state_key: Mapped[str | None] = mapped_column(String(64))
+    # False: the task's release gate held this version back (recorded, never served to devices)
+    served: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    held_back_reason: Mapped[str | None] = mapped_column(String(256))
 
 
 class Round(Base):
@@ -125,6 +143,8 @@ class Round(Base):
     closed_at: Mapped[datetime | None]
     aggregation_started_at: Mapped[datetime | None]
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # what devices get after this round: result_version, or base_version when the gate held it back
+    served_version: Mapped[int | None]
 
 
 class Assignment(Base):

@@ -77,6 +77,18 @@ class RobustAggregation(Strict):
 DEFAULT_MAX_SAMPLE_WEIGHT = 1000
 
 
+# keys of the server's evaluation report (facefl.metrics.verification_report) where higher is better
+GateMetric = Literal["accuracy", "auc", "tar@far=1e-2", "tar@far=1e-3"]
+
+
+class ReleaseGate(Strict):
+    """A new version is served only if ``metric`` on the task's eval_set is at most ``max_drop`` below the
+    served version's; otherwise it is recorded (with its metrics) but held back."""
+
+    metric: GateMetric = "accuracy"
+    max_drop: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
 class RoundPolicy(Strict):
     target_reports: Annotated[int, Field(ge=1, le=100_000)] = 10
     over_selection: Annotated[float, Field(ge=1.0, le=10.0)] = 1.3
@@ -89,6 +101,7 @@ class RoundPolicy(Strict):
     # num_samples above this is counted as this much weight in the weighted mean
     max_sample_weight: Annotated[int, Field(ge=1, le=1_000_000_000)] = DEFAULT_MAX_SAMPLE_WEIGHT
     robust: RobustAggregation | None = None
+    gate: ReleaseGate | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> RoundPolicy:
@@ -112,6 +125,10 @@ class TaskIn(Strict):
     rounds: Annotated[int, Field(ge=1, le=100_000)] = 10
     initial_version: Id | None = None
     eval_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    # parameter groups of the architecture that train on the device (None: the whole model)
+    trainable: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64)]] | None, Field(min_length=1, max_length=64)
+    ] = None
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     policy: RoundPolicy = Field(default_factory=RoundPolicy)
 
@@ -123,6 +140,10 @@ class TaskIn(Strict):
             raise ValueError("fedfr needs hyperparams.public_set (a FACEFL_PUBLIC_SETS name)")
         if self.algorithm != "fedfr" and self.hyperparams.public_set is not None:
             raise ValueError("hyperparams.public_set applies to fedfr only")
+        if self.policy.gate is not None and self.eval_set is None:
+            raise ValueError("policy.gate needs eval_set: the gate compares versions on it")
+        if self.trainable is not None:
+            self.trainable = list(dict.fromkeys(self.trainable))  # each group once, in the given order
         return self
 
 
@@ -144,6 +165,9 @@ class RoundOut(BaseModel):
     deadline: datetime
     closed_at: datetime | None
     metrics: dict[str, Any]
+    # the version devices get after this round: result_version when it passed the task's release gate
+    # (or there is none), else the base version; None until the round aggregated
+    served_version: int | None
 
 
 class TaskOut(BaseModel):
@@ -160,6 +184,8 @@ class TaskOut(BaseModel):
     policy: dict[str, Any]
     status: str
     eval_set: str | None
+    trainable: list[str] | None
+    # the served version: the last one that passed the release gate (every version without a gate)
     current_version: int | None
     aggregated_rounds: int
     current_round: RoundOut | None = None
@@ -179,6 +205,9 @@ class ModelVersionOut(BaseModel):
     size_bytes: int
     metrics: dict[str, Any]
     created_at: datetime
+    # False: held back by the task's release gate (recorded, never handed to devices); reason says why
+    served: bool
+    held_back_reason: str | None
 
 
 class CheckinIn(Strict):
@@ -198,6 +227,10 @@ class AssignmentOut(BaseModel):
     hyperparams: dict[str, Any]
     deadline: datetime
     upload_token: str
+    # partial training: the task's parameter groups and their name prefixes (facefl.models
+    # trainable_names); the update carries exactly those tensors. None: the whole model
+    trainable: list[str] | None
+    trainable_prefixes: list[str] | None
 
 
 class TrainAction(BaseModel):

@@ -178,6 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="any other task hyper-parameter, validated by the server (repeatable), e.g. --hp dfc_weight=0",
     )
+    t.add_argument(
+        "--trainable",
+        default=None,
+        metavar="GROUP[,GROUP]",
+        help="partial training: the model's parameter groups that train on devices (facefl.models "
+        "parameter_groups, e.g. small: early, last_block, embedding); only their deltas are uploaded",
+    )
     t.add_argument("--mu", type=_non_negative_float, default=None, help="FedProx mu (0.01 with fedprox)")
     t.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round (1)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="local batch size (16)")
@@ -191,6 +198,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-reports", type=_positive_int, default=None, help="reports needed to aggregate (ceil(target/2))"
     )
     p.add_argument("--round-timeout-s", type=_positive_float, default=300.0, help="round deadline (300)")
+    p.add_argument(
+        "--gate",
+        default=None,
+        metavar="METRIC:MAX_DROP",
+        help="release gate (needs --eval-set): a version whose METRIC (accuracy, auc, tar@far=1e-2, "
+        "tar@far=1e-3) falls more than MAX_DROP below the served one's is held back, e.g. auc:0.003",
+    )
 
     s = parser.add_argument_group("server and execution")
     s.add_argument("--server", default=None, help="URL of a running server (default: start one on 127.0.0.1)")
@@ -242,6 +256,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         heldout_ids=args.heldout_ids,
         eval_set=args.eval_set,
         initial_model=args.initial_model,
+        trainable=[g.strip() for g in args.trainable.split(",") if g.strip()] if args.trainable else None,
+        gate=args.gate,
         test_fraction=args.test_fraction,
         server=args.server,
         db=args.db,

@@ -32,7 +32,7 @@ from device_sdk import DeviceCredentials, FederatedClient, LocalDataset, RoundIn
 from facefl.data import ImageFolder, partition_identities
 from facefl.data.partition import held_out_count
 from facefl.data.protocol import plan_devices
-from facefl.models import ARCHITECTURES
+from facefl.models import ARCHITECTURES, resolve_trainable
 
 from .backends import BACKENDS, make_backend, ray_available
 from .evaluation import rank1_identification
@@ -111,6 +111,10 @@ class SimulationConfig:
     eval_set: str | None = None
     # start from these weights (a `facefl pretrain` checkpoint) instead of a seeded random model
     initial_model: str | None = None
+    # partial training: the architecture's parameter groups that train on the devices (None: all)
+    trainable: list[str] | None = None
+    # the task's release gate, "METRIC:MAX_DROP" (needs eval_set), e.g. "auc:0.003"
+    gate: str | None = None
     # simulated faults (simulator.faults): stragglers train slow_factor times longer; corrupt devices
     # upload garbage; kill_server_at "ROUND:SECONDS" SIGKILLs and restarts the started server
     stragglers: float = 0.0
@@ -241,6 +245,14 @@ class SimulationConfig:
                 Path(self.eval_set).is_dir(),
                 f"--eval-set must be an existing directory (got {self.eval_set!r})",
             )
+        if self.trainable is not None:
+            try:
+                resolve_trainable(self.model, self.trainable)
+            except ValueError as exc:
+                raise ValueError(f"--trainable: {exc}") from None
+        if self.gate is not None:
+            need(self.eval_set is not None, "--gate needs --eval-set (the gate compares versions on it)")
+            parse_gate(self.gate)
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -265,7 +277,7 @@ class RoundResult:
     reports: int
     assigned: int
     dropped: int
-    model_version: int
+    model_version: int  # the round's result (the base when it was abandoned)
     wall_s: float
     mb_uploaded: float
     heldout_accuracy: float
@@ -285,6 +297,9 @@ class RoundResult:
     # (seconds from the round's start; wall_s - jobs_done_s is the wait for the round to close)
     device_train_s: list[float] = field(default_factory=list)
     jobs_done_s: float = 0.0
+    # what devices get after the round: model_version, or the previous served version when the task's
+    # release gate held model_version back (None: abandoned)
+    served_version: int | None = None
 
 
 @dataclass
@@ -315,7 +330,8 @@ class SimulationResult:
         faults = self.config.faults_enabled
         header = (
             f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
-            f"{'heldout acc':>11}" + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
+            f"{'served':>6} {'heldout acc':>11}"
+            + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
         )
         if faults:
             header += f" {'selected':>8} {'vanished':>8} {'late/slow':>9} {'refused/bad':>11} {'kills':>5}"
@@ -331,13 +347,18 @@ class SimulationResult:
         for r in self.rounds:
             lines.append(
                 f"{r.round:>5}  {r.status:<10} {r.reports:>7} {r.dropped:>7} {r.wall_s:>7.1f} "
-                f"{r.mb_uploaded:>7.2f} {r.heldout_accuracy:>11.3f}"
+                f"{r.mb_uploaded:>7.2f} {_served_cell(r):>6} {r.heldout_accuracy:>11.3f}"
                 + (
                     f" {_fmt(r.generic, 'accuracy'):>11} {_fmt(r.generic, 'tar@far=1e-2'):>8}"
                     if generic
                     else ""
                 )
                 + (_fault_cells(r) if faults else "")
+            )
+        if any(r.served_version not in (None, r.model_version) for r in self.rounds):
+            lines.append(
+                "served: the version devices get after the round; *: the round's version (whose accuracy the "
+                "row shows) was held back by the release gate"
             )
         if faults:
             lines.append(
@@ -347,6 +368,26 @@ class SimulationResult:
             )
         lines.append(f"total wall time: {self.total_wall_s:.1f} s")
         return "\n".join(lines)
+
+
+def _served_cell(r: RoundResult) -> str:
+    if r.served_version is None:
+        return "-"
+    return f"v{r.served_version}" + ("*" if r.served_version != r.model_version else "")
+
+
+def parse_gate(text: str) -> dict[str, Any]:
+    """``--gate METRIC:MAX_DROP`` -> the task policy's gate (the server validates the metric)."""
+    metric, sep, raw = text.rpartition(":")
+    try:
+        max_drop = float(raw)
+    except ValueError:
+        max_drop = math.nan
+    if not sep or not metric or not 0.0 <= max_drop <= 1.0:
+        raise ValueError(
+            f"--gate expects METRIC:MAX_DROP with MAX_DROP in [0, 1], e.g. auc:0.003 (got {text!r})"
+        )
+    return {"metric": metric, "max_drop": max_drop}
 
 
 def _fault_cells(r: RoundResult) -> str:
@@ -643,6 +684,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     server_kills=int(killer is not None and killer.killed),
                     device_train_s=[round(jr.train_seconds, 4) for jr in job_results if jr.train_seconds > 0],
                     jobs_done_s=jobs_done_s,
+                    served_version=closed.served_version if version is not None else None,
                 )
             )
         bar.close()
@@ -713,6 +755,7 @@ def _task_body(cfg: SimulationConfig) -> dict[str, Any]:
         "embedding_dim": None,
         "seed": cfg.seed,
         "rounds": cfg.rounds,
+        "trainable": cfg.trainable,
         "hyperparams": {
             "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size,
@@ -735,6 +778,7 @@ def _task_body(cfg: SimulationConfig) -> dict[str, Any]:
             "over_selection": cfg.over_selection,
             "min_reports": cfg.min_reports,
             "round_timeout_s": cfg.round_timeout_s,
+            "gate": parse_gate(cfg.gate) if cfg.gate is not None else None,
         },
     }
 

@@ -8,7 +8,7 @@ and returns L2-normalised embeddings of shape (N, d). The wire format (and the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +38,9 @@ __all__ = [
     "build_backbone",
     "get_architecture",
     "load_numpy_state",
+    "resolve_trainable",
     "state_to_numpy",
+    "trainable_names",
 ]
 
 
@@ -50,6 +52,9 @@ class Architecture:
     name: str
     preprocessing: Preprocessing
     default_embedding_dim: int
+    # group name -> prefixes of :func:`state_to_numpy` names ("features.5." covers a whole module, a name
+    # without the trailing dot exactly one tensor). A task's ``trainable`` names groups: the device trains
+    # those and uploads their deltas only; everything else stays at the base version's values.
     parameter_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -58,11 +63,35 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "small": Architecture("small", Preprocessing(64), default_embedding_dim=128),
+    "small": Architecture(
+        "small",
+        Preprocessing(64),
+        default_embedding_dim=128,
+        parameter_groups={
+            "early": ("features.0.", "features.1.", "features.2.", "features.3.", "features.4."),
+            "last_block": ("features.5.", "features.6."),  # the 8x8 -> 4x4 stage, 128 channels
+            "embedding": ("gdconv.", "embedding.", "bn."),
+        },
+    ),
     # 128-d as in the MobileFaceNet paper (Chen et al. 2018); also keeps updates small on the wire.
-    "mobilefacenet": Architecture("mobilefacenet", Preprocessing(112), default_embedding_dim=128),
-    # protocol benchmarks only (~1k floats), see facefl/models/tiny.py
-    "tiny": Architecture("tiny", Preprocessing(4), default_embedding_dim=20),
+    "mobilefacenet": Architecture(
+        "mobilefacenet",
+        Preprocessing(112),
+        default_embedding_dim=128,
+        parameter_groups={
+            "early": ("conv1.", "dw_conv1.", *(f"bottlenecks.{i}." for i in range(12))),
+            "last_block": ("bottlenecks.12.", "bottlenecks.13.", "bottlenecks.14.", "conv2."),  # 7x7 stage
+            "embedding": ("gdconv.", "embedding.", "bn."),
+        },
+    ),
+    # protocol benchmarks only (~1k floats), see facefl/models/tiny.py; its groups split the one layer so
+    # that partial uploads can be measured on it too
+    "tiny": Architecture(
+        "tiny",
+        Preprocessing(4),
+        default_embedding_dim=20,
+        parameter_groups={"weight": ("fc.weight",), "bias": ("fc.bias",)},
+    ),
     # dlib's pretrained face ResNet (`facefl import-model dlib-resnet`), with dlib's own normalisation
     "dlib-resnet": Architecture(
         "dlib-resnet",
@@ -125,6 +154,43 @@ def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
 # Tensors a global model may carry next to its backbone (FedFR's public classifier). The backbone alone
 # is what embeds faces: evaluation, export and embedding take ``backbone_state(weights)``.
 GLOBAL_EXTRA_PREFIXES = ("public_head.",)
+
+
+def resolve_trainable(architecture: str, groups: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The name prefixes of ``groups`` of ``architecture`` (None: the whole model trains).
+
+    ValueError naming the unknown group and the known ones.
+    """
+    if groups is None:
+        return None
+    known = get_architecture(architecture).parameter_groups
+    prefixes: list[str] = []
+    for group in groups:
+        if group not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise ValueError(
+                f"unknown parameter group {group!r} of architecture {architecture!r}; known groups: {listed}"
+            )
+        prefixes.extend(p for p in known[group] if p not in prefixes)
+    return tuple(prefixes)
+
+
+def trainable_names(names: Iterable[str], prefixes: Sequence[str] | None) -> list[str]:
+    """The entries of ``names`` a device trains and uploads under ``prefixes`` (None: all of them).
+
+    A prefix ending in "." covers every name under it, any other prefix exactly that name. A global
+    model's extra tensors (``GLOBAL_EXTRA_PREFIXES``: FedFR's public classifier) are algorithm state
+    and always train.
+    """
+    if prefixes is None:
+        return list(names)
+
+    def selected(name: str) -> bool:
+        if name.startswith(GLOBAL_EXTRA_PREFIXES):
+            return True
+        return any(name == p or (p.endswith(".") and name.startswith(p)) for p in prefixes)
+
+    return [n for n in names if selected(n)]
 
 
 def backbone_state(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

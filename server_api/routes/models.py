@@ -65,10 +65,11 @@ async def model_info(version: IdPath, ctx: Context, _: Principal) -> ModelVersio
     },
 )
 async def download_model(
-    version: IdPath, ctx: Context, _: Principal, if_none_match: Annotated[str | None, Header()] = None
+    version: IdPath, ctx: Context, principal: Principal, if_none_match: Annotated[str | None, Header()] = None
 ) -> Response:
-    """The weights of a model version (immutable; ETag = sha256)."""
-    path, sha = await run_in_threadpool(models.blob_path, ctx, version)
+    """The weights of a model version (immutable; ETag = sha256). A version the task's release gate held
+    back is not served to devices (404); the admin may still fetch it."""
+    path, sha = await run_in_threadpool(models.served_blob_path, ctx, version, principal)
     etag = f'"{sha}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:

@@ -15,7 +15,7 @@ from facefl.algorithms.fedavg import WeightedMean
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, spreadout
 from server_api import metrics as prom
 from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
-from server_api.services import evaluation, models, public, queries, rounds
+from server_api.services import evaluation, gate, models, public, queries, rounds
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
 
@@ -45,6 +45,7 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         rows = queries.updates_of(s, round_id)
         updates = [(u.blob_key, u.num_samples, dict(u.metrics), u.device_id) for u in rows]
         robust_config = task.policy.get("robust")  # None: the plain weighted mean below
+        gate_config = task.policy.get("gate")  # None: every new version is served
         norms = [u.norm for u in rows] if robust_config else []
 
     t0 = time.perf_counter()
@@ -80,6 +81,13 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     agg_seconds = time.perf_counter() - t0
     round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
     round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
+    decision = gate.GateDecision(served=True)
+    if gate_config is not None and eval_set is not None:
+        # the base is the served version: rounds always open on it (off the event loop, like the rest)
+        decision = gate.decide(
+            ctx, gate_config, eval_set, rnd.base_version, architecture, embedding_dim, new_weights
+        )
+        round_metrics["gate_s"] = time.perf_counter() - t0 - agg_seconds
 
     try:
         version = _commit(
@@ -95,15 +103,16 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             samples=total,
             round_metrics=round_metrics,
             server_state_key=state_key,
+            decision=decision,
         )
     except _LostLease:
         log.warning("aggregation of round %s lost its lease; result discarded", round_id)
         return None
     prom.ROUNDS_CLOSED.labels(outcome="aggregated").inc()
     prom.AGGREGATION_SECONDS.observe(agg_seconds)
-    if algorithm == "fedfr":
+    if algorithm == "fedfr" and decision.served:
         public.bank_key(ctx, version)  # ready before the next round's devices ask for it
-    if eval_set is not None:
+    if eval_set is not None and decision.report is None:  # a gated version was evaluated already
         ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
     log.info(
         "round aggregated",
@@ -112,8 +121,14 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             "model_version": version,
             "reports": len(updates),
             "seconds": agg_seconds,
+            "served": decision.served,
         },
     )
+    if not decision.served:
+        log.warning(
+            "model version held back by the release gate",
+            extra={"model_version": version, "reason": decision.reason},
+        )
     return version
 
 
@@ -185,7 +200,17 @@ def _commit(
     samples: int,
     round_metrics: dict[str, float],
     server_state_key: str | None = None,
+    decision: gate.GateDecision | None = None,
 ) -> int:
+    """The new version, the round's closure and the next round in one transaction. A version the
+    release gate held back is recorded (with its metrics) but the task keeps serving ``base_version``,
+    and the next round opens on it."""
+    decision = decision or gate.GateDecision(served=True)
+    metrics: dict[str, Any] = {"reports": reports, "samples": samples}
+    if decision.report is not None:
+        metrics["eval"] = decision.report
+    if decision.details:
+        metrics["gate"] = decision.details
     with ctx.db.write() as s:
         mv = models.add_version(
             s,
@@ -195,16 +220,25 @@ def _commit(
             architecture=architecture,
             embedding_dim=embedding_dim,
             blob=blob,
-            metrics={"reports": reports, "samples": samples},
+            metrics=metrics,
         )
         mv.server_state_key = server_state_key
+        mv.served = decision.served
+        mv.held_back_reason = decision.reason
+        served_version = mv.version if decision.served else base_version
         if not queries.finish_aggregation(
-            s, round_id, lease, utcnow(), result_version=mv.version, metrics=round_metrics
+            s,
+            round_id,
+            lease,
+            utcnow(),
+            result_version=mv.version,
+            served_version=served_version,
+            metrics=round_metrics,
         ):
             raise _LostLease
         task = s.get(Task, task_id)
         assert task is not None
-        task.current_version = mv.version
+        task.current_version = served_version
         task.aggregated_rounds += 1
         if task.aggregated_rounds >= task.rounds:
             task.status = "completed"

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -35,7 +36,7 @@ def add_version(
     architecture: str,
     embedding_dim: int | None,
     blob: tuple[str, int],
-    metrics: dict[str, float] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> ModelVersion:
     key, size = blob
     mv = ModelVersion(
@@ -71,6 +72,15 @@ def blob_path(ctx: ServiceContext, version: int) -> tuple[Path, str]:
     with ctx.db.read() as s:
         mv = s.get(ModelVersion, version)
         if mv is None:
+            raise not_found(f"model version {version}")
+        return ctx.blobs.path(mv.blob_key), mv.sha256
+
+
+def served_blob_path(ctx: ServiceContext, version: int, principal: str) -> tuple[Path, str]:
+    """``blob_path`` for a download: a version the release gate held back is the admin's only."""
+    with ctx.db.read() as s:
+        mv = s.get(ModelVersion, version)
+        if mv is None or (not mv.served and principal != "admin"):
             raise not_found(f"model version {version}")
         return ctx.blobs.path(mv.blob_key), mv.sha256
 

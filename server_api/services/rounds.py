@@ -60,6 +60,8 @@ def get(ctx: ServiceContext, round_id: int) -> RoundOut:
 
 
 def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:
+    from facefl.models import resolve_trainable
+
     st = ctx.settings
     now = utcnow()
 
@@ -111,8 +113,14 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
                 hyperparams=task.hyperparams,
                 deadline=rnd.deadline,
                 upload_token=token,
+                trainable=task.trainable,
+                trainable_prefixes=_list_or_none(resolve_trainable(task.architecture, task.trainable)),
             )
         )
+
+
+def _list_or_none(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
 def abandon(ctx: ServiceContext, round_id: int) -> bool:

@@ -14,8 +14,12 @@ from server_api.services.context import ServiceContext
 
 
 def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
-    from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
+    from facefl.models import ARCHITECTURES, build_backbone, resolve_trainable, state_to_numpy
 
+    try:
+        resolve_trainable(body.architecture, body.trainable)
+    except ValueError as exc:
+        raise invalid("unknown_parameter_group", str(exc)) from exc
     if body.eval_set is not None and body.eval_set not in ctx.settings.eval_sets:
         known = sorted(ctx.settings.eval_sets) or "none (set FACEFL_EVAL_SETS)"
         raise invalid("unknown_eval_set", f"eval_set {body.eval_set!r} is not configured; known: {known}")
@@ -45,6 +49,7 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
             policy=_resolved_policy(body, embedding_dim),
             status="running",
             eval_set=body.eval_set,
+            trainable=body.trainable,
             aggregated_rounds=0,
         )
         s.add(task)

@@ -31,6 +31,8 @@ class UploadTarget:
     algorithm: str = "fedavg"
     embedding_dim: int | None = None
     max_sample_weight: int | None = None
+    # partial training: the name prefixes of the task's trainable groups (None: every tensor)
+    trainable_prefixes: tuple[str, ...] | None = None
 
 
 def parse_metrics(raw: str | None) -> dict[str, float]:
@@ -73,6 +75,8 @@ def _check_assignment(
 
 def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) -> UploadTarget:
     """Run before the body is read: a request that will be refused anyway is not streamed to disk."""
+    from facefl.models import resolve_trainable
+
     with ctx.db.read() as s:
         rnd, _ = _check_assignment(s, round_id, device_id, upload_token)
         task = s.get(Task, rnd.task_id)
@@ -85,13 +89,20 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
             task.algorithm,
             task.embedding_dim,
             task.policy.get("max_sample_weight"),
+            resolve_trainable(task.architecture, task.trainable),
         )
 
 
 def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) -> float:
-    """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm."""
+    """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm.
+
+    The names are exactly the base model's trainable tensors (all of them without ``trainable``).
+    """
+    from facefl.models import trainable_names
+
     data = staged.read_bytes()
-    expected = models.expected_specs(ctx, target.base_version)
+    specs_of_base = models.expected_specs(ctx, target.base_version)
+    expected = {n: specs_of_base[n] for n in trainable_names(specs_of_base, target.trainable_prefixes)}
     if target.algorithm == "fedface":
         # FedFace updates carry the device's class embedding next to the backbone delta (the task's
         # embedding size, read with the round in preflight: no extra query per upload)

@@ -14,7 +14,7 @@ from device_sdk import LocalDataset, RoundInputs, Trainer, load_personalized_mod
 from device_sdk.trainer import HEAD_FILE
 from facefl import codec
 from facefl.data import preprocessing_for
-from facefl.models import build_backbone, state_to_numpy
+from facefl.models import build_backbone, resolve_trainable, state_to_numpy, trainable_names
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Job:
     hyperparams: dict[str, Any] = field(
         default_factory=lambda: {"local_epochs": 1, "batch_size": 8, "lr": 0.05, "momentum": 0.9}
     )
+    trainable_prefixes: tuple[str, ...] | None = None
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +221,90 @@ def test_fedface_round(trainer: Trainer, base: dict[str, np.ndarray]) -> None:
     assert result.metrics["loss_after"] < 0.5 * result.metrics["loss_before"]
     with pytest.raises(ValueError, match="one identity per device"):
         trainer.train(job, base, LocalDataset.synthetic([1, 2], 4, 64), None, seed=0)
+
+
+# ------------------------------------------------------------------------------------ partial training
+
+LAST = resolve_trainable("small", ["last_block", "embedding"])
+
+
+def _trained_names(base: dict[str, np.ndarray]) -> list[str]:
+    return trainable_names(base, LAST)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_partial_training_uploads_the_trainable_tensors_only(
+    trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset, algorithm: str
+) -> None:
+    hp = {"local_epochs": 2, "batch_size": 8, "lr": 0.05, "mu": 0.01}
+    result = trainer.train(Job(algorithm=algorithm, hyperparams=hp, trainable_prefixes=LAST), base, data)
+    names = _trained_names(base)
+    assert 0 < len(names) < len(base) and list(result.delta) == names
+    assert all(n.startswith(("features.5.", "features.6.", "gdconv.", "embedding.", "bn.")) for n in names)
+    # every trainable parameter moved, and so did the trainable BatchNorm layers' running statistics
+    assert all(np.abs(result.delta[n]).sum() > 0 for n in names if not n.endswith("act.weight"))
+    assert np.abs(result.delta["features.5.bn.running_mean"]).sum() > 0
+    assert result.metrics["delta_norm"] == pytest.approx(codec.global_norm(result.delta))
+
+
+def test_frozen_layers_keep_weights_and_batchnorm_statistics(base: dict[str, np.ndarray]) -> None:
+    """One training step with the freezing the trainer applies: frozen parameters get no gradient and
+    frozen BatchNorm layers neither use nor update batch statistics; trainable ones do both."""
+    from device_sdk.trainer import _freeze_outside, _train_mode
+
+    model = build_backbone("small", embedding_dim=32, seed=3)
+    trained = _freeze_outside(model, base, LAST)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    _train_mode(model, trained)
+    assert not model.features[0].bn.training and model.features[5].bn.training and model.bn.training
+    model(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))).sum().backward()
+    optimizer.step()
+    after = state_to_numpy(model)
+    for name, value in base.items():
+        changed = not np.array_equal(after[name], value)
+        if name in trained:
+            assert changed or name.endswith("act.weight"), name
+        else:
+            assert not changed, name
+
+
+def test_fedfr_partial_keeps_the_public_classifier_and_frozen_backbone(
+    trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset, tmp_path: Path
+) -> None:
+    from device_sdk.trainer import PERSONALIZED_FILE
+    from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
+    from facefl.checkpoint import load_checkpoint
+
+    weights, inputs = _fedfr_inputs(base, trainer)
+    hp = {
+        "local_epochs": 1,
+        "batch_size": 8,
+        "lr": 0.05,
+        "max_hard_negatives": 4,
+        "hard_negative_threshold": -1,
+    }
+    job = Job(algorithm="fedfr", hyperparams=hp, trainable_prefixes=LAST)
+    result = trainer.train(job, weights, data, tmp_path, seed=0, inputs=inputs)
+    assert list(result.delta) == [*_trained_names(base), PUBLIC_HEAD_KEY]
+    assert np.abs(result.delta[PUBLIC_HEAD_KEY]).sum() > 0
+    local = load_checkpoint(tmp_path / PERSONALIZED_FILE).tensors  # the device's whole local backbone
+    frozen = [n for n in base if n not in result.delta]
+    assert frozen and all(np.array_equal(local[n], base[n]) for n in frozen)
+
+
+def test_fedface_partial_uploads_trainable_tensors_and_the_class_embedding(
+    trainer: Trainer, base: dict[str, np.ndarray]
+) -> None:
+    from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
+
+    one = LocalDataset.synthetic([21], images_per_identity=8, image_size=64, seed=0)
+    hp = {"local_epochs": 1, "batch_size": 4, "lr": 0.05}
+    result = trainer.train(Job(algorithm="fedface", hyperparams=hp, trainable_prefixes=LAST), base, one, None)
+    assert list(result.delta) == [*_trained_names(base), CLASS_EMBEDDING_KEY]
+
+
+def test_prefixes_that_select_nothing_are_refused(
+    trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset
+) -> None:
+    with pytest.raises(ValueError, match="select no parameter"):
+        trainer.train(Job(trainable_prefixes=("nothing.",)), base, data)

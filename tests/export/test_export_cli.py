@@ -46,6 +46,11 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["export", "--out", out]) == 2
     assert "exactly one of --model" in capsys.readouterr().err
     assert main(["export", "--model", str(ckpt), "--personalized", str(tmp_path), "--out", out]) == 2
+    assert main(["export", "--task", "1", "--out", out]) == 2  # --server missing
+    assert "--version or --task and --server go together" in capsys.readouterr().err
+    assert (
+        main(["export", "--task", "1", "--version", "2", "--server", "http://127.0.0.1:9", "--out", out]) == 2
+    )
     assert main(["export", "--model", str(ckpt), "--out", out, "--int8"]) == 2
     assert "--int8 needs --calibration" in capsys.readouterr().err
     assert main(["export", "--model", str(tmp_path / "nope.safetensors"), "--out", out]) == 1

@@ -72,3 +72,60 @@ def test_sqlite_concurrent_upgrades_do_not_race(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_postgres_concurrent_upgrades_do_not_race(pg_url: str) -> None:
     _concurrent_upgrades(pg_url)
+
+
+def _backfill(url: str) -> None:
+    """0004 on a database with history: existing versions are served, and every aggregated round served
+    its result (there was no gate before)."""
+    from sqlalchemy import text
+
+    db.upgrade(url, "0003")
+    engine = create_engine(db.normalize_url(url))
+    now = "2026-11-30 12:00:00+00:00"
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (id, name, algorithm, architecture, embedding_dim, image_size, rounds,"
+                    " hyperparams, policy, status, current_version, aggregated_rounds, created_at)"
+                    " VALUES (1, 't', 'fedavg', 'small', 128, 64, 3, '{}', '{}', 'running', 2, 1, :now)"
+                ),
+                {"now": now},
+            )
+            for version, parent in ((1, None), (2, 1)):
+                conn.execute(
+                    text(
+                        "INSERT INTO model_versions (version, task_id, parent_version, architecture,"
+                        " blob_key, sha256, size_bytes, metrics, created_at)"
+                        " VALUES (:v, 1, :p, 'small', 'k', 'k', 1, '{}', :now)"
+                    ),
+                    {"v": version, "p": parent, "now": now},
+                )
+            for rid, status, result in ((1, "aggregated", 2), (2, "open", None)):
+                conn.execute(
+                    text(
+                        "INSERT INTO rounds (id, task_id, number, status, base_version, result_version,"
+                        " target_reports, min_reports, max_assignments, assigned, reported, opened_at,"
+                        " deadline, metrics) VALUES (:id, 1, :id, :status, :id, :result, 1, 1, 2, 0, 0, :now,"
+                        " :now, '{}')"
+                    ),
+                    {"id": rid, "status": status, "result": result, "now": now},
+                )
+        db.upgrade(url)
+        with engine.connect() as conn:
+            rounds = conn.execute(text("SELECT id, served_version FROM rounds ORDER BY id")).all()
+            assert [tuple(r) for r in rounds] == [(1, 2), (2, None)]
+            served = conn.execute(text("SELECT served, held_back_reason FROM model_versions")).all()
+            assert [(bool(s), reason) for s, reason in served] == [(True, None), (True, None)]
+            assert conn.execute(text("SELECT trainable FROM tasks")).scalar() is None
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_0004_backfills_served_versions(tmp_path: Path) -> None:
+    _backfill(f"sqlite:///{tmp_path / 'b.db'}")
+
+
+@pytest.mark.postgres
+def test_postgres_0004_backfills_served_versions(pg_url: str) -> None:
+    _backfill(pg_url)

@@ -34,6 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
         (["--algorithm", "fedface"], "use --ids-per-device 1"),
         (["--hp", "dfc_weight"], "--hp expects KEY=VALUE"),
         (["--hp", "lr=0.1"], "--hp cannot set ['lr']"),
+        (["--trainable", "embedding,stem"], "--trainable: unknown parameter group 'stem'"),
+        (["--gate", "auc:0.01"], "--gate needs --eval-set"),
+        (["--eval-set", "/tmp", "--gate", "auc"], "--gate expects METRIC:MAX_DROP"),
+        (["--eval-set", "/tmp", "--gate", "auc:2"], "--gate expects METRIC:MAX_DROP"),
     ],
 )
 def test_invalid_combinations_exit_2_with_a_clear_message(
@@ -106,3 +110,41 @@ def test_small_real_run(tmp_path: Path) -> None:
     # the table on stdout: one row per round
     table_rows = [line for line in proc.stdout.splitlines() if line.strip().startswith(("1 ", "2 "))]
     assert len(table_rows) == 2 and all("aggregated" in row for row in table_rows)
+
+
+def test_partial_gated_run_uploads_the_trainable_tensors_and_shows_the_served_version(tmp_path: Path) -> None:
+    from facefl import codec
+    from facefl.data import write_image_folder
+    from facefl.models import build_backbone, resolve_trainable, state_to_numpy, trainable_names
+
+    eval_dir = write_image_folder(tmp_path / "heldout", range(500, 510), images_per_identity=4, image_size=64)
+    out = tmp_path / "result.json"
+    options = (
+        "--devices 3 --rounds 1 --model small --data synthetic --ids-per-device 3 --images-per-id 6 "
+        "--heldout-ids 10 --workers 2 --seed 1 --no-progress --trainable embedding --gate auc:1"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "simulator",
+        *options.split(),
+        "--eval-set",
+        str(eval_dir),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["rounds"]
+    assert r["status"] == "aggregated" and r["reports"] == 3
+    # a gate that allows any drop serves the round's version
+    assert r["served_version"] == r["model_version"] == 2
+    # each device uploaded the embedding group's deltas (MB up also counts its check-in bodies, a few
+    # hundred bytes, and is rounded to 100 bytes)
+    base = state_to_numpy(build_backbone("small", seed=0))
+    names = trainable_names(base, resolve_trainable("small", ["embedding"]))
+    per_device = len(codec.encode({k: base[k] for k in names}))
+    assert r["mb_uploaded"] * 1e6 == pytest.approx(3 * per_device, abs=3000)
+    assert per_device < len(codec.encode(base)) / 4
+    (row,) = [line for line in proc.stdout.splitlines() if line.strip().startswith("1 ")]
+    assert "aggregated" in row and " v2 " in row

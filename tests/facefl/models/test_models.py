@@ -265,3 +265,42 @@ def test_backbone_from_weights_ignores_the_global_models_extras() -> None:
     assert all(np.array_equal(v, weights[k]) for k, v in state_to_numpy(model).items())
     with pytest.raises(ValueError, match="missing"):
         backbone_from_weights("tiny", 20, {})
+
+
+# --- parameter groups (partial training) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_parameter_groups_partition_the_state(name: str) -> None:
+    """Every tensor belongs to exactly one group, and a dotted prefix covers whole modules only."""
+    from facefl.models import resolve_trainable, trainable_names
+
+    names = list(state_to_numpy(build_backbone(name, seed=0)))
+    groups = ARCHITECTURES[name].parameter_groups
+    assert groups, f"{name} defines no parameter groups"
+    owner: dict[str, str] = {}
+    for group in groups:
+        selected = trainable_names(names, resolve_trainable(name, [group]))
+        assert selected, f"group {group!r} of {name} selects nothing"
+        for tensor in selected:
+            assert tensor not in owner, f"{tensor} is in {owner.get(tensor)!r} and {group!r}"
+            owner[tensor] = group
+    assert sorted(owner) == sorted(names)
+    for prefixes in groups.values():
+        for p in prefixes:
+            assert p.endswith(".") or p in names, p  # a dotted module prefix or one exact tensor name
+
+
+def test_resolve_trainable_names_the_unknown_group() -> None:
+    from facefl.models import resolve_trainable, trainable_names
+
+    assert resolve_trainable("small", None) is None
+    prefixes = resolve_trainable("small", ["embedding", "last_block"])
+    assert prefixes == ("gdconv.", "embedding.", "bn.", "features.5.", "features.6.")
+    with pytest.raises(ValueError, match="'stem'") as info:
+        resolve_trainable("small", ["embedding", "stem"])
+    assert "early, embedding, last_block" in str(info.value)
+    names = ["features.1.conv.weight", "features.10.x", "bn.bias", "public_head.weight"]
+    # the global model's extras always train; "features.1." does not cover "features.10."
+    assert trainable_names(names, ("features.1.",)) == ["features.1.conv.weight", "public_head.weight"]
+    assert trainable_names(names, None) == names
