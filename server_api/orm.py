@@ -141,7 +141,8 @@ class Round(Base):
     opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     deadline: Mapped[datetime]
     closed_at: Mapped[datetime | None]
-    aggregation_started_at: Mapped[datetime | None]
+    aggregation_started_at: Mapped[datetime | None]  # the lease: fences the aggregation that holds it
+    aggregation_heartbeat_at: Mapped[datetime | None]  # renewed while that aggregation is alive
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # what devices get after this round: result_version, or base_version when the gate held it back
     served_version: Mapped[int | None]

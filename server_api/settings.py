@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     min_retry_after_s: float = Field(default=1.0, ge=0, description="pace steering: shortest Retry-After")
     max_retry_after_s: float = Field(default=60.0, gt=0)
     aggregation_lease_s: float = Field(
-        default=600.0, gt=0, description="an aggregation not finished after this long is retried"
+        default=15.0,
+        gt=0,
+        description="an aggregation whose heartbeat (renewed every lease/5 s while it runs) is older than "
+        "this is taken over by another worker: its worker died",
     )
     migrate_on_start: bool = True
     rate_limit_per_s: float = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -48,88 +49,92 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         gate_config = task.policy.get("gate")  # None: every new version is served
         norms = [u.norm for u in rows] if robust_config else []
 
-    t0 = time.perf_counter()
-    mean = WeightedMean()
-    metric_sums: dict[str, float] = defaultdict(float)
-    class_embeddings: dict[str, np.ndarray] = {}
-    for blob_key, num_samples, metrics, device_id in updates:
-        if not robust_config or algorithm == "fedface":
-            tensors = codec.load_file(ctx.blobs.path(blob_key))
-            w = tensors.pop(CLASS_EMBEDDING_KEY, None)  # FedFace: not part of the weighted mean
-            if w is not None:
-                class_embeddings[device_id] = w
-            if not robust_config:
-                mean.add(tensors, float(num_samples))
-        for name, value in metrics.items():
-            metric_sums[name] += float(value) * num_samples
-    total = sum(n for _, n, _, _ in updates)
-    if robust_config:
-        reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
-        delta = robust_delta(ctx, reports, robust_config)
-    else:
-        delta = mean.result()
-    new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), delta)
-    bad = [name for name, value in new_weights.items() if not np.isfinite(value).all()]
-    if bad:  # never store or serve a non-finite model: the round is abandoned and reopened on its base
-        reason = f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}"
-        _abandon_aggregation(ctx, round_id, lease, reason)
-        return None
-    blob = models.store_weights(ctx, new_weights, architecture)
-    state_key = (
-        _fedface_state(ctx, base_state_key, class_embeddings, hyperparams) if algorithm == "fedface" else None
-    )
-    agg_seconds = time.perf_counter() - t0
-    round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
-    round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
-    decision = gate.GateDecision(served=True)
-    if gate_config is not None and eval_set is not None:
-        # the base is the served version: rounds always open on it (off the event loop, like the rest)
-        decision = gate.decide(
-            ctx, gate_config, eval_set, rnd.base_version, architecture, embedding_dim, new_weights
-        )
-        round_metrics["gate_s"] = time.perf_counter() - t0 - agg_seconds
+    # the heartbeat renews our lease while we work (a gated round evaluates two models), so another worker
+    # takes the round over within aggregation_lease_s of our death; the commit is fenced by the lease, so
+    # a takeover can never produce a second version
+    with _Heartbeat(ctx, round_id, lease):
+        t0 = time.perf_counter()
+        mean = WeightedMean()
+        metric_sums: dict[str, float] = defaultdict(float)
+        class_embeddings: dict[str, np.ndarray] = {}
+        for blob_key, num_samples, metrics, device_id in updates:
+            if not robust_config or algorithm == "fedface":
+                tensors = codec.load_file(ctx.blobs.path(blob_key))
+                w = tensors.pop(CLASS_EMBEDDING_KEY, None)  # FedFace: not part of the weighted mean
+                if w is not None:
+                    class_embeddings[device_id] = w
+                if not robust_config:
+                    mean.add(tensors, float(num_samples))
+            for name, value in metrics.items():
+                metric_sums[name] += float(value) * num_samples
+        total = sum(n for _, n, _, _ in updates)
+        if robust_config:
+            reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
+            delta = robust_delta(ctx, reports, robust_config)
+        else:
+            delta = mean.result()
+        new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), delta)
+        bad = [name for name, value in new_weights.items() if not np.isfinite(value).all()]
+        if bad:  # never store or serve a non-finite model: the round is abandoned and reopened on its base
+            reason = f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}"
+            _abandon_aggregation(ctx, round_id, lease, reason)
+            return None
+        blob = models.store_weights(ctx, new_weights, architecture)
+        state_key = None
+        if algorithm == "fedface":
+            state_key = _fedface_state(ctx, base_state_key, class_embeddings, hyperparams)
+        agg_seconds = time.perf_counter() - t0
+        round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
+        round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
+        decision = gate.GateDecision(served=True)
+        if gate_config is not None and eval_set is not None:
+            # the base is the served version: rounds always open on it (off the event loop, like the rest)
+            decision = gate.decide(
+                ctx, gate_config, eval_set, rnd.base_version, architecture, embedding_dim, new_weights
+            )
+            round_metrics["gate_s"] = time.perf_counter() - t0 - agg_seconds
 
-    try:
-        version = _commit(
-            ctx,
-            round_id=round_id,
-            task_id=task_id,
-            base_version=rnd.base_version,
-            lease=lease,
-            architecture=architecture,
-            embedding_dim=embedding_dim,
-            blob=blob,
-            reports=len(updates),
-            samples=total,
-            round_metrics=round_metrics,
-            server_state_key=state_key,
-            decision=decision,
+        try:
+            version = _commit(
+                ctx,
+                round_id=round_id,
+                task_id=task_id,
+                base_version=rnd.base_version,
+                lease=lease,
+                architecture=architecture,
+                embedding_dim=embedding_dim,
+                blob=blob,
+                reports=len(updates),
+                samples=total,
+                round_metrics=round_metrics,
+                server_state_key=state_key,
+                decision=decision,
+            )
+        except _LostLease:
+            log.warning("aggregation of round %s lost its lease; result discarded", round_id)
+            return None
+        prom.ROUNDS_CLOSED.labels(outcome="aggregated").inc()
+        prom.AGGREGATION_SECONDS.observe(agg_seconds)
+        if algorithm == "fedfr" and decision.served:
+            public.bank_key(ctx, version)  # ready before the next round's devices ask for it
+        if eval_set is not None and decision.report is None:  # a gated version was evaluated already
+            ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
+        log.info(
+            "round aggregated",
+            extra={
+                "round_id": round_id,
+                "model_version": version,
+                "reports": len(updates),
+                "seconds": agg_seconds,
+                "served": decision.served,
+            },
         )
-    except _LostLease:
-        log.warning("aggregation of round %s lost its lease; result discarded", round_id)
-        return None
-    prom.ROUNDS_CLOSED.labels(outcome="aggregated").inc()
-    prom.AGGREGATION_SECONDS.observe(agg_seconds)
-    if algorithm == "fedfr" and decision.served:
-        public.bank_key(ctx, version)  # ready before the next round's devices ask for it
-    if eval_set is not None and decision.report is None:  # a gated version was evaluated already
-        ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
-    log.info(
-        "round aggregated",
-        extra={
-            "round_id": round_id,
-            "model_version": version,
-            "reports": len(updates),
-            "seconds": agg_seconds,
-            "served": decision.served,
-        },
-    )
-    if not decision.served:
-        log.warning(
-            "model version held back by the release gate",
-            extra={"model_version": version, "reason": decision.reason},
-        )
-    return version
+        if not decision.served:
+            log.warning(
+                "model version held back by the release gate",
+                extra={"model_version": version, "reason": decision.reason},
+            )
+        return version
 
 
 def _fedface_state(
@@ -164,6 +169,36 @@ def read_class_embeddings(ctx: ServiceContext, key: str) -> dict[str, np.ndarray
     devices = json.loads(codec.read_metadata(data)["devices"])
     matrix = codec.decode(data)[CLASS_EMBEDDINGS]
     return {str(d): np.asarray(matrix[i], np.float32) for i, d in enumerate(devices)}
+
+
+class _Heartbeat:
+    """A daemon thread renewing the round's heartbeat every lease/5 s until the block ends (or the lease
+    is lost: then the fenced commit fails and the result is discarded)."""
+
+    def __init__(self, ctx: ServiceContext, round_id: int, lease: datetime) -> None:
+        self._ctx, self._round_id, self._lease = ctx, round_id, lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-round-{round_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = self._ctx.settings.aggregation_lease_s / 5
+        while not self._stop.wait(interval):
+            try:
+                with self._ctx.db.write() as s:
+                    alive = queries.renew_aggregation(s, self._round_id, self._lease, utcnow())
+            except Exception:  # a failed renewal is retried; a lost lease is caught by the fenced commit
+                log.warning("heartbeat of round %s failed", self._round_id, exc_info=True)
+                continue
+            if not alive:
+                return
 
 
 def _abandon_aggregation(ctx: ServiceContext, round_id: int, lease: datetime, reason: str) -> None:

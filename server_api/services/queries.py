@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from server_api.orm import (
@@ -71,16 +71,28 @@ def count_report(s: Session, round_id: int, now: datetime) -> bool:
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def _dead_aggregation(stale_before: datetime) -> ColumnElement[bool]:
+    """An aggregation whose heartbeat stopped before ``stale_before`` (its worker died)."""
+    beat = func.coalesce(Round.aggregation_heartbeat_at, Round.aggregation_started_at)
+    return (Round.status == ROUND_AGGREGATING) & (beat < stale_before)
+
+
 def start_aggregation(s: Session, round_id: int, now: datetime, stale_before: datetime) -> bool:
-    """Compare-and-set open -> aggregating (or take over an aggregation whose lease expired)."""
+    """Compare-and-set open -> aggregating (or take over an aggregation whose heartbeat stopped)."""
     res = s.execute(
         update(Round)
-        .where(
-            Round.id == round_id,
-            (Round.status == ROUND_OPEN)
-            | ((Round.status == ROUND_AGGREGATING) & (Round.aggregation_started_at < stale_before)),
-        )
-        .values(status=ROUND_AGGREGATING, aggregation_started_at=now)
+        .where(Round.id == round_id, (Round.status == ROUND_OPEN) | _dead_aggregation(stale_before))
+        .values(status=ROUND_AGGREGATING, aggregation_started_at=now, aggregation_heartbeat_at=now)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def renew_aggregation(s: Session, round_id: int, lease: datetime, now: datetime) -> bool:
+    """The heartbeat of the aggregation holding ``lease``; False once it has lost the round."""
+    res = s.execute(
+        update(Round)
+        .where(Round.id == round_id, Round.status == ROUND_AGGREGATING, Round.aggregation_started_at == lease)
+        .values(aggregation_heartbeat_at=now)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -118,7 +130,7 @@ def rounds_needing_attention(s: Session, now: datetime, stale_before: datetime) 
                 (Round.status == ROUND_OPEN)
                 & ((Round.deadline <= now) | (Round.reported >= Round.target_reports))
             )
-            | ((Round.status == ROUND_AGGREGATING) & (Round.aggregation_started_at < stale_before))
+            | _dead_aggregation(stale_before)
         )
     ).all()
 
