@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from server_api import db as dbmod
 from server_api import logs, metrics
 from server_api.errors import ApiError
+from server_api.limits import BodyLimits
 from server_api.routes import devices, health, models, public, rounds, tasks
 from server_api.routes import metrics as metrics_route
 from server_api.services import rounds as round_service
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(dbmod.upgrade, settings.database_url)
         ctx = ServiceContext.from_settings(settings)
         app.state.ctx = ctx
+        if ctx.blobs.swept:
+            log.info("staging: removed %d files left by stopped processes", ctx.blobs.swept)
         ticker = asyncio.create_task(_ticker(ctx))
         if settings.dev_mode:
             log.warning(
@@ -93,4 +96,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (health, devices, tasks, rounds, models, public, metrics_route):
         app.include_router(module.router)
+    app.add_middleware(BodyLimits, settings=settings)  # body size, timeouts, uploads in flight
     return app

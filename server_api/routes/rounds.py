@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from server_api.deps import Context, CurrentDevice, IdPath, Principal
+from server_api.deps import Context, CurrentDevice, Decimal, IdPath, Principal
 from server_api.routes.body import receive_body
 from server_api.schemas import CheckinIn, CheckinOut, ErrorOut, RoundOut, UpdateAccepted, WaitAction
 from server_api.services import rounds, updates
@@ -44,25 +44,27 @@ async def upload_update(
     request: Request,
     ctx: Context,
     device_id: CurrentDevice,
-    num_samples: Annotated[int, Query(ge=1, le=1_000_000_000)],
+    num_samples: Annotated[int, Query(ge=1, le=1_000_000_000), Decimal],
     x_upload_token: Annotated[str, Header(min_length=1, max_length=256)],
     x_metrics: Annotated[str | None, Header(max_length=4096)] = None,
 ) -> UpdateAccepted:
     """Upload this device's model delta (safetensors body). Durable before 202."""
     metrics = updates.parse_metrics(x_metrics)
     await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
-    staged = await receive_body(request, ctx)
-    try:
-        return await run_in_threadpool(
-            lambda: updates.accept(
-                ctx,
-                round_id=round_id,
-                device_id=device_id,
-                upload_token=x_upload_token,
-                staged=staged,
-                num_samples=num_samples,
-                metrics=metrics,
+    # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
+    with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
+        staged = await receive_body(request, ctx)
+        try:
+            return await run_in_threadpool(
+                lambda: updates.accept(
+                    ctx,
+                    round_id=round_id,
+                    device_id=device_id,
+                    upload_token=x_upload_token,
+                    staged=staged,
+                    num_samples=num_samples,
+                    metrics=metrics,
+                )
             )
-        )
-    finally:
-        staged.unlink(missing_ok=True)
+        finally:
+            staged.unlink(missing_ok=True)

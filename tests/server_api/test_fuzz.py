@@ -47,7 +47,7 @@ class Target:
             }
         blobs = self.server.data_dir / "blobs"
         state["blobs"] = sorted(p.name for p in blobs.glob("??/??/*"))
-        state["staging"] = sorted(p.name for p in (blobs / "staging").glob("*"))
+        state["staging"] = sorted(p.name for p in (blobs / "staging").rglob("*.part"))
         return state
 
 
