@@ -197,7 +197,7 @@ def _small_model() -> dict[str, np.ndarray]:
 )
 def test_crafted_model_imports_are_422(api: Api, case: str) -> None:
     w = _small_model()
-    small = {"architecture": "small"}
+    small = {"architecture": "small", "embedding_dim": "64"}
     bodies = {
         "superscript_dim": codec.encode(w, metadata={**small, "embedding_dim": "²"}),
         "arabic_dim": codec.encode(w, metadata={**small, "embedding_dim": "٦٤"}),
