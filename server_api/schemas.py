@@ -38,8 +38,19 @@ def _check_text(value: Any) -> None:
             _check_text(v)
 
 
+def _document_text(schema: dict[str, Any]) -> None:
+    """The OpenAPI document says what _no_control_chars enforces: a pattern on every free string."""
+    for prop in schema.get("properties", {}).values():
+        for option in [prop, *prop.get("anyOf", ())]:
+            if option.get("type") == "string" and "enum" not in option and "const" not in option:
+                option.setdefault("pattern", "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: JSON types are not coerced (false is not 0, "5" is not 5); floats still accept integers
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, strict=True, json_schema_extra=_document_text
+    )
 
     @field_validator("*", mode="after")
     @classmethod

@@ -449,3 +449,43 @@ def test_staging_files_of_a_killed_server_are_swept_at_start(tmp_path: Path) -> 
         live.http.close()
     finally:
         server.stop()
+
+
+# --- the OpenAPI document describes what the server answers (schemathesis checks it in test_fuzz) --
+
+
+def test_openapi_declares_error_out_and_every_refusal(api: Api) -> None:
+    spec = api.c.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    error_ref = {"$ref": "#/components/schemas/ErrorOut"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            assert {"408", "413", "422"} <= responses.keys(), (method, path)
+            assert responses["422"]["content"]["application/json"]["schema"] == error_ref, (method, path)
+            security = any("HTTPBearer" in s for s in op.get("security", []))
+            if security:
+                assert "401" in responses, (method, path)
+    upload = spec["paths"]["/v1/rounds/{round_id}/updates"]["post"]["responses"]
+    assert {"401", "403", "404", "409", "410", "429", "503"} <= upload.keys()
+    assert "Retry-After" in upload["503"]["headers"] and "Retry-After" in upload["429"]["headers"]
+    assert "429" in spec["paths"]["/v1/devices"]["post"]["responses"]
+    # a 422 really has the declared shape
+    r = api.c.post("/v1/devices", json={})
+    assert (
+        r.status_code == 422 and set(r.json()) == {"detail", "code"} and isinstance(r.json()["detail"], str)
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/models", {"GET", "POST"}),
+        ("DELETE", "/v1/tasks", {"GET", "POST"}),
+        ("GET", "/v1/devices", {"POST"}),
+    ],
+)
+def test_405_lists_every_allowed_method(api: Api, method: str, path: str, allowed: set[str]) -> None:
+    r = unchanged(api, lambda: api.c.request(method, path, headers=ADMIN_H))
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    assert {m.strip() for m in r.headers["Allow"].split(",")} == allowed
