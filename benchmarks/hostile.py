@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", help="PostgreSQL server URL: a fresh database is created there and dropped")
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/hostile.json"))
-    p.add_argument("--quick", action="store_true", help="smaller bodies and counts (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="smaller bodies, counts and timeouts (< 1 min)")
     p.add_argument("--stalled", type=int, default=100, help="stalled uploads (100)")
     args = p.parse_args(argv)
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
             url = stack.enter_context(scratch_database(args.db, "facefl_hostile"))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="facefl-hostile-")))
-        idle_s, deadline_s = 5.0, 20.0
+        idle_s, deadline_s = (2.0, 6.0) if args.quick else (5.0, 20.0)
         env = {
             # the defaults of every limit, except the body timeouts (shortened so that the run ends)
             "FACEFL_DEV_MODE": "0",
