@@ -428,6 +428,17 @@ def test_content_length_above_the_limit_is_refused_before_the_body(live: Live) -
         assert status == 413 and body["code"] == "too_large"
 
 
+def test_stalled_json_body_gets_408_before_any_parsing(live: Live) -> None:
+    assert live.server.port is not None
+    with socket.create_connection(("127.0.0.1", live.server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"enrollment_secret": '
+        )
+        status, body = _status_and_body(sock)
+    assert status == 408 and body["code"] == "body_timeout"
+
+
 def test_staging_files_of_a_killed_server_are_swept_at_start(tmp_path: Path) -> None:
     server = LiveServer(tmp_path, FACEFL_RATE_LIMIT_PER_S="0", FACEFL_LOG_LEVEL="INFO").start()
     try:
