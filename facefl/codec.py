@@ -8,6 +8,8 @@ buffers are touched. The core works on NumPy arrays so that the server can aggre
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,12 +24,19 @@ from safetensors.numpy import save as _st_save
 
 TensorDict = dict[str, np.ndarray]
 
-# dtypes we accept on the wire; the server converts to float32 for aggregation.
+# dtypes we accept on the wire (docs/protocol.md: float32 or float16); the server converts to float32
+# for aggregation. float64 is refused: it doubles the bytes for no precision a delta needs.
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("float32"),
     "F16": np.dtype("float16"),
-    "F64": np.dtype("float64"),
 }
+
+
+#: Upper bound on a safetensors JSON header (a model's header is tens of KB): larger ones are refused
+#: before they are parsed.
+MAX_HEADER_BYTES = 4 << 20
+MAX_NDIM = 16
+_CHUNK_BYTES = 1 << 20
 
 
 class CodecError(ValueError):
@@ -57,9 +66,10 @@ def encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
     return _st_save(arrays, metadata=dict(metadata) if metadata else None)
 
 
-def decode(data: bytes) -> TensorDict:
+def decode(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> TensorDict:
     """Parse safetensors bytes into NumPy arrays; raises CodecError on malformed input."""
-    read_header(data)  # validates structure before safetensors allocates anything
+    # validates the structure before safetensors allocates anything
+    read_header(data, max_header_bytes=max_header_bytes)
     try:
         return dict(_st_load(data))
     except (SafetensorError, ValueError, TypeError) as exc:
@@ -74,62 +84,156 @@ def load_file(path: str | Path) -> TensorDict:
         raise CodecError(f"malformed safetensors file {path}: {exc}") from exc
 
 
-def read_header(data: bytes | memoryview) -> dict[str, TensorSpec]:
-    """Read and check the safetensors header only: names, dtypes, shapes and offsets.
+def _refuse_constant(name: str) -> Any:
+    raise CodecError(f"safetensors header holds {name}")
 
-    This is cheap (no tensor data is copied) and strict: offsets must tile the buffer exactly, so a
-    truncated or padded payload is refused before any buffer is interpreted.
-    """
-    if len(data) < 8:
-        raise CodecError("payload shorter than the 8-byte safetensors header length")
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-    if header_len > 100_000_000 or 8 + header_len > len(data):
-        raise CodecError("safetensors header length exceeds the payload")
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise CodecError("safetensors header repeats a key")
+    return out
+
+
+def _parse_header(
+    raw: bytes, body_len: int
+) -> tuple[dict[str, TensorSpec], dict[str, str], dict[str, tuple[int, int]]]:
+    """Strictly typed checks of every header field; offsets must tile ``body_len`` bytes exactly."""
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except RecursionError as exc:  # a deeply nested header
+        raise CodecError("safetensors header is nested too deeply") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer too long to convert
         raise CodecError(f"safetensors header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise CodecError("safetensors header is not a JSON object")
-    body_len = len(data) - 8 - header_len
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CodecError("safetensors __metadata__ must map strings to strings")
     specs: dict[str, TensorSpec] = {}
-    spans: list[tuple[int, int]] = []
+    spans: dict[str, tuple[int, int]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise CodecError(f"tensor {name!r}: header entry lacks dtype/shape/data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _WIRE_DTYPES:
-            raise CodecError(f"tensor {name!r}: dtype {dtype} not accepted (use F32, F16 or F64)")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CodecError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        if not isinstance(dtype, str) or dtype not in _WIRE_DTYPES:
+            raise CodecError(f"tensor {name!r}: dtype {str(dtype)[:16]!r} not accepted (use F32 or F16)")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= MAX_NDIM
+            and all(type(d) is int and d >= 0 for d in shape)  # type(): bool is an int too
+        ):
+            raise CodecError(f"tensor {name!r}: bad shape {str(shape)[:64]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise CodecError(f"tensor {name!r}: bad data_offsets {str(offsets)[:64]}")
         start, end = offsets
-        expected = int(np.prod(shape, dtype=np.int64)) * _WIRE_DTYPES[dtype].itemsize
-        if end - start != expected or start < 0 or end > body_len:
+        # Python integers: a shape such as [2**70] cannot overflow, it just does not match the offsets
+        expected = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
+        if start < 0 or end > body_len or end - start != expected:
             raise CodecError(f"tensor {name!r}: data_offsets do not match its shape and dtype")
-        spans.append((start, end))
+        spans[name] = (start, end)
         specs[name] = TensorSpec(shape=tuple(shape), dtype=dtype)
-    spans.sort()
     cursor = 0
-    for start, end in spans:
+    for start, end in sorted(spans.values()):
         if start != cursor:
             raise CodecError("tensor buffers overlap or leave gaps")
         cursor = end
     if cursor != body_len:
         raise CodecError("payload length does not match the tensors in its header")
+    return specs, dict(meta), spans
+
+
+def _header_length(prefix: bytes, total: int, max_header_bytes: int) -> int:
+    if len(prefix) < 8:
+        raise CodecError("payload shorter than the 8-byte safetensors header length")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > max_header_bytes:
+        raise CodecError(f"safetensors header is larger than {max_header_bytes} bytes")
+    if 8 + header_len > total:
+        raise CodecError("safetensors header length exceeds the payload")
+    return int(header_len)
+
+
+def read_header(
+    data: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> dict[str, TensorSpec]:
+    """Read and check the safetensors header only: names, dtypes, shapes and offsets.
+
+    This is cheap (no tensor data is copied) and strict: every field must have its exact JSON type,
+    the header is bounded in size, and offsets must tile the buffer exactly, so a truncated or padded
+    payload is refused before any buffer is interpreted. Malformed input raises CodecError, never
+    anything else.
+    """
+    header_len = _header_length(bytes(data[:8]), len(data), max_header_bytes)
+    specs, _, _ = _parse_header(bytes(data[8 : 8 + header_len]), len(data) - 8 - header_len)
     return specs
 
 
-def read_metadata(data: bytes | memoryview) -> dict[str, str]:
-    """The string metadata of a safetensors payload (empty when it has none)."""
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-    meta = json.loads(bytes(data[8 : 8 + header_len])).get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CodecError("safetensors __metadata__ must map strings to strings")
-    return dict(meta)
+def read_metadata(data: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, str]:
+    """The string metadata of a safetensors payload (empty when it has none); checks the header too."""
+    header_len = _header_length(bytes(data[:8]), len(data), max_header_bytes)
+    _, meta, _ = _parse_header(bytes(data[8 : 8 + header_len]), len(data) - 8 - header_len)
+    return meta
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    specs: dict[str, TensorSpec]
+    metadata: dict[str, str]
+    data_start: int  # file offset of the first tensor byte
+    offsets: dict[str, tuple[int, int]]  # per tensor, relative to data_start
+
+
+def read_file_header(path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -> FileHeader:
+    """:func:`read_header` for a file, reading the header only (memory independent of the file size)."""
+    with Path(path).open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header_len = _header_length(f.read(8), size, max_header_bytes)
+        raw = f.read(header_len)
+    specs, meta, offsets = _parse_header(raw, size - 8 - header_len)
+    return FileHeader(specs, meta, 8 + header_len, offsets)
+
+
+def scan_file(
+    path: str | Path, header: FileHeader, keep: frozenset[str] = frozenset()
+) -> tuple[float, TensorDict]:
+    """Check every tensor of a safetensors file for NaN/Inf, reading it in 1 MiB chunks.
+
+    Returns the global L2 norm (float64 accumulation) of the tensors not in ``keep`` and the arrays of
+    those in ``keep`` (meant for small tensors). Memory stays at one chunk whatever the file size.
+    """
+    buf = bytearray(_CHUNK_BYTES)
+    view = memoryview(buf)
+    total = 0.0
+    kept: TensorDict = {}
+    with Path(path).open("rb") as f:
+        for name, (start, end) in sorted(header.offsets.items(), key=lambda kv: kv[1]):
+            spec = header.specs[name]
+            dtype = _WIRE_DTYPES[spec.dtype].newbyteorder("<")
+            step = _CHUNK_BYTES - _CHUNK_BYTES % dtype.itemsize
+            f.seek(header.data_start + start)
+            parts: list[np.ndarray] = []
+            remaining = end - start
+            while remaining > 0:
+                want = min(step, remaining)
+                got = f.readinto(view[:want])
+                if got != want:
+                    raise CodecError(f"tensor {name!r}: file ends early")
+                chunk = np.frombuffer(buf, dtype=dtype, count=want // dtype.itemsize)
+                if not np.isfinite(chunk).all():
+                    raise CodecError(f"tensor {name!r} contains NaN or Inf")
+                if name in keep:
+                    parts.append(chunk.copy())
+                else:
+                    c64 = chunk.astype(np.float64)
+                    total += float(np.einsum("i,i->", c64, c64))
+                remaining -= want
+            if name in keep:
+                flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
+                kept[name] = flat.reshape(spec.shape)
+    return total**0.5, kept
 
 
 def specs_of(tensors: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:

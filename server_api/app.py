@@ -11,10 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from server_api import db as dbmod
 from server_api import logs, metrics
 from server_api.errors import ApiError
+from server_api.limits import BodyLimits
 from server_api.routes import devices, health, models, public, rounds, tasks
 from server_api.routes import metrics as metrics_route
 from server_api.services import rounds as round_service
@@ -45,6 +49,19 @@ def _refused(request: Request, status: int, code: str, detail: str) -> None:
     log.info("request refused: %s", detail, extra=extra)
 
 
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods some route answers for this path (whatever the routers' nesting)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logs.configure(settings.log_format, settings.log_level)
@@ -55,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(dbmod.upgrade, settings.database_url)
         ctx = ServiceContext.from_settings(settings)
         app.state.ctx = ctx
+        if ctx.blobs.swept:
+            log.info("staging: removed %d files left by stopped processes", ctx.blobs.swept)
         ticker = asyncio.create_task(_ticker(ctx))
         if settings.dev_mode:
             log.warning(
@@ -91,6 +110,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _refused(request, 422, "invalid_request", "; ".join(parts))
         return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "code": "invalid_request"})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Routing and framework errors (404 unknown path, 405, 400) in the ErrorOut shape; a 405 lists
+        every method of the path in Allow (Starlette names only the first route's)."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        _refused(request, exc.status_code, code, str(exc.detail))
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": str(exc.detail), "code": code}, headers=headers
+        )
+
     for module in (health, devices, tasks, rounds, models, public, metrics_route):
         app.include_router(module.router)
+    app.add_middleware(BodyLimits, settings=settings)  # body size, timeouts, uploads in flight
     return app

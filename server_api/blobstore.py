@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -29,12 +32,65 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileBlobStore:
-    """root/ab/cd/<sha256>; writes go to root/staging and are renamed into place after fsync."""
+    """root/ab/cd/<sha256>; writes go to a staging folder and are renamed into place after fsync.
+
+    Each store (one per worker process) stages in its own folder root/staging/<id>/ and holds an
+    exclusive lock on root/staging/<id>.lock while it lives. A process that dies (kill -9 included)
+    releases its lock, so the next store to start removes that folder and whatever half-written files
+    it held; the folders of live workers (locked) are left alone.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._staging = self.root / "staging"
-        self._staging.mkdir(parents=True, exist_ok=True)
+        self.staging_root = self.root / "staging"
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        # locked before it gets the name sweepers look for: they never see an unlocked live lock
+        pending = self.staging_root / f"{name}.pending"
+        self._lock_file = pending.open("wb")
+        fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_path = pending.rename(self.staging_root / f"{name}.lock")
+        self._staging = self.staging_root / name
+        self._staging.mkdir()
+        self.swept = self.sweep_staging()
+
+    def sweep_staging(self) -> int:
+        """Remove what dead processes left in the staging area; returns the number of files removed."""
+        removed = 0
+        for entry in self.staging_root.iterdir():
+            if entry in (self._staging, self._lock_path):
+                continue
+            if entry.suffix == ".lock":
+                removed += self._sweep_owner(entry)
+            elif entry.suffix == ".part" and entry.is_file():
+                entry.unlink(missing_ok=True)  # the staging layout before per-process folders
+                removed += 1
+        return removed
+
+    def _sweep_owner(self, lock: Path) -> int:
+        try:
+            f = lock.open("rb")
+        except FileNotFoundError:  # another store swept it just now
+            return 0
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # its process is alive
+            folder = lock.with_suffix("")
+            files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            return len(files)
+
+    def staging_files(self) -> list[Path]:
+        """Every staged file of every process (in-flight uploads, or leftovers of dead ones)."""
+        return sorted(p for p in self.staging_root.rglob("*.part") if p.is_file())
+
+    def close(self) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._lock_path.unlink(missing_ok=True)
+        self._lock_file.close()
 
     def staging_file(self) -> Path:
         fd, name = tempfile.mkstemp(dir=self._staging, suffix=".part")

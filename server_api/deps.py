@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator
 
 from server_api import security
 from server_api.errors import forbidden, rate_limited, unauthorized
@@ -65,10 +67,34 @@ def any_principal(ctx: Context, creds: Bearer, request: Request) -> str:
     return _admit(ctx, request, devices.authenticate(ctx, creds.credentials))
 
 
+def registration_slot(ctx: Context, request: Request) -> None:
+    """Registrations are rate limited per client address and in all (429 + Retry-After), before the
+    enrollment secret is checked: guessing the secret is limited too."""
+    address = request.client.host if request.client is not None else "unknown"
+    for limiter, key, who in (
+        (ctx.register_limiter, address, "this address"),
+        (ctx.register_global, "*", "all addresses"),
+    ):
+        if limiter is not None:
+            wait = limiter.check(key)
+            if wait > 0:
+                raise rate_limited(limiter.retry_after_header(wait), f"too many registrations from {who}")
+
+
+def _decimal(value: object) -> object:
+    """Query and path integers are plain ASCII digits (not " 5", "+5", "5_0" or "5.0")."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value) is None:
+        raise ValueError("must be a decimal integer")
+    return value
+
+
+Decimal = BeforeValidator(_decimal)
+
 CurrentDevice = Annotated[str, Depends(current_device)]
+RegistrationSlot = Annotated[None, Depends(registration_slot)]
 Admin = Annotated[None, Depends(require_admin)]
 Principal = Annotated[str, Depends(any_principal)]
 
 # a round, task or model version id in a path or query (422 outside the columns' range, never a 500)
-IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
-IdQuery = Annotated[int | None, Query(ge=1, le=MAX_ID)]
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID), Decimal]
+IdQuery = Annotated[int | None, Query(ge=1, le=MAX_ID), Decimal]

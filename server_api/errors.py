@@ -24,8 +24,8 @@ def not_found(what: str) -> ApiError:
     return ApiError(404, "not_found", f"{what} not found")
 
 
-def conflict(detail: str) -> ApiError:
-    return ApiError(409, "conflict", detail)
+def conflict(detail: str, code: str = "conflict") -> ApiError:
+    return ApiError(409, code, detail)
 
 
 def gone(detail: str) -> ApiError:
@@ -40,5 +40,5 @@ def invalid(code: str, detail: str) -> ApiError:
     return ApiError(422, code, detail)
 
 
-def rate_limited(retry_after: str) -> ApiError:
-    return ApiError(429, "rate_limited", "too many requests from this device", {"Retry-After": retry_after})
+def rate_limited(retry_after: str, detail: str = "too many requests from this device") -> ApiError:
+    return ApiError(429, "rate_limited", detail, {"Retry-After": retry_after})

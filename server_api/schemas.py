@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ids are INTEGER columns (int4 on PostgreSQL): larger numbers are refused with 422 before any query
 MAX_ID = 2**31 - 1
@@ -15,8 +16,47 @@ Architecture = Literal["small", "mobilefacenet", "tiny"]
 Algorithm = Literal["fedavg", "fedprox", "fedfr", "fedface"]
 
 
+# C0 and C1 control characters (NUL included: PostgreSQL cannot store it) and lone surrogates (not
+# encodable as UTF-8): refused in every string a client sends
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def has_control_chars(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def _check_text(value: Any) -> None:
+    if isinstance(value, str):
+        if has_control_chars(value):
+            raise ValueError("control characters are not allowed")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_text(v)
+
+
+def _document_text(schema: dict[str, Any]) -> None:
+    """The OpenAPI document says what _no_control_chars enforces: a pattern on every free string."""
+    for prop in schema.get("properties", {}).values():
+        for option in [prop, *prop.get("anyOf", ())]:
+            if option.get("type") == "string" and "enum" not in option and "const" not in option:
+                option.setdefault("pattern", "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: JSON types are not coerced (false is not 0, "5" is not 5); floats still accept integers
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, strict=True, json_schema_extra=_document_text
+    )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_chars(cls, value: Any) -> Any:
+        _check_text(value)  # every string field of every request body (422, never a DataError)
+        return value
 
 
 class Capabilities(Strict):

@@ -24,7 +24,23 @@ class Settings(BaseSettings):
     dev_mode: bool = Field(default=False, description="allow the well-known dev admin token and secret")
     admin_token: SecretStr | None = None
     enrollment_secret: SecretStr | None = None
-    max_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_upload_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="upload bodies above it: 413 (refused while streaming)"
+    )
+    max_json_bytes: int = Field(
+        default=8192,
+        gt=0,
+        description="every other body (JSON) above it: 413, before authentication and parsing",
+    )
+    body_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="no body bytes for this long: 408 (its staging file is deleted)"
+    )
+    body_deadline_s: float = Field(
+        default=900.0, gt=0, description="a body not complete this long after its request started: 408"
+    )
+    max_concurrent_uploads: int = Field(
+        default=32, ge=1, description="uploads in flight per worker process; beyond it 503 + Retry-After"
+    )
     tick_interval_s: float = Field(default=1.0, gt=0, description="how often deadlines are checked")
     min_retry_after_s: float = Field(default=1.0, ge=0, description="pace steering: shortest Retry-After")
     max_retry_after_s: float = Field(default=60.0, gt=0)
@@ -42,6 +58,18 @@ class Settings(BaseSettings):
         "0 turns the limit off); above it: 429 with Retry-After",
     )
     rate_limit_burst: float = Field(default=60.0, ge=1, description="token bucket size: the allowed burst")
+    register_rate_per_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="registrations per second per client address, sustained (0: off); above it 429",
+    )
+    register_burst: float = Field(default=20.0, ge=1, description="registrations per client address: burst")
+    register_global_rate_per_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="registrations per second from all addresses together, per worker (0: off)",
+    )
+    register_global_burst: float = Field(default=100.0, ge=1, description="registrations in all: burst")
     log_format: Literal["plain", "json"] = Field(
         default="plain", description="json: one JSON object per line (with round_id, device_id, ...)"
     )

@@ -91,6 +91,10 @@ class LocalServer:
                 "FACEFL_ADMIN_TOKEN": self.admin_token,
                 "FACEFL_ENROLLMENT_SECRET": self.enrollment_secret,
                 "FACEFL_MIN_RETRY_AFTER_S": str(self.min_retry_after_s),
+                # a simulated fleet registers all at once from 127.0.0.1: registration limits off
+                # (extra_env may turn them back on)
+                "FACEFL_REGISTER_RATE_PER_S": "0",
+                "FACEFL_REGISTER_GLOBAL_RATE_PER_S": "0",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p),
             }
         )

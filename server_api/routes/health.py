@@ -6,9 +6,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from server_api.deps import Context
+from server_api.routes.responses import COMMON
 from server_api.schemas import HealthOut
 
-router = APIRouter(prefix="/v1", tags=["health"])
+router = APIRouter(prefix="/v1", tags=["health"], responses=COMMON)
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})

@@ -4,8 +4,9 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
 from server_api import metrics
+from server_api.routes.responses import COMMON
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=COMMON)
 
 
 @router.get(

@@ -8,13 +8,14 @@ from fastapi.responses import FileResponse
 
 from server_api.deps import Admin, Context, IdPath, IdQuery, Principal
 from server_api.routes.body import receive_body
-from server_api.schemas import ErrorOut, ModelVersionOut
+from server_api.routes.responses import ADMIN, AUTHENTICATED, COMMON, UPLOAD, errors
+from server_api.schemas import ModelVersionOut
 from server_api.services import models
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=COMMON)
 
 
-@router.get("/models", response_model=list[ModelVersionOut])
+@router.get("/models", response_model=list[ModelVersionOut], responses=AUTHENTICATED)
 async def list_models(ctx: Context, _: Principal, task_id: IdQuery = None) -> list[ModelVersionOut]:
     """Model versions with their lineage (parent version and the round that produced each)."""
     return await run_in_threadpool(models.listing, ctx, task_id)
@@ -24,7 +25,7 @@ async def list_models(ctx: Context, _: Principal, task_id: IdQuery = None) -> li
     "/models",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelVersionOut,
-    responses={c: {"model": ErrorOut} for c in (401, 403, 413, 422)},
+    responses={**ADMIN, **UPLOAD},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -50,7 +51,9 @@ async def import_model(
         staged.unlink(missing_ok=True)
 
 
-@router.get("/models/{version}/info", response_model=ModelVersionOut, responses={404: {"model": ErrorOut}})
+@router.get(
+    "/models/{version}/info", response_model=ModelVersionOut, responses={**AUTHENTICATED, **errors(404)}
+)
 async def model_info(version: IdPath, ctx: Context, _: Principal) -> ModelVersionOut:
     return await run_in_threadpool(models.info, ctx, version)
 
@@ -61,7 +64,8 @@ async def model_info(version: IdPath, ctx: Context, _: Principal) -> ModelVersio
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "safetensors weights"},
         304: {"description": "not modified (If-None-Match)"},
-        404: {"model": ErrorOut},
+        **AUTHENTICATED,
+        **errors(404),
     },
 )
 async def download_model(

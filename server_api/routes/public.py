@@ -9,15 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from server_api.deps import Context, CurrentDevice, IdPath, Principal
-from server_api.schemas import ErrorOut
+from server_api.routes.responses import AUTHENTICATED, COMMON, errors
 from server_api.services import public
 
-router = APIRouter(prefix="/v1", tags=["public set"])
+router = APIRouter(prefix="/v1", tags=["public set"], responses=COMMON)
 
 _BINARY: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "safetensors"},
     304: {"description": "not modified (If-None-Match)"},
-    404: {"model": ErrorOut},
+    **AUTHENTICATED,
+    **errors(404),
 }
 
 

@@ -5,15 +5,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from server_api.deps import Context, CurrentDevice, IdPath, Principal
+from server_api.deps import Context, CurrentDevice, Decimal, IdPath, Principal
 from server_api.routes.body import receive_body
-from server_api.schemas import CheckinIn, CheckinOut, ErrorOut, RoundOut, UpdateAccepted, WaitAction
+from server_api.routes.responses import AUTHENTICATED, COMMON, JSON_BODY, UPLOAD, errors
+from server_api.schemas import CheckinIn, CheckinOut, RoundOut, UpdateAccepted, WaitAction
 from server_api.services import rounds, updates
 
-router = APIRouter(prefix="/v1", tags=["rounds"])
+router = APIRouter(prefix="/v1", tags=["rounds"], responses=COMMON)
 
 
-@router.post("/checkin", response_model=CheckinOut, responses={c: {"model": ErrorOut} for c in (401, 429)})
+@router.post("/checkin", response_model=CheckinOut, responses={**AUTHENTICATED, **JSON_BODY})
 async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, response: Response) -> CheckinOut:
     """Offer this device for training: an assignment, or a wait with Retry-After (pace steering)."""
     result = await run_in_threadpool(rounds.checkin, ctx, device_id, body)
@@ -22,7 +23,7 @@ async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, respo
     return result
 
 
-@router.get("/rounds/{round_id}", response_model=RoundOut, responses={404: {"model": ErrorOut}})
+@router.get("/rounds/{round_id}", response_model=RoundOut, responses={**AUTHENTICATED, **errors(404)})
 async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
     return await run_in_threadpool(rounds.get, ctx, round_id)
 
@@ -31,7 +32,7 @@ async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
     "/rounds/{round_id}/updates",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=UpdateAccepted,
-    responses={c: {"model": ErrorOut} for c in (401, 403, 404, 409, 410, 413, 422, 429)},
+    responses={**AUTHENTICATED, **UPLOAD, **errors(403, 404, 409, 410)},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -44,25 +45,27 @@ async def upload_update(
     request: Request,
     ctx: Context,
     device_id: CurrentDevice,
-    num_samples: Annotated[int, Query(ge=1, le=1_000_000_000)],
+    num_samples: Annotated[int, Query(ge=1, le=1_000_000_000), Decimal],
     x_upload_token: Annotated[str, Header(min_length=1, max_length=256)],
     x_metrics: Annotated[str | None, Header(max_length=4096)] = None,
 ) -> UpdateAccepted:
     """Upload this device's model delta (safetensors body). Durable before 202."""
     metrics = updates.parse_metrics(x_metrics)
     await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
-    staged = await receive_body(request, ctx)
-    try:
-        return await run_in_threadpool(
-            lambda: updates.accept(
-                ctx,
-                round_id=round_id,
-                device_id=device_id,
-                upload_token=x_upload_token,
-                staged=staged,
-                num_samples=num_samples,
-                metrics=metrics,
+    # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
+    with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
+        staged = await receive_body(request, ctx)
+        try:
+            return await run_in_threadpool(
+                lambda: updates.accept(
+                    ctx,
+                    round_id=round_id,
+                    device_id=device_id,
+                    upload_token=x_upload_token,
+                    staged=staged,
+                    num_samples=num_samples,
+                    metrics=metrics,
+                )
             )
-        )
-    finally:
-        staged.unlink(missing_ok=True)
+        finally:
+            staged.unlink(missing_ok=True)

@@ -3,17 +3,44 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from server_api.blobstore import FileBlobStore
 from server_api.db import Database
+from server_api.errors import conflict
 from server_api.ratelimit import RateLimiter
 from server_api.settings import Settings
 
 log = logging.getLogger("facefl.server")
+
+
+def _limiter(rate: float, burst: float) -> RateLimiter | None:
+    return RateLimiter(rate, burst) if rate > 0 else None
+
+
+class InFlight:
+    """Keys with a request in progress (per worker process): one upload per assignment at a time."""
+
+    def __init__(self) -> None:
+        self._keys: set[Hashable] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def claim(self, key: Hashable, detail: str) -> Iterator[None]:
+        with self._lock:
+            if key in self._keys:
+                raise conflict(detail, code="upload_in_progress")
+            self._keys.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._keys.discard(key)
 
 
 @dataclass
@@ -32,6 +59,11 @@ class ServiceContext:
     )
     # per-device request rate (None: unlimited); per process, see server_api.ratelimit
     limiter: RateLimiter | None = None
+    # registrations: per client address, and all addresses together (None: unlimited); per process
+    register_limiter: RateLimiter | None = None
+    register_global: RateLimiter | None = None
+    # (round, device) pairs with an upload in progress in this process: one at a time per assignment
+    uploads: InFlight = field(default_factory=InFlight)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:
@@ -39,11 +71,9 @@ class ServiceContext:
             settings=settings,
             db=Database(settings.database_url),
             blobs=FileBlobStore(settings.data_dir / "blobs"),
-            limiter=(
-                RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
-                if settings.rate_limit_per_s > 0
-                else None
-            ),
+            limiter=_limiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+            register_limiter=_limiter(settings.register_rate_per_s, settings.register_burst),
+            register_global=_limiter(settings.register_global_rate_per_s, settings.register_global_burst),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -67,3 +97,4 @@ class ServiceContext:
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.eval_executor.shutdown(wait=True, cancel_futures=True)
         self.db.dispose()
+        self.blobs.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -114,24 +115,27 @@ def import_weights(
     """
     from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
 
-    data = staged.read_bytes()
     try:
-        codec.read_header(data)
-        meta = codec.read_metadata(data)
+        header = codec.read_file_header(staged)  # the header only: bounded, strictly typed
+        meta = header.metadata
         architecture = architecture or meta.get("architecture")
         if architecture not in ARCHITECTURES:
             raise invalid(
                 "unknown_architecture",
-                f"architecture {architecture!r} is not one of {sorted(ARCHITECTURES)} (query or metadata)",
+                f"architecture {str(architecture)[:32]!r} is not one of {sorted(ARCHITECTURES)} "
+                "(query or metadata)",
             )
         if embedding_dim is None and "embedding_dim" in meta:
-            if not meta["embedding_dim"].isdigit():
-                raise invalid("bad_metadata", "metadata embedding_dim is not an integer")
+            # ASCII digits only: str.isdigit() accepts "²", which int() then refuses
+            if re.fullmatch(r"[0-9]{1,4}", meta["embedding_dim"]) is None:
+                raise invalid("bad_metadata", "metadata embedding_dim is not an integer in 8..4096")
             embedding_dim = int(meta["embedding_dim"])
+            if not 8 <= embedding_dim <= 4096:
+                raise invalid("bad_metadata", "metadata embedding_dim is not an integer in 8..4096")
         embedding_dim = embedding_dim or ARCHITECTURES[architecture].default_embedding_dim
         expected = codec.specs_of(state_to_numpy(build_backbone(architecture, embedding_dim, seed=0)))
-        tensors = codec.decode(data)
-        codec.check_compatible(codec.specs_of(tensors), expected)
+        codec.check_compatible(header.specs, expected)  # before any tensor is read
+        tensors = codec.load_file(staged)
         codec.check_finite(tensors)
     except codec.CodecError as exc:
         raise invalid("bad_model", str(exc)) from exc

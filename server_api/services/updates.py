@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -16,7 +17,7 @@ from server_api import metrics as prom
 from server_api import security
 from server_api.errors import conflict, forbidden, gone, invalid, not_found
 from server_api.orm import ROUND_OPEN, Assignment, Round, Task, Update, utcnow
-from server_api.schemas import UpdateAccepted
+from server_api.schemas import UpdateAccepted, has_control_chars
 from server_api.services import aggregation, models, queries
 from server_api.services.context import ServiceContext, log
 
@@ -35,23 +36,38 @@ class UploadTarget:
     trainable_prefixes: tuple[str, ...] | None = None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
+
+
 def parse_metrics(raw: str | None) -> dict[str, float]:
-    """X-Metrics: a JSON object of at most 32 finite numbers with short names."""
+    """X-Metrics: a JSON object of at most 32 finite numbers with short names (no control characters).
+
+    Crafted input (deep nesting, 10^400, NaN) is a 422, never a 500.
+    """
     if raw is None or raw == "":
         return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise invalid("bad_metrics", f"X-Metrics is not JSON: {exc}") from exc
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise invalid("bad_metrics", "X-Metrics is nested too deeply") from exc
+    except ValueError as exc:  # not JSON, NaN/Infinity, or an integer too long to convert
+        raise invalid("bad_metrics", f"X-Metrics is not valid JSON: {exc}") from exc
     if not isinstance(value, dict) or len(value) > MAX_METRICS:
         raise invalid("bad_metrics", f"X-Metrics must be a JSON object of at most {MAX_METRICS} numbers")
     out: dict[str, float] = {}
     for k, v in value.items():
-        if not isinstance(k, str) or not 0 < len(k) <= 64:
-            raise invalid("bad_metrics", "X-Metrics names must be 1-64 characters")
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if not 0 < len(k) <= 64 or has_control_chars(k):
+            raise invalid("bad_metrics", "X-Metrics names must be 1-64 characters, none a control character")
+        if isinstance(v, bool) or not isinstance(v, int | float):
             raise invalid("bad_metrics", f"X-Metrics[{k!r}] must be a finite number")
-        out[k] = float(v)
+        try:
+            number = float(v)  # an integer such as 10**400 overflows a float
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise invalid("bad_metrics", f"X-Metrics[{k!r}] must be a finite number")
+        out[k] = number
     return out
 
 
@@ -96,11 +112,12 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
 def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) -> float:
     """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm.
 
-    The names are exactly the base model's trainable tensors (all of them without ``trainable``).
+    The names are exactly the base model's trainable tensors (all of them without ``trainable``). The
+    staged file is read in chunks (codec.scan_file), never whole: memory per upload stays small whatever
+    the body size.
     """
     from facefl.models import trainable_names
 
-    data = staged.read_bytes()
     specs_of_base = models.expected_specs(ctx, target.base_version)
     expected = {n: specs_of_base[n] for n in trainable_names(specs_of_base, target.trainable_prefixes)}
     if target.algorithm == "fedface":
@@ -109,16 +126,14 @@ def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) ->
         spec = codec.TensorSpec(shape=(int(target.embedding_dim or 0),), dtype="F32")
         expected = {**expected, CLASS_EMBEDDING_KEY: spec}
     try:
-        specs = codec.read_header(data)
-        codec.check_compatible(specs, expected)
-        tensors = codec.decode(data)
-        codec.check_finite(tensors)
+        header = codec.read_file_header(staged)
+        codec.check_compatible(header.specs, expected)
+        norm, kept = codec.scan_file(staged, header, keep=frozenset({CLASS_EMBEDDING_KEY}))
     except codec.CodecError as exc:
         raise invalid("bad_update", str(exc)) from exc
-    class_embedding = tensors.pop(CLASS_EMBEDDING_KEY, None)
+    class_embedding = kept.get(CLASS_EMBEDDING_KEY)
     if class_embedding is not None and abs(float(np.linalg.norm(class_embedding)) - 1.0) > 1e-3:
         raise invalid("bad_update", f"{CLASS_EMBEDDING_KEY} must be L2-normalized")
-    norm = codec.global_norm(tensors)
     if target.norm_bound is not None and norm > target.norm_bound:
         raise invalid(
             "norm_too_large", f"update norm {norm:.4g} exceeds the task's bound {target.norm_bound:.4g}"

@@ -61,6 +61,8 @@ class ServeProcess:
                 "FACEFL_MIN_RETRY_AFTER_S": "0.05",
                 "FACEFL_MAX_RETRY_AFTER_S": "0.5",
                 "FACEFL_TICK_INTERVAL_S": "0.2",
+                "FACEFL_REGISTER_RATE_PER_S": "0",  # fleets register all at once from one address
+                "FACEFL_REGISTER_GLOBAL_RATE_PER_S": "0",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
                 **self.extra_env,
             }

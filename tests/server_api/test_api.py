@@ -416,7 +416,7 @@ def test_body_above_limit_is_413_declared_and_streamed(
         ),
     )
     assert r.status_code == 413
-    assert not list((api.ctx.blobs.root / "staging").iterdir())
+    assert not api.ctx.blobs.staging_files()
 
 
 def _bad_payloads(w: dict[str, np.ndarray]) -> dict[str, bytes]:
