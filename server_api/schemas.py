@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
-Architecture = Literal["small", "mobilefacenet", "tiny"]
+# the keys of facefl.models.ARCHITECTURES (a test keeps them equal; written out so that importing the
+# schemas does not import torch)
+Architecture = Literal["small", "mobilefacenet", "tiny", "dlib-resnet"]
 Algorithm = Literal["fedavg", "fedprox", "fedfr", "fedface"]
 
 

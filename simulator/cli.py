@@ -79,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=_positive_int, default=2, help="federated rounds to run (2)")
     g.add_argument(
         "--model",
-        choices=["small", "mobilefacenet", "tiny"],
-        default="small",
-        help="backbone (small); tiny: ~1k floats, protocol benchmarks only",
+        choices=["small", "mobilefacenet", "tiny", "dlib-resnet"],  # facefl.models.ARCHITECTURES (tested)
+        default=None,
+        help="backbone (default: the --initial-model checkpoint's architecture, else small); tiny: ~1k "
+        "floats, protocol benchmarks only; dlib-resnet: dlib's face ResNet (`facefl import-model`)",
     )
     g.add_argument(
         "--data",
@@ -243,13 +244,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _checkpoint_architecture(path: str | None) -> str | None:
+    """The architecture a facefl checkpoint declares (metadata only, no tensors), None if unreadable:
+    the config's own validation then reports the file."""
+    if path is None:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            return (f.metadata() or {}).get("architecture")
+    except (OSError, SafetensorError):
+        return None
+
+
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     from .run import SimulationConfig
 
     return SimulationConfig(
         devices=args.devices,
         rounds=args.rounds,
-        model=args.model,
+        model=args.model or _checkpoint_architecture(args.initial_model) or "small",
         data=args.data,
         ids_per_device=args.ids_per_device,
         images_per_id=args.images_per_id,

@@ -148,3 +148,35 @@ def test_partial_gated_run_uploads_the_trainable_tensors_and_shows_the_served_ve
     assert per_device < len(codec.encode(base)) / 4
     (row,) = [line for line in proc.stdout.splitlines() if line.strip().startswith("1 ")]
     assert "aggregated" in row and " v2 " in row
+
+
+def test_the_model_defaults_to_the_initial_checkpoints_architecture(tmp_path: Path) -> None:
+    from facefl.checkpoint import save_checkpoint
+    from facefl.models import build_backbone
+    from simulator.cli import add_arguments, config_from_args
+
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", build_backbone("tiny", seed=0), "tiny")
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--initial-model", str(ckpt)])).model == "tiny"
+    assert config_from_args(parser.parse_args([])).model == "small"
+    explicit = parser.parse_args(["--initial-model", str(ckpt), "--model", "mobilefacenet"])
+    assert config_from_args(explicit).model == "mobilefacenet"  # an explicit choice wins (the server checks)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    assert (
+        config_from_args(parser.parse_args(["--initial-model", str(tmp_path / "junk.safetensors")])).model
+        == "small"
+    )
+
+
+def test_architecture_choices_match_the_registry() -> None:
+    import typing
+
+    from facefl.models import ARCHITECTURES
+    from server_api.schemas import Architecture
+    from simulator.cli import add_arguments
+
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "model")
+    assert set(typing.get_args(Architecture)) == set(ARCHITECTURES) == set(choices or ())
