@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Kept for compatibility: the local-training fields every algorithm shares. Each algorithm's own model
-#: is its ``hyperparams`` in ``facefl.algorithms`` (e.g. ``registry.get("fedfr").hyperparams``).
+#: is its ``hyperparams`` in ``facefl.algorithms`` (``registry.get(name).hyperparams``).
 TrainConfig = Hyperparams
 
 # re-exported for callers and tests of the previous single-module trainer

@@ -42,7 +42,9 @@ class FedProx(FedAvg):
     """FedAvg's server step and local update, plus the proximal term on the device."""
 
     name = "fedprox"
-    title = "FedProx (Li et al., 2020): FedAvg plus a proximal term mu/2 ||w - w_global||^2 on the device"
+    title = (
+        "FedProx (Li et al., 2020): FedAvg plus a proximal term (mu/2) * squared distance to the global model"
+    )
     hyperparams = FedProxHyperparams
     suggested = {"mu": 0.01}
     regularizer_metric = "prox_term"

@@ -29,6 +29,7 @@ __all__ = [
     "get",
     "global_extra_prefixes",
     "local_update_names",
+    "markdown",
     "task_hyperparams",
 ]
 
@@ -104,3 +105,21 @@ def task_hyperparams(name: str, raw: Mapping[str, Any]) -> Hyperparams:
         ) from None
     algorithm.check_task(hp)
     return hp
+
+
+def markdown() -> str:
+    """The protocol docs' table of algorithms (docs/protocol.md, between the ``algorithms`` markers;
+    a test keeps it equal to this): ``python -m facefl.algorithms`` prints it."""
+    common = set(Hyperparams.model_fields)
+    lines = [
+        "| `algorithm` | assignment's `algorithm` | own hyper-parameters (default) | what it is |",
+        "|---|---|---|---|",
+    ]
+    for a in ALGORITHMS.values():
+        own = [
+            f"`{name}` ({'none' if f.default is None else f.default})"
+            for name, f in a.hyperparams.model_fields.items()
+            if name not in common
+        ]
+        lines.append(f"| `{a.name}` | `{a.wire_name}` | {', '.join(own) or '-'} | {a.title} |")
+    return "\n".join(lines) + "\n"
