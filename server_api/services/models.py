@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from facefl import codec
+from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion
 from server_api.schemas import ModelVersionOut
@@ -112,8 +113,6 @@ def import_weights(
     The architecture and embedding size come from the query or the safetensors metadata; the tensors
     must match exactly what the registry builds for them, and be finite.
     """
-    from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
-
     data = staged.read_bytes()
     try:
         codec.read_header(data)
