@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefl.algorithms import registry
+
 from .client import Assignment, FederatedClient, UploadReceipt
 from .dataset import LocalDataset
 from .trainer import RoundInputs, Trainer
@@ -28,19 +30,13 @@ class RoundReport:
 
 
 def fetch_round_inputs(client: FederatedClient, assignment: Assignment) -> RoundInputs | None:
-    """Download what the assignment's algorithm needs besides the base model.
+    """Download what the assignment's algorithm needs besides the base model (its ``round_inputs``).
 
     FedFR: the task's public pack (cached by the client's ``cache_dir``: fetched once) and the base
     version's public feature bank, whole. FedFace: this device's own class embedding (None in its first
     round). Other algorithms: nothing.
     """
-    algorithm = assignment.algorithm.lower()
-    if algorithm == "fedfr":
-        bank, _labels = client.download_public_bank(assignment.base_version)
-        return RoundInputs(public=client.download_public_pack(assignment.task_id), bank_embeddings=bank)
-    if algorithm == "fedface":
-        return RoundInputs(class_embedding=client.download_class_embedding(assignment.base_version))
-    return None
+    return registry.get(assignment.algorithm).round_inputs(client, assignment)
 
 
 def run_round(

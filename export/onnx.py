@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.errors import ExportError
+from facefl.algorithms.fedfr import DFC_FILE, PERSONALIZED_FILE
 from facefl.data import Preprocessing
 from facefl.embedders import PREPROCESSING_METADATA_KEY
 from facefl.fileio import atomic_write, sha256_file
@@ -47,9 +48,8 @@ __all__ = [
     "save_model_atomic",
 ]
 
-#: Files of a device state directory that make up the personalized model.
-PERSONALIZED_FILE = "personalized.safetensors"
-DFC_FILE = "dfc.safetensors"
+#: Files of a device state directory that make up the personalized model: PERSONALIZED_FILE and
+#: DFC_FILE, FedFR's personal state (facefl.algorithms.fedfr declares them).
 
 #: metadata_props keys written besides the preprocessing (all values are strings).
 KIND_KEY = "facefl.kind"  # "generic" | "personalized"

@@ -21,7 +21,7 @@ from server_api.errors import ApiError
 from server_api.limits import BodyLimits
 from server_api.routes import devices, health, models, public, rounds, tasks
 from server_api.routes import metrics as metrics_route
-from server_api.services import rounds as round_service
+from server_api.services import ticker
 from server_api.services.context import ServiceContext, log
 from server_api.settings import Settings
 
@@ -30,7 +30,7 @@ async def _ticker(ctx: ServiceContext) -> None:
     """Deadlines and recovery, checked periodically off the event loop (no in-memory timer owns them)."""
     while True:
         try:
-            await run_in_threadpool(round_service.tick, ctx)
+            await run_in_threadpool(ticker.tick, ctx)
         except Exception:
             log.exception("tick failed")
         await asyncio.sleep(ctx.settings.tick_interval_s)

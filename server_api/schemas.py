@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from facefl.algorithms import registry
+
 # ids are INTEGER columns (int4 on PostgreSQL): larger numbers are refused with 422 before any query
 MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
@@ -15,7 +17,8 @@ Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 # the keys of facefl.models.ARCHITECTURES (a test keeps them equal; written out so that importing the
 # schemas does not import torch)
 Architecture = Literal["small", "mobilefacenet", "tiny", "dlib-resnet"]
-Algorithm = Literal["fedavg", "fedprox", "fedfr", "fedface"]
+# the registry's algorithms (facefl.algorithms.registry): the enum of the API's ``algorithm``
+Algorithm = Literal[registry.NAMES]  # type: ignore[valid-type]
 
 
 # C0 and C1 control characters (NUL included: PostgreSQL cannot store it) and lone surrogates (not
@@ -77,30 +80,6 @@ class RegisterOut(BaseModel):
     token: str
 
 
-class Hyperparams(Strict):
-    local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0, le=1)] = 5e-4
-    mu: Annotated[float, Field(ge=0, le=100)] = 0.0
-    scale: Annotated[float, Field(gt=0, le=128)] = 30.0
-    margin: Annotated[float, Field(ge=0, lt=1)] = 0.4
-    # FedFR (DESIGN section 4): the public set the server serves, hard-negative selection on the device,
-    # the weights of the DFC and contrastive terms
-    public_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
-    hard_negative_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.4
-    max_hard_negatives: Annotated[int, Field(ge=0, le=100_000)] = 512
-    dfc_weight: Annotated[float, Field(ge=0, le=1000)] = 10.0
-    contrastive_weight: Annotated[float, Field(ge=0, le=1000)] = 5.0
-    contrastive_temperature: Annotated[float, Field(gt=0, le=10)] = 0.5
-    # FedFace: the device's positive margin, the server's spreadout
-    fedface_margin: Annotated[float, Field(ge=-1, le=1)] = 0.9
-    spreadout_margin: Annotated[float, Field(ge=-1, lt=1)] = 0.0
-    spreadout_steps: Annotated[int, Field(ge=0, le=10_000)] = 10
-    spreadout_lr: Annotated[float, Field(gt=0, le=100)] = 1.0
-
-
 class RobustAggregation(Strict):
     """Server-side defences against outlier updates (facefl.algorithms.robust); off when absent.
 
@@ -160,7 +139,7 @@ class RoundPolicy(Strict):
 
 class TaskIn(Strict):
     name: Annotated[str, Field(min_length=1, max_length=128)]
-    algorithm: Algorithm = "fedavg"
+    algorithm: Algorithm = registry.DEFAULT
     architecture: Architecture = "small"
     embedding_dim: Annotated[int | None, Field(ge=8, le=4096)] = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
@@ -171,17 +150,14 @@ class TaskIn(Strict):
     trainable: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=64)]] | None, Field(min_length=1, max_length=64)
     ] = None
-    hyperparams: Hyperparams = Field(default_factory=Hyperparams)
+    # validated by the chosen algorithm's own model (facefl.algorithms), then stored as its full dump:
+    # a 422 names the field, and a field of another algorithm says which one it belongs to
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
     policy: RoundPolicy = Field(default_factory=RoundPolicy)
 
     @model_validator(mode="after")
-    def _fedprox_needs_mu(self) -> TaskIn:
-        if self.algorithm == "fedprox" and self.hyperparams.mu <= 0:
-            raise ValueError("fedprox needs hyperparams.mu > 0")
-        if self.algorithm == "fedfr" and self.hyperparams.public_set is None:
-            raise ValueError("fedfr needs hyperparams.public_set (a FACEFL_PUBLIC_SETS name)")
-        if self.algorithm != "fedfr" and self.hyperparams.public_set is not None:
-            raise ValueError("hyperparams.public_set applies to fedfr only")
+    def _check(self) -> TaskIn:
+        self.hyperparams = registry.task_hyperparams(self.algorithm, self.hyperparams).model_dump()
         if self.policy.gate is not None and self.eval_set is None:
             raise ValueError("policy.gate needs eval_set: the gate compares versions on it")
         if self.trainable is not None:

@@ -74,6 +74,8 @@ def _kill_at(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options to ``parser`` (used by ``facefl simulate`` and ``python -m simulator``)."""
+    from facefl.algorithms import registry  # the algorithms' choices and help (imports torch)
+
     g = parser.add_argument_group("simulation")
     g.add_argument("--devices", type=_positive_int, default=20, help="number of simulated devices (20)")
     g.add_argument("--rounds", type=_positive_int, default=2, help="federated rounds to run (2)")
@@ -154,9 +156,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("training (the task's hyper-parameters)")
     t.add_argument(
         "--algorithm",
-        choices=["fedavg", "fedprox", "fedfr", "fedface"],
-        default="fedavg",
-        help="(fedavg); fedfr needs --public-set, fedface --ids-per-device 1",
+        choices=list(registry.NAMES),
+        default=registry.DEFAULT,
+        help=f"({registry.DEFAULT}) "
+        + "; ".join(
+            a.title
+            + (" [needs --public-set]" if "public_set" in a.hyperparams.model_fields else "")
+            + (" [--ids-per-device 1]" if a.one_identity_per_device else "")
+            for a in registry.ALGORITHMS.values()
+        )
+        + ". --hp sets any other hyper-parameter of the algorithm",
     )
     t.add_argument(
         "--skip-small-devices",

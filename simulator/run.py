@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from device_sdk import DeviceCredentials, FederatedClient, LocalDataset, RoundInfo, Trainer
+from facefl.algorithms import registry
 from facefl.data import ImageFolder, partition_identities
 from facefl.data.partition import held_out_count
 from facefl.data.protocol import plan_devices
@@ -90,8 +92,8 @@ class SimulationConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    algorithm: str = "fedavg"
-    mu: float | None = None  # default: 0.01 for fedprox, 0 for fedavg
+    algorithm: str = registry.DEFAULT
+    mu: float | None = None  # default: the algorithm's suggestion (FedProx: 0.01); only where it has mu
     # FedFR: the public set (a directory for the server the simulator starts, a name on --server)
     public_set: str | None = None
     # leave out devices with fewer than two training images (FedFace's one-identity devices of a person
@@ -124,6 +126,29 @@ class SimulationConfig:
     # where device jobs run: "local" worker processes or "ray" tasks (on ray_address, else a local Ray)
     backend: str = "local"
     ray_address: str | None = None
+
+    @staticmethod
+    def _users_of(field_name: str) -> str:
+        return " and ".join(
+            a.name for a in registry.ALGORITHMS.values() if field_name in a.hyperparams.model_fields
+        )
+
+    def hyperparams(self, public_set: str | None) -> dict[str, Any]:
+        """The task's hyperparams: the options the algorithm declares (its registry model), then --hp."""
+        options: dict[str, Any] = {
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "mu": self.mu,
+            "scale": 30.0,
+            "margin": 0.4,
+            "public_set": public_set if self.public_set is not None else None,
+        }
+        fields = registry.get(self.algorithm).hyperparams.model_fields
+        declared = {k: v for k, v in options.items() if k in fields and v is not None}
+        return {**declared, **self.extra_hyperparams}
 
     def validate(self) -> SimulationConfig:
         """Raise ValueError with a message naming the option; fill derived defaults in place."""
@@ -166,28 +191,39 @@ class SimulationConfig:
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (got {self.batch_size})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
         need(
-            self.algorithm in ("fedavg", "fedprox", "fedfr", "fedface"),
-            f"--algorithm must be fedavg, fedprox, fedfr or fedface (got {self.algorithm!r})",
+            self.algorithm in registry.NAMES,
+            f"--algorithm must be one of {', '.join(registry.NAMES)} (got {self.algorithm!r})",
+        )
+        algorithm = registry.get(self.algorithm)
+        fields = algorithm.hyperparams.model_fields
+        users = [a.name for a in registry.ALGORITHMS.values() if "public_set" in a.hyperparams.model_fields]
+        need(
+            "public_set" not in fields or self.public_set is not None,
+            f"--algorithm {self.algorithm} needs --public-set",
         )
         need(
-            (self.algorithm == "fedfr") == (self.public_set is not None),
-            "--algorithm fedfr needs --public-set, and --public-set applies to fedfr only",
+            "public_set" in fields or self.public_set is None,
+            f"--public-set applies to {' and '.join(users)} only",
         )
         if self.public_set is not None and self.server is None:
             need(
                 Path(self.public_set).is_dir(), f"--public-set must be a directory (got {self.public_set!r})"
             )
         need(
-            self.algorithm != "fedface" or self.ids_per_device == 1,
-            "--algorithm fedface trains one identity per device: use --ids-per-device 1",
+            not algorithm.one_identity_per_device or self.ids_per_device == 1,
+            f"--algorithm {self.algorithm} trains one identity per device: use --ids-per-device 1",
         )
         reserved = {"local_epochs", "batch_size", "lr", "momentum", "weight_decay", "mu", "public_set"}
         clash = sorted(reserved & set(self.extra_hyperparams))
         need(not clash, f"--hp cannot set {clash}: use the dedicated options")
         if self.mu is None:
-            self.mu = 0.01 if self.algorithm == "fedprox" else 0.0
+            self.mu = float(algorithm.suggested.get("mu", 0.0)) if "mu" in fields else 0.0
         need(self.mu >= 0, f"--mu must be >= 0 (got {self.mu})")
-        need(self.algorithm != "fedprox" or self.mu > 0, "--algorithm fedprox needs --mu > 0")
+        need("mu" in fields or self.mu == 0, f"--mu applies to {self._users_of('mu')} only")
+        try:  # the algorithm's own checks of the options above (e.g. FedProx: mu > 0)
+            algorithm.check_task(algorithm.hyperparams.lenient(self.hyperparams("public")))
+        except ValueError as exc:
+            need(False, "--algorithm " + _HYPERPARAM.sub(_option, str(exc)))
         if self.target_reports is None:
             self.target_reports = self.devices
         need(self.target_reports >= 1, f"--target-reports must be >= 1 (got {self.target_reports})")
@@ -739,6 +775,14 @@ def _fault_counts(results: Sequence[JobResult]) -> dict[str, int]:
     }
 
 
+_HYPERPARAM = re.compile(r"hyperparams[.](\w+)")
+
+
+def _option(match: re.Match[str]) -> str:
+    """``hyperparams.public_set`` -> ``--public-set``: the simulator's option of a hyper-parameter."""
+    return "--" + match.group(1).replace("_", "-")
+
+
 def _mean_phases(results: Sequence[JobResult]) -> dict[str, float]:
     totals: dict[str, list[float]] = {}
     for jr in results:
@@ -756,23 +800,8 @@ def _task_body(cfg: SimulationConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "rounds": cfg.rounds,
         "trainable": cfg.trainable,
-        "hyperparams": {
-            "local_epochs": cfg.local_epochs,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay,
-            "mu": cfg.mu,
-            "scale": 30.0,
-            "margin": 0.4,
-            **({"public_set": "public"} if cfg.public_set is not None and cfg.server is None else {}),
-            **(
-                {"public_set": cfg.public_set}
-                if cfg.public_set is not None and cfg.server is not None
-                else {}
-            ),
-            **cfg.extra_hyperparams,
-        },
+        # the server the simulator starts names its public set "public"; an external one's is --public-set
+        "hyperparams": cfg.hyperparams("public" if cfg.server is None else cfg.public_set),
         "policy": {
             "target_reports": cfg.target_reports,
             "over_selection": cfg.over_selection,

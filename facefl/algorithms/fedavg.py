@@ -1,4 +1,9 @@
-"""FedAvg (McMahan et al., 2017) as a streaming weighted mean.
+"""FedAvg (McMahan et al., 2017): the streaming weighted mean, and the base algorithm of the registry.
+
+On the server, the new version is the base plus the weighted mean of the updates (``Algorithm``'s
+default server step). On the device, :meth:`FedAvg.local_update` trains the backbone with a CosFace
+head over the device's own identities; other algorithms reuse it (FedProx adds a regularizer; the
+server optimizers change the server step only).
 
 The accumulator holds one float64 buffer per tensor, so memory is O(model) whatever the number of
 updates: the server feeds updates one at a time as it reads them from the blob store.
@@ -6,9 +11,17 @@ updates: the server feeds updates one at a time as it reads them from the blob s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facefl import codec
+from facefl.algorithms.base import Algorithm, TrainResult
+from facefl.algorithms.local import LocalJob, local_state, train_loop, trainable_parameters
 
 TensorDict = dict[str, np.ndarray]
 
@@ -61,3 +74,65 @@ def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> TensorD
     for tensors, weight in updates:
         acc.add(tensors, weight)
     return acc.result()
+
+
+class FedAvg(Algorithm):
+    """FedAvg: the weighted mean of the updates is the new version's delta; the device trains its
+    backbone with a CosFace head over its local identities (the head is private and persisted)."""
+
+    name = "fedavg"
+    title = "FedAvg (McMahan et al., 2017): weighted mean of the updates"
+    # the metric reporting the regularizer's mean over steps is "<regularizer_metric>_mean"
+    regularizer_metric: ClassVar[str] = "regularizer"
+
+    def regularizer(self, hp: Any, model: torch.nn.Module) -> Callable[[], torch.Tensor] | None:
+        """A term added to every batch's loss (FedProx's proximal term); None: none."""
+        return None
+
+    def local_update(self, job: LocalJob) -> TrainResult:
+        started = time.perf_counter()
+        hp, gen = job.prepare()
+        dataset = job.dataset
+        model = job.backbone()
+        trained = job.freeze_outside(model)
+        x_all = job.preprocess(dataset.images)
+        y_all = torch.from_numpy(dataset.labels).to(job.device)
+        embedding_dim = job.embedding_dim(model)
+
+        emb_before = job.embed(model, x_all)  # eval mode, under the received model
+        head = job.load_or_init_head(emb_before, embedding_dim, hp)
+        loss_before, _ = job.score(head, emb_before, y_all)
+        regularizer = self.regularizer(hp, model)
+
+        def step(idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            y = y_all[idx]
+            loss = F.cross_entropy(head(model(x), y), y)
+            if regularizer is None:
+                return loss, {"loss": loss}
+            reg = regularizer()
+            return loss + reg, {"loss": loss, "regularizer": reg}
+
+        params = trainable_parameters(model) + list(head.parameters())
+        stats = train_loop(job, model, trained, params, hp, gen, x_all, step, modules=(head,))
+
+        loss_after, acc_after = job.score(head, job.embed(model, x_all), y_all)
+        delta = job.delta(local_state(model), trained)
+        job.save_head(head)
+        epoch_loss = stats.last_epoch.get("loss", 0.0)
+        # train_loss*: mean CosFace loss over an epoch's batches (train mode, augmented);
+        # loss_before/after, train_accuracy: the whole local set in eval mode (BatchNorm running stats)
+        metrics = {
+            "train_loss": epoch_loss,
+            "train_loss_first_epoch": stats.first_epoch.get("loss", epoch_loss),
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "train_accuracy": acc_after,
+            "steps": float(stats.steps),
+            "epochs": float(hp.local_epochs),
+            "delta_norm": codec.global_norm(delta),
+        }
+        if regularizer is not None:
+            metrics[f"{self.regularizer_metric}_mean"] = stats.mean("regularizer")
+        return TrainResult(
+            delta=delta, num_samples=len(dataset), metrics=metrics, seconds=time.perf_counter() - started
+        )

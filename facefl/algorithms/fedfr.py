@@ -20,14 +20,32 @@ the converter (see :meth:`DFC.convert`).
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from safetensors import safe_open
 from torch import nn
+
+from facefl import codec
+from facefl.algorithms.base import Algorithm, Hyperparams, InputsClient, RoundInputs, ServerEnv, TrainResult
+from facefl.algorithms.local import LocalJob, local_state, train_loop, trainable_parameters
+from facefl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from facefl.fileio import atomic_write_bytes
+from facefl.models import ARCHITECTURES
 
 __all__ = [
     "DFC",
+    "DFC_FILE",
+    "PERSONALIZED_FILE",
     "PUBLIC_HEAD_KEY",
+    "FedFR",
+    "FedFRHyperparams",
     "contrastive_loss",
     "cosface_logits",
     "dfc_binary_loss",
@@ -37,6 +55,11 @@ __all__ = [
 
 # Name of the public classifier inside FedFR's global model (next to the backbone tensors).
 PUBLIC_HEAD_KEY = "public_head.weight"
+# FedFR's personal state in the device's state directory (``facefl export --personalized`` reads it):
+# the backbone after the last local training (a facefl checkpoint; the contrastive term's negative next
+# round, and the personalized model's trunk) and the DFC module
+PERSONALIZED_FILE = "personalized.safetensors"
+DFC_FILE = "dfc.safetensors"
 
 
 def select_hard_negatives(
@@ -189,3 +212,210 @@ class DFC(nn.Module):
             pos_weight=self.pos_weight,
             neg_weight=self.neg_weight,
         )
+
+
+class FedFRHyperparams(Hyperparams):
+    # the public set the server serves, hard-negative selection on the device, the weights of the DFC and
+    # contrastive terms (DESIGN section 4)
+    public_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    hard_negative_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.4
+    max_hard_negatives: Annotated[int, Field(ge=0, le=100_000)] = 512
+    dfc_weight: Annotated[float, Field(ge=0, le=1000)] = 10.0
+    contrastive_weight: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    contrastive_temperature: Annotated[float, Field(gt=0, le=10)] = 0.5
+
+
+class FedFR(Algorithm):
+    """FedFR: a public classifier in the global model, public pack + feature bank downloaded by devices,
+    DFC and the contrastive term on the device (FedAvg's server step)."""
+
+    name = "fedfr"
+    title = "FedFR (Liu et al., 2022): public face set, hard negatives, DFC personalization"
+    hyperparams = FedFRHyperparams
+    global_extra_prefixes = ("public_head.",)
+
+    def check_task(self, hp: Any) -> None:
+        if hp.public_set is None:
+            raise ValueError("fedfr needs hyperparams.public_set (a FACEFL_PUBLIC_SETS name)")
+
+    def public_set(self, hp: Any) -> str | None:
+        return str(hp.public_set) if hp.public_set else None
+
+    def initial_extras(
+        self, env: ServerEnv, hp: Any, architecture: str, embedding_dim: int, backbone: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The public classifier: each public identity's normalized mean embedding (num_ids, d)."""
+        public = env.public_set(hp.public_set, ARCHITECTURES[architecture].image_size)
+        return {
+            PUBLIC_HEAD_KEY: public_head(
+                env.embed(architecture, embedding_dim, backbone, public.images), public
+            )
+        }
+
+    def round_inputs(self, client: InputsClient, assignment: Any) -> RoundInputs:
+        """The task's public pack (the client caches it: fetched once) and the base version's bank, whole."""
+        bank, _labels = client.download_public_bank(assignment.base_version)
+        return RoundInputs(public=client.download_public_pack(assignment.task_id), bank_embeddings=bank)
+
+    def local_update(self, job: LocalJob) -> TrainResult:
+        """FedFR's local round (DESIGN section 4): union CosFace over local + public classes on the local
+        images and the hard negatives picked from the public bank, + DFC loss + contrastive term."""
+        started = time.perf_counter()
+        inputs, base_weights, dataset = job.inputs, job.base_weights, job.dataset
+        if inputs is None or inputs.public is None or inputs.bank_embeddings is None:
+            raise ValueError("fedfr needs the public pack and feature bank (device_sdk.fetch_round_inputs)")
+        if PUBLIC_HEAD_KEY not in base_weights:
+            raise ValueError(f"a fedfr global model carries {PUBLIC_HEAD_KEY!r}; this one does not")
+        public = inputs.public
+        if len(inputs.bank_embeddings) != len(public.images):
+            raise ValueError("the public bank and pack disagree on the number of images")
+        hp, gen = job.prepare()
+        arch = job.architecture
+
+        model = job.backbone()
+        trained = job.freeze_outside(model)  # + the public classifier
+        embedding_dim = job.embedding_dim(model)
+        x_local = job.preprocess(dataset.images)
+        emb_before = job.embed(model, x_local)
+        head = job.load_or_init_head(emb_before, embedding_dim, hp)
+        num_local = dataset.num_identities
+        public_head_rows = torch.nn.Parameter(
+            torch.from_numpy(np.array(base_weights[PUBLIC_HEAD_KEY])).to(job.device)
+        )
+
+        # 1. hard negatives, chosen here from the whole bank (the server never learns which)
+        picked = select_hard_negatives(
+            emb_before.cpu().numpy(),
+            inputs.bank_embeddings,
+            hp.hard_negative_threshold,
+            hp.max_hard_negatives,
+        )
+        x_all = torch.cat([x_local, job.preprocess(public.images[picked])])
+        # union labels: local classes first, then public classes; DFC labels: -1 for public images
+        y_union = torch.cat(
+            [torch.from_numpy(dataset.labels), torch.from_numpy(public.labels[picked]) + num_local]
+        ).to(job.device)
+        y_dfc = torch.cat([torch.from_numpy(dataset.labels), torch.full((len(picked),), -1)]).to(job.device)
+
+        # 2. frozen models for the contrastive term: this round's global model, the previous local one
+        previous = _load_personalized(job, embedding_dim) if hp.contrastive_weight > 0 else None
+        global_frozen = job.backbone() if previous is not None else None
+        for frozen in (previous, global_frozen):
+            if frozen is not None:
+                frozen.eval().requires_grad_(False)
+
+        # 3. DFC: kept on the device; the binary classifiers start from the local classifier's rows
+        dfc = _load_or_init_dfc(job, head.weight.detach().cpu(), embedding_dim)
+
+        decay = trainable_parameters(model) + list(head.parameters())
+        # no weight decay on the public classifier or DFC: a device moves public rows through its loss
+        # only, rather than shrinking all of them every round (CosFace normalizes rows anyway)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": [public_head_rows], "weight_decay": 0.0},
+            {"params": list(dfc.parameters()), "weight_decay": 0.0},
+        ]
+
+        def step(idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            emb = model(x)
+            weight = torch.cat([head.weight, public_head_rows])
+            ce = F.cross_entropy(cosface_logits(emb, weight, y_union[idx], hp.scale, hp.margin), y_union[idx])
+            total, terms = ce, {"ce": ce}
+            if hp.dfc_weight > 0:
+                dfc_loss = dfc(emb, y_dfc[idx])
+                total = total + hp.dfc_weight * dfc_loss
+                terms["dfc"] = dfc_loss
+            if previous is not None and global_frozen is not None:
+                with torch.no_grad():
+                    z_global, z_previous = global_frozen(x), previous(x)
+                con = contrastive_loss(emb, z_global, z_previous, hp.contrastive_temperature)
+                total = total + hp.contrastive_weight * con
+                terms["contrastive"] = con
+            return total, terms
+
+        stats = train_loop(job, model, trained, groups, hp, gen, x_all, step, modules=(head, dfc))
+
+        local = local_state(model)
+        local_with_head = {
+            **local,
+            PUBLIC_HEAD_KEY: public_head_rows.detach().cpu().numpy().astype(np.float32),
+        }
+        delta = job.delta(local_with_head, trained)
+        emb_after = job.embed(model, x_local)
+        loss_after, acc_after = job.score(head, emb_after, torch.from_numpy(dataset.labels).to(job.device))
+        if job.state_dir is not None:
+            job.save_head(head)
+            _save_dfc(job.state_dir, dfc, dataset.identities, arch)
+            save_checkpoint(job.state_dir / PERSONALIZED_FILE, local, arch, embedding_dim)
+        metrics = {
+            "train_loss": stats.mean("ce"),
+            "dfc_loss": stats.mean("dfc"),
+            "contrastive_loss": stats.mean("contrastive"),
+            "hard_negatives": float(len(picked)),
+            "loss_after": loss_after,
+            "train_accuracy": acc_after,
+            "steps": float(stats.steps),
+            "epochs": float(hp.local_epochs),
+            "delta_norm": codec.global_norm(delta),
+        }
+        # weighted by the device's own images only (public images are shared by everyone)
+        return TrainResult(
+            delta=delta, num_samples=len(dataset), metrics=metrics, seconds=time.perf_counter() - started
+        )
+
+
+def public_head(embeddings: np.ndarray, public: Any) -> np.ndarray:
+    """Each public identity's normalized mean of ``embeddings`` (one row per image of ``public``)."""
+    sums = np.zeros((public.num_identities, embeddings.shape[1]), np.float64)
+    np.add.at(sums, public.labels, embeddings)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _load_personalized(job: LocalJob, embedding_dim: int) -> torch.nn.Module | None:
+    """The previous round's local backbone, or None (first round, or state of another model)."""
+    if job.state_dir is None or not (job.state_dir / PERSONALIZED_FILE).exists():
+        return None
+    try:
+        ckpt = load_checkpoint(job.state_dir / PERSONALIZED_FILE)
+        if ckpt.architecture != job.architecture or ckpt.embedding_dim != embedding_dim:
+            return None
+        return job.backbone(ckpt.tensors)
+    except (CheckpointError, ValueError, OSError):
+        return None  # unreadable state: leave the term out this round rather than fail
+
+
+def _load_or_init_dfc(job: LocalJob, head_rows: torch.Tensor, embedding_dim: int) -> DFC:
+    dataset = job.dataset
+    dfc = DFC(embedding_dim, dataset.num_identities)
+    dfc.init_classifiers(head_rows)
+    path = job.state_dir / DFC_FILE if job.state_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                meta = fh.metadata() or {}
+                stored = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
+            names = json.loads(meta.get("identities", "[]"))
+            if meta.get("architecture") == job.architecture and stored["converter.weight"].shape == (
+                embedding_dim,
+                embedding_dim,
+            ):
+                with torch.no_grad():
+                    dfc.converter.weight.copy_(torch.from_numpy(stored["converter.weight"]))
+                    dfc.converter.bias.copy_(torch.from_numpy(stored["converter.bias"]))
+                    row_of = {str(name): i for i, name in enumerate(names)}
+                    for i, name in enumerate(dataset.identities):
+                        if name in row_of:
+                            dfc.weight[i] = torch.from_numpy(stored["weight"][row_of[name]])
+                            dfc.bias[i] = float(stored["bias"][row_of[name]])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            pass  # unreadable state: a fresh module (identity converter)
+    return dfc.to(job.device)
+
+
+def _save_dfc(state_dir: Path, dfc: DFC, identities: tuple[str, ...], architecture: str) -> None:
+    tensors = {name: p.detach().cpu().float() for name, p in dfc.state_dict().items()}
+    data = codec.encode(
+        tensors, metadata={"identities": json.dumps(list(identities)), "architecture": architecture}
+    )
+    atomic_write_bytes(state_dir / DFC_FILE, data)

@@ -6,9 +6,14 @@ stay near the round's global model under heterogeneous data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
+
+from facefl.algorithms.base import Hyperparams
+from facefl.algorithms.fedavg import FedAvg
 
 
 def proximal_term(
@@ -27,3 +32,30 @@ def proximal_term(
     if total is None:
         return torch.zeros(())
     return 0.5 * mu * total
+
+
+class FedProxHyperparams(Hyperparams):
+    mu: Annotated[float, Field(ge=0, le=100)] = 0.0
+
+
+class FedProx(FedAvg):
+    """FedAvg's server step and local update, plus the proximal term on the device."""
+
+    name = "fedprox"
+    title = (
+        "FedProx (Li et al., 2020): FedAvg plus a proximal term (mu/2) * squared distance to the global model"
+    )
+    hyperparams = FedProxHyperparams
+    suggested = {"mu": 0.01}
+    regularizer_metric = "prox_term"
+
+    def check_task(self, hp: Any) -> None:
+        if hp.mu <= 0:
+            raise ValueError("fedprox needs hyperparams.mu > 0")
+
+    def regularizer(self, hp: Any, model: torch.nn.Module) -> Callable[[], torch.Tensor] | None:
+        if hp.mu <= 0:
+            return None
+        # mu/2 ||w - w_global||^2 against this round's global weights (a frozen copy)
+        global_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return lambda: proximal_term(model.named_parameters(), global_params, hp.mu)

@@ -25,7 +25,6 @@ from facefl.models.tiny import TinyNet
 
 __all__ = [
     "ARCHITECTURES",
-    "GLOBAL_EXTRA_PREFIXES",
     "Architecture",
     "CosFaceHead",
     "DlibResNet",
@@ -37,6 +36,7 @@ __all__ = [
     "backbone_state",
     "build_backbone",
     "get_architecture",
+    "global_extra_prefixes",
     "load_numpy_state",
     "resolve_trainable",
     "state_to_numpy",
@@ -151,9 +151,14 @@ def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-# Tensors a global model may carry next to its backbone (FedFR's public classifier). The backbone alone
-# is what embeds faces: evaluation, export and embedding take ``backbone_state(weights)``.
-GLOBAL_EXTRA_PREFIXES = ("public_head.",)
+def global_extra_prefixes() -> tuple[str, ...]:
+    """Name prefixes of the tensors a global model may carry next to its backbone (FedFR's public
+    classifier), as the algorithms declare them. The backbone alone is what embeds faces: evaluation,
+    export and embedding take ``backbone_state(weights)``."""
+    # imported here, not at the top: the algorithms' local-training code builds on this module
+    from facefl.algorithms.registry import global_extra_prefixes as declared
+
+    return declared()
 
 
 def resolve_trainable(architecture: str, groups: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -179,14 +184,15 @@ def trainable_names(names: Iterable[str], prefixes: Sequence[str] | None) -> lis
     """The entries of ``names`` a device trains and uploads under ``prefixes`` (None: all of them).
 
     A prefix ending in "." covers every name under it, any other prefix exactly that name. A global
-    model's extra tensors (``GLOBAL_EXTRA_PREFIXES``: FedFR's public classifier) are algorithm state
+    model's extra tensors (:func:`global_extra_prefixes`: FedFR's public classifier) are algorithm state
     and always train.
     """
     if prefixes is None:
         return list(names)
+    extras = global_extra_prefixes()
 
     def selected(name: str) -> bool:
-        if name.startswith(GLOBAL_EXTRA_PREFIXES):
+        if name.startswith(extras):
             return True
         return any(name == p or (p.endswith(".") and name.startswith(p)) for p in prefixes)
 
@@ -194,8 +200,9 @@ def trainable_names(names: Iterable[str], prefixes: Sequence[str] | None) -> lis
 
 
 def backbone_state(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``tensors`` without the global model's non-backbone entries (see ``GLOBAL_EXTRA_PREFIXES``)."""
-    return {k: v for k, v in tensors.items() if not k.startswith(GLOBAL_EXTRA_PREFIXES)}
+    """``tensors`` without the global model's non-backbone entries (see :func:`global_extra_prefixes`)."""
+    extras = global_extra_prefixes()
+    return {k: v for k, v in tensors.items() if not k.startswith(extras)}
 
 
 def backbone_from_weights(

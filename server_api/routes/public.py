@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 
 from server_api.deps import Context, CurrentDevice, IdPath, Principal
 from server_api.routes.responses import AUTHENTICATED, COMMON, errors
-from server_api.services import public
+from server_api.services import public, server_state
 
 router = APIRouter(prefix="/v1", tags=["public set"], responses=COMMON)
 
@@ -59,5 +59,5 @@ async def public_bank(
 async def class_embedding(version: IdPath, ctx: Context, device_id: CurrentDevice) -> Response:
     """FedFace: this device's own class embedding after the server's spreadout (404 before its first
     report). A device can read its own row only."""
-    data = await run_in_threadpool(public.class_embedding_of, ctx, version, device_id)
+    data = await run_in_threadpool(server_state.device_state_of, ctx, version, device_id)
     return Response(content=data, media_type="application/octet-stream")

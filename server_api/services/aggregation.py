@@ -1,8 +1,12 @@
-"""Aggregation of a round into a new model version: streaming, off the event loop, exactly once."""
+"""Aggregation of a round into a new model version: streaming, off the event loop, exactly once.
+
+This module orchestrates: the (weighted or robust) mean of the updates -> the algorithm's server step
+(``facefl.algorithms``: FedFace's spreadout, a server optimizer's moments) with its state -> the new
+version (and the release gate) -> the next round.
+"""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import defaultdict
@@ -12,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from facefl import codec
+from facefl.algorithms import registry
+from facefl.algorithms.base import ServerStepInputs
 from facefl.algorithms.fedavg import WeightedMean
-from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, spreadout
 from server_api import metrics as prom
 from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
-from server_api.services import evaluation, gate, models, public, queries, rounds
+from server_api.services import evaluation, gate, models, public, queries, rounds, server_state
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
 
@@ -25,8 +30,9 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     """Aggregate the round if this caller wins the compare-and-set; returns the new version or None.
 
     Memory is O(model): updates are read from the blob store one at a time into a running weighted
-    mean (FedAvg and FedProx share this server step). The new version, the round's closure and the next
-    round are committed in one transaction, fenced by the lease timestamp we set when we took the round.
+    mean; the algorithm's server step turns it into the new version's delta. The new version, the
+    round's closure and the next round are committed in one transaction, fenced by the lease timestamp
+    we set when we took the round.
     """
     now = utcnow()
     stale_before = now - timedelta(seconds=ctx.settings.aggregation_lease_s)
@@ -42,7 +48,10 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         assert base is not None and task is not None and lease is not None
         base_key, architecture, task_id = base.blob_key, base.architecture, task.id
         embedding_dim, eval_set = base.embedding_dim, task.eval_set
-        algorithm, hyperparams, base_state_key = task.algorithm, dict(task.hyperparams), base.server_state_key
+        algorithm = registry.get(task.algorithm)
+        hyperparams = algorithm.hyperparams.lenient(task.hyperparams)
+        base_state_key = base.server_state_key
+        public_set = algorithm.public_set(hyperparams)
         rows = queries.updates_of(s, round_id)
         updates = [(u.blob_key, u.num_samples, dict(u.metrics), u.device_id) for u in rows]
         robust_config = task.policy.get("robust")  # None: the plain weighted mean below
@@ -56,13 +65,14 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         t0 = time.perf_counter()
         mean = WeightedMean()
         metric_sums: dict[str, float] = defaultdict(float)
-        class_embeddings: dict[str, np.ndarray] = {}
+        extra_names = set(algorithm.update_extras(embedding_dim or 0))  # not part of the mean
+        extras: dict[str, dict[str, np.ndarray]] = {}
         for blob_key, num_samples, metrics, device_id in updates:
-            if not robust_config or algorithm == "fedface":
+            if not robust_config or extra_names:
                 tensors = codec.load_file(ctx.blobs.path(blob_key))
-                w = tensors.pop(CLASS_EMBEDDING_KEY, None)  # FedFace: not part of the weighted mean
-                if w is not None:
-                    class_embeddings[device_id] = w
+                own = {name: tensors.pop(name) for name in extra_names if name in tensors}
+                if own:
+                    extras[device_id] = own
                 if not robust_config:
                     mean.add(tensors, float(num_samples))
             for name, value in metrics.items():
@@ -70,19 +80,27 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         total = sum(n for _, n, _, _ in updates)
         if robust_config:
             reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
-            delta = robust_delta(ctx, reports, robust_config)
+            delta = robust_delta(ctx, reports, robust_config, exclude=extra_names)
         else:
             delta = mean.result()
-        new_weights = codec.apply_delta(codec.load_file(ctx.blobs.path(base_key)), delta)
+        base_weights = codec.load_file(ctx.blobs.path(base_key))
+        step = algorithm.server_step(
+            ServerStepInputs(
+                base=base_weights,
+                delta=delta,
+                extras=extras,
+                state=server_state.read(ctx, base_state_key),
+                hyperparams=hyperparams,
+            )
+        )
+        new_weights = codec.apply_delta(base_weights, step.delta)
         bad = [name for name, value in new_weights.items() if not np.isfinite(value).all()]
         if bad:  # never store or serve a non-finite model: the round is abandoned and reopened on its base
             reason = f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}"
             _abandon_aggregation(ctx, round_id, lease, reason)
             return None
         blob = models.store_weights(ctx, new_weights, architecture)
-        state_key = None
-        if algorithm == "fedface":
-            state_key = _fedface_state(ctx, base_state_key, class_embeddings, hyperparams)
+        state_key = server_state.store(ctx, step.state)
         agg_seconds = time.perf_counter() - t0
         round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
         round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
@@ -115,7 +133,7 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             return None
         prom.ROUNDS_CLOSED.labels(outcome="aggregated").inc()
         prom.AGGREGATION_SECONDS.observe(agg_seconds)
-        if algorithm == "fedfr" and decision.served:
+        if public_set is not None and decision.served:
             public.bank_key(ctx, version)  # ready before the next round's devices ask for it
         if eval_set is not None and decision.report is None:  # a gated version was evaluated already
             ctx.submit_eval(evaluation.evaluate_version, ctx, version, eval_set)
@@ -135,40 +153,6 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
                 extra={"model_version": version, "reason": decision.reason},
             )
         return version
-
-
-def _fedface_state(
-    ctx: ServiceContext,
-    base_state_key: str | None,
-    reported: dict[str, np.ndarray],
-    hyperparams: dict[str, Any],
-) -> str:
-    """Every device's class embedding after this round: reported rows replace the stored ones, then the
-    spreadout regularizer pushes all of them apart. Stored as a blob; returns its key."""
-    rows: dict[str, np.ndarray] = {}
-    if base_state_key is not None:
-        rows.update(read_class_embeddings(ctx, base_state_key))
-    rows.update(reported)
-    devices = sorted(rows)
-    spread = spreadout(
-        np.stack([rows[d] for d in devices]).astype(np.float32),
-        margin=float(hyperparams.get("spreadout_margin", 0.0)),
-        steps=int(hyperparams.get("spreadout_steps", 10)),
-        lr=float(hyperparams.get("spreadout_lr", 1.0)),
-    )
-    data = codec.encode({CLASS_EMBEDDINGS: spread}, metadata={"devices": json.dumps(devices)})
-    key, _ = ctx.blobs.put_bytes(data)
-    return key
-
-
-CLASS_EMBEDDINGS = "class_embeddings"
-
-
-def read_class_embeddings(ctx: ServiceContext, key: str) -> dict[str, np.ndarray]:
-    data = ctx.blobs.read(key)
-    devices = json.loads(codec.read_metadata(data)["devices"])
-    matrix = codec.decode(data)[CLASS_EMBEDDINGS]
-    return {str(d): np.asarray(matrix[i], np.float32) for i, d in enumerate(devices)}
 
 
 class _Heartbeat:

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from facefl import codec
+from facefl.embedders import TorchEmbedder
 from facefl.evaluation import VerificationSet, evaluate_verification
+from facefl.models import ARCHITECTURES, backbone_from_weights
 from server_api.orm import ModelVersion
 from server_api.services.context import ServiceContext, log
 
@@ -30,9 +32,6 @@ def evaluate_weights(
     weights: Mapping[str, np.ndarray],
 ) -> dict[str, Any]:
     """The evaluation report of ``weights`` on the configured set ``eval_set`` (nothing is stored)."""
-    from facefl.embedders import TorchEmbedder
-    from facefl.models import ARCHITECTURES, backbone_from_weights
-
     t0 = time.perf_counter()
     vset = _verification_set(str(ctx.settings.eval_sets[eval_set]), ARCHITECTURES[architecture].image_size)
     model = backbone_from_weights(architecture, embedding_dim, weights)

@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from facefl import codec
+from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion
 from server_api.schemas import ModelVersionOut
@@ -113,8 +114,6 @@ def import_weights(
     The architecture and embedding size come from the query or the safetensors metadata; the tensors
     must match exactly what the registry builds for them, and be finite.
     """
-    from facefl.models import ARCHITECTURES, build_backbone, state_to_numpy
-
     try:
         header = codec.read_file_header(staged)  # the header only: bounded, strictly typed
         meta = header.metadata

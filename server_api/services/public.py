@@ -1,4 +1,5 @@
-"""FedFR's public face set on the server: the image pack and the per-version feature bank.
+"""The public face set on the server (FedFR's, or any algorithm whose ``public_set`` names one): the
+image pack and the per-version feature bank.
 
 The pack (every public image at the model's input size) is built once per (set, image size); the bank
 (fp16 embeddings of the pack under one model version, with identity labels) once per version, eagerly
@@ -10,14 +11,18 @@ worker and every restart reuses them. Building is CPU work: callers run it off t
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from facefl import codec
+from facefl.algorithms import registry
 from facefl.data.public import PublicSet, decode_pack, encode_pack, load_public_set
+from facefl.embedders import TorchEmbedder
 from facefl.fileio import atomic_write_bytes
+from facefl.models import ARCHITECTURES, backbone_from_weights
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion, Task
 from server_api.services.context import ServiceContext, log
@@ -54,7 +59,7 @@ def _write_index(ctx: ServiceContext, name: str, key: str) -> None:
 
 def check_set_name(ctx: ServiceContext, name: str | None) -> str:
     if not name:
-        raise invalid("public_set_required", "fedfr needs hyperparams.public_set (a FACEFL_PUBLIC_SETS name)")
+        raise invalid("public_set_required", "hyperparams.public_set is required (a FACEFL_PUBLIC_SETS name)")
     if name not in ctx.settings.public_sets:
         known = sorted(ctx.settings.public_sets) or "none (set FACEFL_PUBLIC_SETS)"
         raise invalid("unknown_public_set", f"public_set {name!r} is not configured; known: {known}")
@@ -87,32 +92,37 @@ def load_pack(ctx: ServiceContext, name: str, image_size: int) -> PublicSet:
 
 
 def _embed(
-    architecture: str, embedding_dim: int | None, weights: dict[str, np.ndarray], images: np.ndarray
+    architecture: str, embedding_dim: int | None, weights: Mapping[str, np.ndarray], images: np.ndarray
 ) -> np.ndarray:
-    from facefl.embedders import TorchEmbedder
-    from facefl.models import backbone_from_weights
-
     model = backbone_from_weights(architecture, embedding_dim, weights)
     return TorchEmbedder(model, architecture).embed(images)
 
 
-def public_head(
-    architecture: str, embedding_dim: int | None, weights: dict[str, np.ndarray], public: PublicSet
-) -> np.ndarray:
-    """Initial public classifier: each public identity's normalized mean embedding (num_ids, d)."""
-    emb = _embed(architecture, embedding_dim, weights, public.images)
-    sums = np.zeros((public.num_identities, emb.shape[1]), np.float64)
-    np.add.at(sums, public.labels, emb)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+class Env:
+    """What the server offers an algorithm at task creation (``facefl.algorithms.base.ServerEnv``)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+
+    def public_set(self, name: str, image_size: int) -> PublicSet:
+        return load_pack(self._ctx, check_set_name(self._ctx, name), image_size)
+
+    def embed(
+        self,
+        architecture: str,
+        embedding_dim: int | None,
+        weights: Mapping[str, np.ndarray],
+        images: np.ndarray,
+    ) -> np.ndarray:
+        return _embed(architecture, embedding_dim, weights, images)
 
 
-def _public_set_of(task: Task | None) -> str | None:
-    """The public set a FedFR task names (None for any other task)."""
-    if task is None or task.algorithm != "fedfr":
+def public_set_of(task: Task | None) -> str | None:
+    """The public set a task's algorithm uses (None for a task whose algorithm uses none)."""
+    if task is None:
         return None
-    name = (task.hyperparams or {}).get("public_set")
-    return str(name) if name else None
+    algorithm = registry.get(task.algorithm)
+    return algorithm.public_set(algorithm.hyperparams.lenient(task.hyperparams or {}))
 
 
 def _version_and_set(ctx: ServiceContext, version: int) -> tuple[ModelVersion, str]:
@@ -120,10 +130,11 @@ def _version_and_set(ctx: ServiceContext, version: int) -> tuple[ModelVersion, s
         mv = s.get(ModelVersion, version)
         if mv is None:
             raise not_found(f"model version {version}")
-        name = _public_set_of(s.get(Task, mv.task_id) if mv.task_id is not None else None)
+        name = public_set_of(s.get(Task, mv.task_id) if mv.task_id is not None else None)
         if not name:
             raise not_found(
-                f"model version {version} belongs to no FedFR task: it has no public feature bank"
+                f"model version {version} belongs to no task with a public set (FedFR): it has no public "
+                "feature bank"
             )
         s.expunge(mv)
         return mv, name
@@ -131,8 +142,6 @@ def _version_and_set(ctx: ServiceContext, version: int) -> tuple[ModelVersion, s
 
 def bank_key(ctx: ServiceContext, version: int) -> str:
     """Blob key of the version's public feature bank, computing it on first use."""
-    from facefl.models import ARCHITECTURES
-
     mv, name = _version_and_set(ctx, version)
     index = f"bank-{mv.sha256}-{name}"
     with _lock_for(index):
@@ -152,30 +161,12 @@ def bank_key(ctx: ServiceContext, version: int) -> str:
 
 
 def task_pack_key(ctx: ServiceContext, task_id: int) -> str:
-    from facefl.models import ARCHITECTURES
-
     with ctx.db.read() as s:
         task = s.get(Task, task_id)
         if task is None:
             raise not_found(f"task {task_id}")
-        name = _public_set_of(task)
+        name = public_set_of(task)
         architecture = task.architecture
     if not name:
-        raise not_found(f"task {task_id} is not a FedFR task: it has no public pack")
+        raise not_found(f"task {task_id} uses no public set (not a FedFR task): it has no public pack")
     return pack_key(ctx, name, ARCHITECTURES[architecture].image_size)
-
-
-def class_embedding_of(ctx: ServiceContext, version: int, device_id: str) -> bytes:
-    """FedFace: the device's own row of the version's class embeddings, as safetensors bytes."""
-    from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
-    from server_api.services.aggregation import read_class_embeddings
-
-    with ctx.db.read() as s:
-        mv = s.get(ModelVersion, version)
-        if mv is None:
-            raise not_found(f"model version {version}")
-        key = mv.server_state_key
-    row = read_class_embeddings(ctx, key).get(device_id) if key is not None else None
-    if row is None:
-        raise not_found(f"no class embedding for this device at model version {version}")
-    return codec.encode({CLASS_EMBEDDING_KEY: row})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -12,14 +12,17 @@ from safetensors import safe_open
 from facefl import codec
 from facefl.algorithms import robust
 from facefl.algorithms.fedavg import WeightedMean
-from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from server_api.services.context import ServiceContext
 
 
 def robust_delta(
-    ctx: ServiceContext, reports: Sequence[tuple[str, int, float]], config: Mapping[str, Any]
+    ctx: ServiceContext,
+    reports: Sequence[tuple[str, int, float]],
+    config: Mapping[str, Any],
+    exclude: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
-    """The aggregated delta of ``reports`` = (blob key, num_samples, norm) under ``config``.
+    """The aggregated delta of ``reports`` = (blob key, num_samples, norm) under ``config``, without the
+    tensors named in ``exclude`` (the algorithm's update extras, e.g. FedFace's class embedding).
 
     Clipping factors come from the norms stored at intake (no extra pass over the blobs). Without
     trimming: a clipped weighted mean, streamed, O(model). With trimming: every report's blob is opened
@@ -32,7 +35,8 @@ def robust_delta(
         mean = WeightedMean()
         for (key, num_samples, _), scale in zip(reports, scales, strict=True):
             tensors = codec.load_file(ctx.blobs.path(key))
-            tensors.pop(CLASS_EMBEDDING_KEY, None)  # FedFace's class embedding is not averaged
+            for name in exclude:  # not averaged
+                tensors.pop(name, None)
             if scale != 1.0:
                 tensors = {k: np.asarray(v, np.float32) * np.float32(scale) for k, v in tensors.items()}
             mean.add(tensors, float(num_samples))
@@ -41,7 +45,7 @@ def robust_delta(
         files = [
             stack.enter_context(safe_open(str(ctx.blobs.path(key)), framework="np")) for key, _, _ in reports
         ]
-        names = [name for name in files[0].keys() if name != CLASS_EMBEDDING_KEY]  # noqa: SIM118
+        names = [name for name in files[0].keys() if name not in exclude]  # noqa: SIM118
         return robust.trimmed_mean_tensors(
             names, lambda i, name: files[i].get_tensor(name), len(files), trim, scales
         )

@@ -1,4 +1,6 @@
-"""Round lifecycle: opening, check-in (selection with over-selection and pace steering), deadlines."""
+"""Round lifecycle: opening, check-in (selection with over-selection and pace steering), abandoning.
+
+The deadline tick that closes rounds lives in :mod:`server_api.services.ticker`."""
 
 from __future__ import annotations
 
@@ -6,12 +8,13 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
+from facefl.algorithms import registry
+from facefl.models import resolve_trainable
 from server_api import metrics, security
 from server_api.db import after_commit
 from server_api.errors import not_found
 from server_api.orm import (
     ROUND_ABANDONED,
-    ROUND_AGGREGATING,
     ROUND_OPEN,
     Assignment,
     Device,
@@ -19,7 +22,7 @@ from server_api.orm import (
     Task,
     utcnow,
 )
-from server_api.round_policy import RoundAction, RoundCounters, decide, max_assignments, retry_after
+from server_api.round_policy import max_assignments, retry_after
 from server_api.schemas import AssignmentOut, CheckinIn, RoundOut, TrainAction, WaitAction, WaitReason
 from server_api.services import queries
 from server_api.services.context import ServiceContext, log
@@ -60,8 +63,6 @@ def get(ctx: ServiceContext, round_id: int) -> RoundOut:
 
 
 def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:
-    from facefl.models import resolve_trainable
-
     st = ctx.settings
     now = utcnow()
 
@@ -106,7 +107,9 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
                 task_id=task.id,
                 round_number=rnd.number,
                 base_version=rnd.base_version,
-                algorithm=task.algorithm,
+                # the local update devices run: a server-side optimizer's task trains with fedavg's, so
+                # devices built before the algorithm was added take part
+                algorithm=registry.get(task.algorithm).wire_name,
                 architecture=task.architecture,
                 embedding_dim=task.embedding_dim,
                 image_size=task.image_size,
@@ -138,31 +141,3 @@ def abandon(ctx: ServiceContext, round_id: int) -> bool:
         after_commit(s, metrics.ROUNDS_CLOSED.labels(outcome="abandoned").inc)
         open_round(s, task)
         return True
-
-
-def tick(ctx: ServiceContext) -> list[tuple[int, RoundAction]]:
-    """Enforce deadlines and recover: any worker may run this; compare-and-set keeps it exactly-once."""
-    from server_api.services import aggregation
-
-    now = utcnow()
-    stale_before = now - timedelta(seconds=ctx.settings.aggregation_lease_s)
-    with ctx.db.read() as s:
-        due = [
-            (r.id, r.status, RoundCounters(r.reported, r.target_reports, r.min_reports, r.deadline))
-            for r in queries.rounds_needing_attention(s, now, stale_before)
-        ]
-        orphaned_tasks = [t.id for t in queries.running_tasks_without_active_round(s)]
-    done: list[tuple[int, RoundAction]] = []
-    for round_id, status, counters in due:
-        action = RoundAction.AGGREGATE if status == ROUND_AGGREGATING else decide(counters, now)
-        if action is RoundAction.AGGREGATE:
-            if aggregation.aggregate_round(ctx, round_id) is not None:
-                done.append((round_id, action))
-        elif action is RoundAction.ABANDON and abandon(ctx, round_id):
-            done.append((round_id, action))
-    for task_id in orphaned_tasks:  # e.g. a crash between closing a round and opening the next
-        with ctx.db.write() as s:
-            task = s.get(Task, task_id)
-            if task is not None and task.status == "running" and queries.active_round(s, task_id) is None:
-                open_round(s, task)
-    return done

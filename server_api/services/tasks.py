@@ -6,6 +6,10 @@ import functools
 
 from sqlalchemy.orm import Session
 
+from facefl import codec
+from facefl.algorithms import registry
+from facefl.algorithms.base import Algorithm, Hyperparams
+from facefl.models import ARCHITECTURES, backbone_state, build_backbone, resolve_trainable, state_to_numpy
 from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion, Task
 from server_api.schemas import RoundOut, TaskIn, TaskOut
@@ -14,8 +18,6 @@ from server_api.services.context import ServiceContext
 
 
 def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
-    from facefl.models import ARCHITECTURES, build_backbone, resolve_trainable, state_to_numpy
-
     try:
         resolve_trainable(body.architecture, body.trainable)
     except ValueError as exc:
@@ -26,10 +28,15 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     arch = ARCHITECTURES[body.architecture]
     embedding_dim = body.embedding_dim or arch.default_embedding_dim
     blob = None
-    if body.algorithm == "fedfr":
-        # FedFR's global model is the backbone plus a public classifier: a new version, child of the
-        # initial one when given (CPU work: before the transaction opens)
-        blob, embedding_dim = _fedfr_initial_model(ctx, body, embedding_dim)
+    algorithm = registry.get(body.algorithm)
+    hp = algorithm.hyperparams.model_validate(body.hyperparams)
+    public_set = algorithm.public_set(hp)
+    if public_set is not None:
+        public.check_set_name(ctx, public_set)
+    if algorithm.global_extra_prefixes:
+        # the global model is the backbone plus the algorithm's extras (FedFR's public classifier): a new
+        # version, child of the initial one when given (CPU work: before the transaction opens)
+        blob, embedding_dim = _initial_model_with_extras(ctx, body, algorithm, hp, embedding_dim)
     elif body.initial_version is None:
         # CPU work (building and serializing the model) happens before the transaction opens
         backbone = build_backbone(body.architecture, embedding_dim=embedding_dim, seed=body.seed)
@@ -45,7 +52,7 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
             embedding_dim=embedding_dim,
             image_size=arch.image_size,
             rounds=body.rounds,
-            hyperparams=body.hyperparams.model_dump(),
+            hyperparams=body.hyperparams,
             policy=_resolved_policy(body, embedding_dim),
             status="running",
             eval_set=body.eval_set,
@@ -85,9 +92,6 @@ NORM_BOUND_FACTOR = 1000.0
 @functools.lru_cache(maxsize=32)
 def default_update_norm_bound(architecture: str, embedding_dim: int) -> float:
     """NORM_BOUND_FACTOR x the L2 norm of the architecture's freshly initialised weights (seed 0)."""
-    from facefl import codec
-    from facefl.models import build_backbone, state_to_numpy
-
     weights = state_to_numpy(build_backbone(architecture, embedding_dim=embedding_dim, seed=0))
     return float(f"{NORM_BOUND_FACTOR * codec.global_norm(weights):.4g}")
 
@@ -117,14 +121,9 @@ def _initial_version(s: Session, body: TaskIn) -> ModelVersion:
     return base
 
 
-def _fedfr_initial_model(
-    ctx: ServiceContext, body: TaskIn, embedding_dim: int
+def _initial_model_with_extras(
+    ctx: ServiceContext, body: TaskIn, algorithm: Algorithm, hp: Hyperparams, embedding_dim: int
 ) -> tuple[tuple[str, int], int]:
-    from facefl import codec
-    from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
-    from facefl.models import ARCHITECTURES, backbone_state, build_backbone, state_to_numpy
-
-    name = public.check_set_name(ctx, body.hyperparams.public_set)
     if body.initial_version is not None:
         with ctx.db.read() as s:
             base = _initial_version(s, body)
@@ -135,9 +134,8 @@ def _fedfr_initial_model(
         weights = state_to_numpy(
             build_backbone(body.architecture, embedding_dim=embedding_dim, seed=body.seed)
         )
-    pack = public.load_pack(ctx, name, ARCHITECTURES[body.architecture].image_size)
-    head = public.public_head(body.architecture, embedding_dim, weights, pack)
-    return models.store_weights(ctx, {**weights, PUBLIC_HEAD_KEY: head}, body.architecture), embedding_dim
+    extras = algorithm.initial_extras(public.Env(ctx), hp, body.architecture, embedding_dim, weights)
+    return models.store_weights(ctx, {**weights, **extras}, body.architecture), embedding_dim
 
 
 def get(ctx: ServiceContext, task_id: int) -> TaskOut:

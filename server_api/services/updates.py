@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session
 
 from facefl import codec
-from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
+from facefl.algorithms import registry
+from facefl.models import resolve_trainable, trainable_names
 from server_api import metrics as prom
 from server_api import security
 from server_api.errors import conflict, forbidden, gone, invalid, not_found
@@ -29,7 +29,7 @@ class UploadTarget:
     round_id: int
     base_version: int
     norm_bound: float | None
-    algorithm: str = "fedavg"
+    algorithm: str = registry.DEFAULT
     embedding_dim: int | None = None
     max_sample_weight: int | None = None
     # partial training: the name prefixes of the task's trainable groups (None: every tensor)
@@ -91,8 +91,6 @@ def _check_assignment(
 
 def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) -> UploadTarget:
     """Run before the body is read: a request that will be refused anyway is not streamed to disk."""
-    from facefl.models import resolve_trainable
-
     with ctx.db.read() as s:
         rnd, _ = _check_assignment(s, round_id, device_id, upload_token)
         task = s.get(Task, rnd.task_id)
@@ -112,28 +110,28 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
 def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) -> float:
     """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm.
 
-    The names are exactly the base model's trainable tensors (all of them without ``trainable``). The
-    staged file is read in chunks (codec.scan_file), never whole: memory per upload stays small whatever
-    the body size.
+    The names are exactly the base model's trainable tensors (all of them without ``trainable``), plus
+    the algorithm's update extras (FedFace's class embedding), which do not count in the norm. The staged
+    file is read in chunks (codec.scan_file), never whole: memory per upload stays small whatever the
+    body size.
     """
-    from facefl.models import trainable_names
-
     specs_of_base = models.expected_specs(ctx, target.base_version)
     expected = {n: specs_of_base[n] for n in trainable_names(specs_of_base, target.trainable_prefixes)}
-    if target.algorithm == "fedface":
-        # FedFace updates carry the device's class embedding next to the backbone delta (the task's
-        # embedding size, read with the round in preflight: no extra query per upload)
-        spec = codec.TensorSpec(shape=(int(target.embedding_dim or 0),), dtype="F32")
-        expected = {**expected, CLASS_EMBEDDING_KEY: spec}
+    # the task's embedding size was read with the round in preflight: no extra query per upload
+    algorithm = registry.get(target.algorithm)
+    extra_specs = algorithm.update_extras(int(target.embedding_dim or 0))
+    expected = {**expected, **extra_specs}
     try:
         header = codec.read_file_header(staged)
         codec.check_compatible(header.specs, expected)
-        norm, kept = codec.scan_file(staged, header, keep=frozenset({CLASS_EMBEDDING_KEY}))
+        norm, kept = codec.scan_file(staged, header, keep=frozenset(extra_specs))
     except codec.CodecError as exc:
         raise invalid("bad_update", str(exc)) from exc
-    class_embedding = kept.get(CLASS_EMBEDDING_KEY)
-    if class_embedding is not None and abs(float(np.linalg.norm(class_embedding)) - 1.0) > 1e-3:
-        raise invalid("bad_update", f"{CLASS_EMBEDDING_KEY} must be L2-normalized")
+    extras = {name: kept[name] for name in extra_specs if name in kept}
+    try:
+        algorithm.check_update_extras(extras)
+    except ValueError as exc:
+        raise invalid("bad_update", str(exc)) from exc
     if target.norm_bound is not None and norm > target.norm_bound:
         raise invalid(
             "norm_too_large", f"update norm {norm:.4g} exceeds the task's bound {target.norm_bound:.4g}"

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from server_api.app import create_app
 from server_api.orm import ROUND_AGGREGATING, ModelVersion, Round, utcnow
-from server_api.services import aggregation, rounds
+from server_api.services import aggregation, ticker
 from server_api.settings import Settings
 from tests.conftest import make_settings
 from tests.server_api.test_api import ADMIN_H, Api, wait_for
@@ -75,7 +75,7 @@ def test_a_live_heartbeat_keeps_the_round_and_a_lost_lease_commits_nothing(api: 
         )
     with aggregation._Heartbeat(api.ctx, round_id, now):
         time.sleep(2 * LEASE_S)  # two leases: without the heartbeat the ticker would have taken over
-        assert rounds.tick(api.ctx) == []
+        assert ticker.tick(api.ctx) == []
         with api.ctx.db.read() as s:
             rnd = s.get(Round, round_id)
             assert rnd is not None and rnd.status == ROUND_AGGREGATING and rnd.aggregation_started_at == now
