@@ -114,6 +114,19 @@ class DlibEmbedder:
         return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
+def _dlib_info() -> dict[str, Any] | None:
+    try:
+        import dlib
+    except ImportError:
+        return None
+    return {
+        "version": dlib.__version__,
+        "avx": bool(dlib.USE_AVX_INSTRUCTIONS),
+        "blas": bool(dlib.DLIB_USE_BLAS),
+        "cuda": bool(dlib.DLIB_USE_CUDA),
+    }
+
+
 def bench_model(
     name: str,
     checkpoint: Path | None,
@@ -414,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "processor": platform.processor(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
+        "dlib": _dlib_info(),
         "threads": args.threads,
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "runs_batch1": runs,
