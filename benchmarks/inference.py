@@ -10,7 +10,8 @@ For each backbone (``small`` 64x64, ``mobilefacenet`` 112x112, ``dlib-resnet`` 1
   latency, size and parity are measured, accuracy is not reported because it would mean nothing);
 - export with :mod:`export` (fp32) and static int8 quantization calibrated on ``--calibration`` images
   (default ``../shared/data/celeba``: device-like faces, disjoint from LFW; generated faces if absent);
-- latency: median of ``--runs`` timed calls after warm-up, at batch 1 and batch 32, on real face crops
+- latency: median of ``--runs`` timed calls after warm-up (mean +- std of the medians over ``--repeats``
+  rounds, each timing every runtime in turn), at batch 1 and batch 32, on real face crops
   (LFW, else generated faces; already preprocessed: preprocessing is timed apart as ``preprocess``), with
   ``--threads`` intra-op threads for both PyTorch and ONNX Runtime (default 1: a phone app gets about one
   core);
@@ -139,6 +140,8 @@ def bench_model(
     parity_images: int,
     log: Callable[[str], None],
     dlib_accuracy: bool = False,
+    repeats: int = 1,
+    accuracy_on: bool = True,
 ) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -190,41 +193,52 @@ def bench_model(
     crops = _images_for(lfw, size, 32, seed=3)
     crops = np.concatenate([crops] * -(-32 // len(crops)))[:32]
     batches = {b: source.preprocessing.batch(crops[:b]) for b in (1, 32)}
-    latency: dict[str, dict[str, float]] = {"torch": {}, "ort_fp32": {}, "ort_int8": {}}
-    if dlib_model is not None:
-        latency["dlib"] = {}
+    keys = ["torch", "ort_fp32", "ort_int8"] + (["dlib"] if dlib_model is not None else [])
+    medians: dict[str, dict[str, list[float]]] = {k: {"b1": [], "b32": []} for k in keys}
     preprocess_ms: dict[str, float] = {}
-    for b, x in batches.items():
-        runs_b = runs if b == 1 else max(3, runs // 5)
-        xt = torch.from_numpy(x)
+    # ``repeats`` rounds, each timing every runtime in turn: load drift on a shared machine then hits all
+    # runtimes alike, and the spread over rounds is reported
+    for _ in range(repeats):
+        for b, x in batches.items():
+            runs_b = runs if b == 1 else max(3, runs // 5)
+            xt = torch.from_numpy(x)
 
-        def torch_call(xt: torch.Tensor = xt) -> None:
-            with torch.inference_mode():
-                module(xt)
+            def torch_call(xt: torch.Tensor = xt) -> None:
+                with torch.inference_mode():
+                    module(xt)
 
-        latency["torch"][f"b{b}"] = _median_ms(
-            torch_call, runs_b, warmup=3, cpu_key=(f"{name}/torch", f"b{b}")
-        )
-        for key, sess in sessions.items():
-            latency[key][f"b{b}"] = _median_ms(
-                lambda s=sess, x=x: s.run(None, {"images": x}),
-                runs_b,
-                warmup=3,
-                cpu_key=(f"{name}/{key}", f"b{b}"),
+            medians["torch"][f"b{b}"].append(
+                _median_ms(torch_call, runs_b, warmup=3, cpu_key=(f"{name}/torch", f"b{b}"))
             )
-        if dlib_model is not None:
-            chips = [np.ascontiguousarray(c) for c in crops[:b]]
-            model = dlib_model.model
-            # batch 1: the single-image overload; batch 32: the list overload
-            arg: Any = chips[0] if b == 1 else chips
+            for key, sess in sessions.items():
+                medians[key][f"b{b}"].append(
+                    _median_ms(
+                        lambda s=sess, x=x: s.run(None, {"images": x}),
+                        runs_b,
+                        warmup=3,
+                        cpu_key=(f"{name}/{key}", f"b{b}"),
+                    )
+                )
+            if dlib_model is not None:
+                chips = [np.ascontiguousarray(c) for c in crops[:b]]
+                model = dlib_model.model
+                # batch 1: the single-image overload; batch 32: the list overload
+                arg: Any = chips[0] if b == 1 else chips
 
-            def call(model: Any = model, arg: Any = arg) -> None:
-                model.compute_face_descriptor(arg)
+                def call(model: Any = model, arg: Any = arg) -> None:
+                    model.compute_face_descriptor(arg)
 
-            latency["dlib"][f"b{b}"] = _median_ms(call, runs_b, warmup=3, cpu_key=(f"{name}/dlib", f"b{b}"))
-        preprocess_ms[f"b{b}"] = _median_ms(
-            lambda b=b: source.preprocessing.batch(crops[:b]), runs_b, warmup=1
-        )
+                medians["dlib"][f"b{b}"].append(
+                    _median_ms(call, runs_b, warmup=3, cpu_key=(f"{name}/dlib", f"b{b}"))
+                )
+            preprocess_ms[f"b{b}"] = _median_ms(
+                lambda b=b: source.preprocessing.batch(crops[:b]), runs_b, warmup=1
+            )
+    latency = {k: {b: statistics.mean(v) for b, v in per.items()} for k, per in medians.items()}
+    latency_std = {
+        k: {b: statistics.stdev(v) if len(v) > 1 else 0.0 for b, v in per.items()}
+        for k, per in medians.items()
+    }
     log(f"{name}: latency (ms) " + json.dumps(latency))
 
     probes = _images_for(lfw, size, parity_images, seed=2)
@@ -250,7 +264,7 @@ def bench_model(
         sizes["dlib"] = dat.stat().st_size
 
     accuracy: dict[str, Any] = {}
-    if trained and lfw is not None and lfw.is_dir():
+    if trained and accuracy_on and lfw is not None and lfw.is_dir():
         vset = VerificationSet.from_dir(lfw, size)
         embedders: dict[str, Any] = {
             "torch": TorchEmbedder(module, name, device="cpu", preprocessing=source.preprocessing),
@@ -273,6 +287,8 @@ def bench_model(
         "image_size": size,
         "threads": threads,
         "latency_ms": latency,
+        "latency_std_ms": latency_std,
+        "latency_repeats_ms": medians,
         "preprocess_ms": preprocess_ms,
         "size_bytes": sizes,
         "parity": parity,
@@ -331,8 +347,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 tar = f"{row['accuracy'][key]['tar@far=1e-3']:.4f}"
             else:
                 acc = tar = "n/a (no --lfw)" if key != "dlib" else "n/a (--dlib-accuracy)"
+            std = row.get("latency_std_ms", {}).get(key, {"b1": 0.0, "b32": 0.0})
             lines.append(
-                f"| {row['model']} | {label} | {lat['b1']:.3f} | {lat['b32'] / 32:.3f} | "
+                f"| {row['model']} | {label} | {lat['b1']:.2f} +- {std['b1']:.2f} | "
+                f"{lat['b32'] / 32:.2f} +- {std['b32'] / 32:.2f} | "
                 f"{row['size_bytes'][key] / 1e6:.2f} | {cos} | {acc} | {tar} |"
             )
     return "\n".join(lines)
@@ -382,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dlib-accuracy", action="store_true", help="dlib-resnet: also dlib's own LFW accuracy (slow)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="latency rounds (mean +- std of their medians; 3)"
+    )
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the LFW accuracy (latency only)")
     parser.add_argument("--quick", action="store_true", help="tiny counts (tests)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "inference.json")
     args = parser.parse_args(argv)
@@ -417,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 parity_images=parity_images,
                 log=log,
                 dlib_accuracy=args.dlib_accuracy,
+                repeats=1 if args.quick else args.repeats,
+                accuracy_on=not args.no_accuracy,
             )
             row["targets"] = targets(row)
             rows.append(row)
@@ -431,13 +455,15 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "runs_batch1": runs,
+        "repeats": 1 if args.quick else args.repeats,
         "lfw": str(lfw) if lfw else None,
         "calibration": str(calibration) if calibration else "generated faces",
     }
     load = os.getloadavg()[0]
     print(
         f"threads={args.threads} (PyTorch and ONNX Runtime intra-op), median of {runs} runs at batch 1 "
-        f"and {max(3, runs // 5)} at batch 32 (per face: the batch time / 32); {os.cpu_count()} CPUs, "
+        f"and {max(3, runs // 5)} at batch 32 (per face: the batch time / 32), mean +- std over "
+        f"{1 if args.quick else args.repeats} rounds; {os.cpu_count()} CPUs, "
         f"affinity {env['cpu_affinity']}, load average {load:.1f}\n"
     )
     print(format_table(rows))

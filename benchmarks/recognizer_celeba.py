@@ -59,7 +59,7 @@ def export_models(ckpt: Path, work: Path, lfw: Path, celeba: Path, int8: bool) -
              "--threshold-set", str(lfw)]]  # fmt: skip
     if int8:
         out["int8"] = work / "model.int8.onnx"
-        cmds.append([*cmds[0][:5], str(out["int8"]), "--threshold-set", str(lfw), "--int8",
+        cmds.append([*cmds[0][:7], str(out["int8"]), "--threshold-set", str(lfw), "--int8",
                      "--calibration", str(celeba)])  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for cmd in cmds:
