@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
-Architecture = Literal["small", "mobilefacenet", "tiny"]
+Architecture = Literal["small", "mobilefacenet", "dlib-resnet", "tiny"]
 Algorithm = Literal["fedavg", "fedprox", "fedfr", "fedface"]
 
 

@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=_positive_int, default=2, help="federated rounds to run (2)")
     g.add_argument(
         "--model",
-        choices=["small", "mobilefacenet", "tiny"],
+        choices=["small", "mobilefacenet", "dlib-resnet", "tiny"],
         default="small",
         help="backbone (small); tiny: ~1k floats, protocol benchmarks only",
     )
