@@ -453,7 +453,7 @@ def table(rows: list[Row], far: str = "1e-2") -> str:
     head = (
         "| method | "
         + " | ".join(c[2] for c in cols)
-        + (" | served (gate) |" if gated else "")
+        + (" | served (gate)" if gated else "")
         + " | seconds |"
     )
     lines = [head, "|---|" + "---:|" * len(cols) + ("---|" if gated else "") + "---:|"]
