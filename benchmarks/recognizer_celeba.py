@@ -21,10 +21,14 @@ enrolled on that phone, all their images) are the impostor probes. For every pho
 - the threshold in force and its source ("model default" when the gallery has fewer impostor pairs than
   ``1 / target_far``, "calibrated" otherwise).
 
-Reported as mean +- std over phones. ``--raw-photos DIR`` (``<person>/<photo>.jpg``, ordinary photos) also
-runs enroll/identify with ``align=True`` (dlib detection + 5-point alignment, ``device_sdk.align``): for each
-person in turn, the others' first ``--raw-enroll`` photos are enrolled ... see :func:`raw_photos`.
-Writes a markdown table to stdout and JSON to ``--json``.
+Reported as mean +- std over phones. The int8 model is calibrated on the first 200 images of ``--celeba``
+(unlabelled, as a phone would calibrate on its own gallery), so they may include the phones' people.
+
+``--raw-photos DIR`` (``<person>/<photo>.jpg``, ordinary photos) also runs the Recognizer on photos through
+``device_sdk.align.FaceAligner`` (dlib's HOG detector + 5-point alignment, as ``align=True`` does): each
+person in turn is the stranger while the others enroll their first ``--raw-enroll`` aligned photos; the
+enrolled people's other photos are identified and the stranger's photos should be rejected (see
+:func:`raw_photos`). Writes a markdown table to stdout and JSON to ``--json``.
 """
 
 from __future__ import annotations
