@@ -139,10 +139,11 @@ def run_phone(
 
 
 def raw_photos(model: Path, root: Path, enroll_per_person: int, work: Path) -> dict[str, Any]:
-    """Ordinary photos through ``align=True``: each person in turn is the stranger, the others enroll
-    their first ``enroll_per_person`` photos; probes are the enrolled people's other photos (identified
-    as the right person?) and the stranger's photos (rejected?). Photos without exactly one detected face
-    are counted and skipped."""
+    """Ordinary photos through ``Recognizer.enroll/identify_many(..., align=True)``: each person in turn is
+    the stranger, the others enroll their first ``enroll_per_person`` photos; probes are the enrolled
+    people's other photos (identified as the right person?) and the stranger's photos (rejected?). Photos
+    in which ``FaceAligner`` does not find exactly one face are counted and left out first (the
+    Recognizer refuses a whole enroll call if one photo fails)."""
     from device_sdk import Recognizer
     from device_sdk.align import FaceAligner
     from device_sdk.errors import RecognizerError
@@ -150,13 +151,14 @@ def raw_photos(model: Path, root: Path, enroll_per_person: int, work: Path) -> d
 
     folder = ImageFolder(root)
     aligner = FaceAligner()
-    crops: dict[str, list[np.ndarray]] = {}
+    crops: dict[str, list[Path]] = {}  # the photos that align, per person
     failures: list[str] = []
     for path, label in folder.samples:
         try:
-            crops.setdefault(folder.identities[label], []).append(aligner.align(load_image(path), str(path)))
+            aligner.align(load_image(path), str(path))
+            crops.setdefault(folder.identities[label], []).append(path)
         except RecognizerError as exc:
-            failures.append(f"{path.name}: {exc}")
+            failures.append(f"{path.parent.name}/{path.name}: {exc}")
     names = sorted(crops)
     correct = wrong = genuine = rejected = impostor = 0
     sources = set()
@@ -166,14 +168,14 @@ def raw_photos(model: Path, root: Path, enroll_per_person: int, work: Path) -> d
         with Recognizer(model, store, threads=1) as rec:
             for name in names:
                 if name != stranger and len(crops[name]) > enroll_per_person:
-                    rec.enroll(name, crops[name][:enroll_per_person])
+                    rec.enroll(name, crops[name][:enroll_per_person], align=True)
             sources.add(f"{rec.threshold_info.source} {rec.threshold_info.value:.4f}")
             for name in rec.people():
-                for r in rec.identify_many(crops[name][enroll_per_person:]):
+                for r in rec.identify_many(crops[name][enroll_per_person:], align=True):
                     genuine += 1
                     correct += r.person == name
                     wrong += r.person is not None and r.person != name
-            for r in rec.identify_many(crops[stranger]):
+            for r in rec.identify_many(crops[stranger], align=True):
                 impostor += 1
                 rejected += r.person is None
         store.unlink(missing_ok=True)
@@ -263,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                     phones.append(phone)
                     log(f"{key} {people} people seed {seed}: {json.dumps(phones[-1])} "
                         f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-                rows.append({"model": key, "people": people, "stored_threshold": stored, "phones": phones})
+                if phones:
+                    rows.append(
+                        {"model": key, "people": people, "stored_threshold": stored, "phones": phones}
+                    )
             if args.raw_photos is not None:
                 raw[key] = raw_photos(path, args.raw_photos, args.raw_enroll, work)
                 log(f"{key} raw photos: {json.dumps(raw[key])}")
-    print(table(rows))
+    if rows:
+        print(table(rows))
     for key, r in raw.items():
         print(
             f"\n- raw photos ({key}, align=True): {r['aligned']}/{r['photos']} photos aligned; "
