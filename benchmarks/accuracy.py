@@ -41,7 +41,11 @@ LFW folds 6-10 in about a minute there, and the server evaluates every version):
   server embeds the public set for every version's feature bank, and every device downloads it;
 - local-only: LFW accuracy averaged over the first ``local_generic_devices`` devices' models (each
   would otherwise cost a minute of LFW evaluation); device metrics use every device's own model;
-- lr, batch size, local epochs: the ``cpu`` profile's defaults, not tuned (no tuning on folds 6-10).
+- lr 1e-5, chosen with ``benchmarks/strong_lr.py`` on LFW validation folds 4-5 (never 6-10): the largest
+  of 1e-2, 1e-3, 3e-4, 1e-4, 1e-5 whose local fine-tuning stays within the gate's max_drop there. dlib's
+  batch norm is folded into per-channel affine scales of ~6-9, which leaves the convolution weights at
+  ~1e-3: an SGD step that suits ``small`` from scratch (the ``cpu`` profile's 0.01) wrecks them;
+- batch size, local epochs, FedProx mu, FedFR's weights: the ``cpu`` profile's and the papers' values.
 
 ``strong-smoke`` (two methods, 2 devices, 1 round) also evaluates on a small LFW subset:
 ``eval_pairs_per_fold`` same and as many different pairs of each fold (links to the same images), so its
@@ -118,13 +122,14 @@ PROFILES = {
     "smoke": Profile("small", 2, 4, 3, 2, 2, 1, 0.01, 16, 0.34),
     "cpu": Profile("small", 0, 30, 8, 50, 5, 1, 0.01, 32, 0.3),  # 0 epochs: the pretrain CLI's default
     "paper": Profile("mobilefacenet", 0, 30, 8, 50, 10, 2, 0.01, 32, 0.3),
+    # lr 1e-5: benchmarks/strong_lr.py on LFW validation folds 4-5 (benchmarks/results/strong_lr.json)
     "strong": Profile(
-        "dlib-resnet", 0, 6, 8, 50, 3, 1, 0.01, 32, 0.3,
+        "dlib-resnet", 0, 6, 8, 50, 3, 1, 1e-5, 32, 0.3,
         import_pretrained="dlib-resnet", trainable=("level0", "fc"), gate="accuracy:0.003",
         public_images=1000, local_generic_devices=2, fars="1e-3",
     ),
     "strong-smoke": Profile(
-        "dlib-resnet", 0, 2, 4, 20, 1, 1, 0.01, 32, 0.3, images_per_id=10,
+        "dlib-resnet", 0, 2, 4, 20, 1, 1, 1e-5, 32, 0.3, images_per_id=10,
         import_pretrained="dlib-resnet", trainable=("level0", "fc"), gate="accuracy:0.003",
         public_images=200, local_generic_devices=1, eval_pairs_per_fold=20, methods=("FedAvg", "FedFR"),
         fars="1e-3",
