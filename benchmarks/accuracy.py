@@ -3,6 +3,8 @@
     python benchmarks/accuracy.py --profile cpu      # small model, 64x64, 2 CPU cores
     python benchmarks/accuracy.py --profile paper    # MobileFaceNet, 112x112 (for a GPU)
     python benchmarks/accuracy.py --profile smoke --lfw DIR --devices-data DIR   # tiny, minutes
+    python benchmarks/accuracy.py --profile strong         # dlib-resnet as imported, ~60 min on 2 CPU cores
+    python benchmarks/accuracy.py --profile strong-smoke   # its plumbing end to end, a few minutes
 
 Protocol (DESIGN section 6): the model is pretrained on the LFW public split (identities of pair folds
 1-5 and of no fold); generic = LFW pair folds 6-10 (never trained on); devices = CelebA identities, each
@@ -20,6 +22,34 @@ plan the simulator uses). Every row starts from the same pretrained checkpoint:
   with the same train/test images (facefl.data.protocol.device_split is keyed on identity names).
 Hyper-parameters come from the profile and the papers; none is chosen by looking at folds 6-10.
 Writes a markdown table to stdout, JSON and per-round curves (PNG) to --out.
+
+The ``strong`` profiles start from a strong pretrained network instead of pretraining one: dlib's face
+ResNet (``dlib-resnet``, 150x150), imported with ``facefl import-model dlib-resnet`` (or ``--pretrained``).
+Every row fine-tunes only a few parameter groups (``trainable``; local-only too) and every federated task
+has a release gate on LFW accuracy (``gate``): a version that loses more than ``max_drop`` against the
+served one is held back, and the ``served`` column says which version devices get then. Columns are at
+FAR 1e-3. Compute bounds, so that ``strong`` fits in 60 minutes on 2 CPU cores (dlib-resnet evaluates
+LFW folds 6-10 in about a minute there, and the server evaluates every version):
+
+- ``trainable = ("level0", "fc")``: dlib's last residual stage (one downsampling block, 256 channels at
+  2x2) and the final linear layer, 1.2M of 5.6M parameters. Back-propagation stops there, so a step
+  costs little more than a forward pass, the upload is ~4.7 MB instead of 22 MB, and a few hundred
+  CelebA images cannot move the features of the early layers that 3M training faces shaped;
+- 6 devices x 8 identities, 3 rounds, 1 local epoch (FedFace: the same 48 identities, one per device);
+- FedFR's public set: ``public_images`` images of the LFW public split (spread over identities with
+  ``export.threshold.spread_sample``, written as an image folder of links) instead of its ~7,000: the
+  server embeds the public set for every version's feature bank, and every device downloads it;
+- local-only: LFW accuracy averaged over the first ``local_generic_devices`` devices' models (each
+  would otherwise cost a minute of LFW evaluation); device metrics use every device's own model;
+- lr 1e-5, chosen with ``benchmarks/strong_lr.py`` on LFW validation folds 4-5 (never 6-10): the largest
+  of 1e-2, 1e-3, 3e-4, 1e-4, 1e-5 whose local fine-tuning stays within the gate's max_drop there. dlib's
+  batch norm is folded into per-channel affine scales of ~6-9, which leaves the convolution weights at
+  ~1e-3: an SGD step that suits ``small`` from scratch (the ``cpu`` profile's 0.01) wrecks them;
+- batch size, local epochs, FedProx mu, FedFR's weights: the ``cpu`` profile's and the papers' values.
+
+``strong-smoke`` (two methods, 2 devices, 1 round) also evaluates on a small LFW subset:
+``eval_pairs_per_fold`` same and as many different pairs of each fold (links to the same images), so its
+LFW numbers are not comparable with the full folds 6-10.
 """
 
 from __future__ import annotations
@@ -56,6 +86,16 @@ class Profile:
     images_per_id: int | None = None
     # FedFR: at most this many hard negatives per device and round (the hardest first): a compute bound
     max_hard_negatives: int = 128
+    # the strong profiles (module docstring): "dlib-resnet" imports that pretrained network instead of
+    # pretraining; parameter groups trained; release gate "METRIC:MAX_DROP"; compute bounds
+    import_pretrained: str | None = None
+    trainable: tuple[str, ...] | None = None
+    gate: str | None = None
+    public_images: int | None = None
+    local_generic_devices: int | None = None
+    eval_pairs_per_fold: int | None = None
+    methods: tuple[str, ...] | None = None  # the profile's default rows (None: all)
+    fars: str = "1e-2"  # FAR of the table's TAR / DIR columns
 
 
 @dataclass(frozen=True)
@@ -82,7 +122,19 @@ PROFILES = {
     "smoke": Profile("small", 2, 4, 3, 2, 2, 1, 0.01, 16, 0.34),
     "cpu": Profile("small", 0, 30, 8, 50, 5, 1, 0.01, 32, 0.3),  # 0 epochs: the pretrain CLI's default
     "paper": Profile("mobilefacenet", 0, 30, 8, 50, 10, 2, 0.01, 32, 0.3),
-}
+    # lr 1e-5: benchmarks/strong_lr.py on LFW validation folds 4-5 (benchmarks/results/strong_lr.json)
+    "strong": Profile(
+        "dlib-resnet", 0, 6, 8, 50, 3, 1, 1e-5, 32, 0.3,
+        import_pretrained="dlib-resnet", trainable=("level0", "fc"), gate="accuracy:0.003",
+        public_images=1000, local_generic_devices=2, fars="1e-3",
+    ),
+    "strong-smoke": Profile(
+        "dlib-resnet", 0, 2, 4, 20, 1, 1, 1e-5, 32, 0.3, images_per_id=10,
+        import_pretrained="dlib-resnet", trainable=("level0", "fc"), gate="accuracy:0.003",
+        public_images=200, local_generic_devices=1, eval_pairs_per_fold=20, methods=("FedAvg", "FedFR"),
+        fars="1e-3",
+    ),
+}  # fmt: skip
 
 
 @dataclass
@@ -91,6 +143,7 @@ class Row:
     generic: dict[str, float]
     personalized: dict[str, float]
     seconds: float
+    served: str = ""  # federated rows with a release gate: the version devices get, when one was held back
 
 
 def log(msg: str) -> None:
@@ -108,8 +161,60 @@ def pretrain(profile: Profile, lfw: Path, out: Path) -> Path:
     return ckpt
 
 
+def import_pretrained(architecture: str, out: Path) -> Path:
+    ckpt = out / f"imported-{architecture}.safetensors"
+    cmd = [sys.executable, "-m", "facefl", "import-model", architecture, "--out", str(ckpt)]
+    log(" ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return ckpt
+
+
+def small_lfw(lfw: Path, pairs_per_fold: int, out: Path) -> Path:
+    """An LFW-layout folder with the first ``pairs_per_fold`` same and different pairs of each fold of
+    ``lfw`` (identity folders are links): a quick evaluation set for smoke runs."""
+    from facefl.data.lfw import PAIRS_FILE
+
+    lines = (lfw / PAIRS_FILE).read_text().splitlines()
+    folds, per_fold = (int(x) for x in lines[0].split())
+    k = min(pairs_per_fold, per_fold)
+    keep = [lines[0].split()[0] + f"\t{k}"]
+    for f in range(folds):
+        start = 1 + f * 2 * per_fold
+        keep += lines[start : start + k] + lines[start + per_fold : start + per_fold + k]
+    root = out / f"lfw-{k}-pairs-per-fold"
+    root.mkdir(parents=True, exist_ok=True)
+    for d in lfw.iterdir():
+        if d.is_dir() and not (root / d.name).exists():
+            (root / d.name).symlink_to(d.resolve(), target_is_directory=True)
+    (root / PAIRS_FILE).write_text("\n".join(keep) + "\n")
+    return root
+
+
+def capped_public_set(lfw: Path, limit: int, out: Path) -> Path:
+    """An image folder of links to ``limit`` images of ``lfw``'s public split (test folds excluded),
+    spread over identities (``export.threshold.spread_sample``: genuine pairs kept)."""
+    from export.threshold import spread_sample
+    from facefl.data.lfw import LfwProtocol
+
+    listing = LfwProtocol.from_root(lfw).public_images(1)
+    root = out / f"lfw-public-{limit}"
+    for i in spread_sample(listing.labels, limit):
+        path = listing.paths[int(i)]
+        link = root / listing.identities[int(listing.labels[i])] / path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(path.resolve())
+    return root
+
+
 def evaluate_rows(
-    profile: Profile, ckpt: Path, lfw: Path, celeba: Path, out: Path, methods: tuple[Method, ...] = METHODS
+    profile: Profile,
+    ckpt: Path,
+    lfw: Path,
+    celeba: Path,
+    out: Path,
+    methods: tuple[Method, ...] = METHODS,
+    public: Path | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -143,6 +248,7 @@ def evaluate_rows(
     t0 = time.perf_counter()
     base = embedder_for(checkpoint.tensors)
     generic_base, personal_base = evaluate_verification(base, vset), evaluate_personalized(base, devices)
+    log(f"pretrained evaluated ({time.perf_counter() - t0:.0f} s)")
     rows.append(Row("pretrained only", generic_base, personal_base, time.perf_counter() - t0))
     log(f"pretrained only: {rows[-1].generic['accuracy']:.4f}")
 
@@ -156,7 +262,8 @@ def evaluate_rows(
         dataset = LocalDataset.from_arrays(d.train_images, labels)
         result = trainer.train(spec, checkpoint.tensors, dataset, state_dir=None, seed=d.device)
         local.append(embedder_for(codec.apply_delta(checkpoint.tensors, result.delta)))
-    generic = [evaluate_verification(e, vset) for e in local]
+    # a cap on the LFW evaluations (a minute each for dlib-resnet on 2 cores); device metrics use all
+    generic = [evaluate_verification(e, vset) for e in local[: profile.local_generic_devices or len(local)]]
     rows.append(
         Row(
             "local-only",
@@ -170,14 +277,18 @@ def evaluate_rows(
     curves: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         t0 = time.perf_counter()
-        final, method_curves = run_federated(method, profile, ckpt, lfw, celeba, out, devices, embedder_for)
+        final, method_curves = run_federated(
+            method, profile, ckpt, lfw, celeba, out, devices, embedder_for, public or lfw
+        )
         method_curves[0]["personalized"] = _flat(personal_base)  # round 0: the pretrained checkpoint
-        rows.append(Row(method.name, final[0], final[1], time.perf_counter() - t0))
+        rows.append(
+            Row(method.name, final[0], final[1], time.perf_counter() - t0, served_cell(method_curves))
+        )
         log(f"{method.name}: {rows[-1].generic.get('accuracy', float('nan')):.4f} ({rows[-1].seconds:.0f} s)")
         curves[method.name] = method_curves
         if method.name == "FedFR":  # what its global model alone gives the devices (no personalization)
             global_only = method_curves[-1]["personalized_global"]
-            rows.append(Row("FedFR, global model only", final[0], global_only, 0.0))
+            rows.append(Row("FedFR, global model only", final[0], global_only, 0.0, rows[-1].served))
     return {"rows": rows, "curves": curves}
 
 
@@ -195,6 +306,26 @@ class _Assignment:
         p = self.profile
         return {"local_epochs": p.rounds * p.local_epochs, "batch_size": p.batch_size, "lr": p.lr}
 
+    @property
+    def trainable_prefixes(self) -> tuple[str, ...] | None:
+        from facefl.models import resolve_trainable
+
+        return resolve_trainable(self.architecture, self.profile.trainable)
+
+
+def served_cell(curves: list[dict[str, Any]]) -> str:
+    """Which version devices get after the last round (with its LFW accuracy), when the release gate held
+    any version back; "" when every version was served."""
+    held = [c for c in curves[1:] if c.get("served_version") not in (None, c.get("model_version"))]
+    if not held:
+        return ""
+    served = curves[-1].get("served_version")
+    accuracy = {c.get("model_version"): (c.get("generic") or {}).get("accuracy") for c in curves[1:]}
+    # a version no round of this run produced: the initial model (round 0)
+    acc = accuracy.get(served, (curves[0].get("generic") or {}).get("accuracy"))
+    acc_text = f" (LFW acc {acc:.4f})" if acc is not None else ""
+    return f"v{served}{acc_text}; held back: " + ", ".join(f"v{c['model_version']}" for c in held)
+
 
 def run_federated(
     method: Method,
@@ -205,6 +336,7 @@ def run_federated(
     out: Path,
     devices: Any,
     embedder_for: Any,
+    public: Path | None = None,
 ) -> tuple[tuple[dict[str, float], dict[str, float]], list[dict[str, Any]]]:
     import httpx
 
@@ -224,7 +356,7 @@ def run_federated(
         hyperparams.setdefault("max_hard_negatives", profile.max_hard_negatives)
     env = {"FACEFL_EVAL_SETS": json.dumps({"lfw": str(lfw.resolve())})}
     if fedfr:
-        env["FACEFL_PUBLIC_SETS"] = json.dumps({"lfw-public": str(lfw.resolve())})
+        env["FACEFL_PUBLIC_SETS"] = json.dumps({"lfw-public": str((public or lfw).resolve())})
     with (
         tempfile.TemporaryDirectory(prefix="facefl-accuracy-") as tmp,
         LocalServer(
@@ -258,6 +390,8 @@ def run_federated(
                 public_set="lfw-public" if fedfr else None,
                 extra_hyperparams=hyperparams,
                 eval_set="lfw",
+                trainable=list(profile.trainable) if profile.trainable else None,
+                gate=profile.gate,
                 initial_model=str(ckpt),
                 json_path=str(out / f"{slug}-simulate.json"),
                 work_dir=tmp,  # kept until the end of this block: FedFR's personal models live there
@@ -277,6 +411,8 @@ def run_federated(
                     {
                         "round": r.round,
                         "status": r.status,
+                        "model_version": r.model_version,
+                        "served_version": r.served_version,
                         "generic": r.generic,
                         "personalized": _flat(personal),
                     }
@@ -285,7 +421,8 @@ def run_federated(
             # each device's own model after its last round (the simulator's device i is plan device i)
             per_device = [
                 TorchEmbedder(
-                    load_personalized_model(run_dirs[-1] / "devices" / str(d.device) / "state"), profile.model
+                    load_personalized_model(run_dirs[-1] / "devices" / str(d.device) / "state"),
+                    profile.model,
                 )
                 for d in devices
             ]
@@ -303,19 +440,32 @@ def _flat(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in report.items() if k != "per_device"}
 
 
-COLUMNS = [
-    ("generic", "accuracy", "LFW acc"),
-    ("generic", "tar@far=1e-2", "LFW TAR@1e-2"),
-    ("personalized", "tar@far=1e-2", "device TAR@1e-2"),
-    ("personalized", "dir@far=1e-2", "device DIR@1e-2"),
-]
+def columns(far: str = "1e-2") -> list[tuple[str, str, str]]:
+    return [
+        ("generic", "accuracy", "LFW acc"),
+        ("generic", f"tar@far={far}", f"LFW TAR@{far}"),
+        ("personalized", f"tar@far={far}", f"device TAR@{far}"),
+        ("personalized", f"dir@far={far}", f"device DIR@{far}"),
+    ]
 
 
-def table(rows: list[Row]) -> str:
-    head = "| method | " + " | ".join(c[2] for c in COLUMNS) + " | seconds |"
-    lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 1)]
+COLUMNS = columns()
+
+
+def table(rows: list[Row], far: str = "1e-2") -> str:
+    cols = columns(far)
+    gated = any(r.served for r in rows)
+    head = (
+        "| method | "
+        + " | ".join(c[2] for c in cols)
+        + (" | served (gate)" if gated else "")
+        + " | seconds |"
+    )
+    lines = [head, "|---|" + "---:|" * len(cols) + ("---|" if gated else "") + "---:|"]
     for r in rows:
-        cells = [f"{getattr(r, sec).get(key, float('nan')):.4f}" for sec, key, _ in COLUMNS]
+        cells = [f"{getattr(r, sec).get(key, float('nan')):.4f}" for sec, key, _ in cols]
+        if gated:
+            cells.append(r.served or "last version")
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.seconds:.0f} |")
     return "\n".join(lines)
 
@@ -363,22 +513,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--lfw", type=Path, default=SHARED / "lfw", help="LFW-layout directory with pairs.txt")
     p.add_argument("--devices-data", type=Path, default=SHARED / "celeba", help="image folder of the devices")
-    p.add_argument("--pretrained", type=Path, help="use this checkpoint instead of pretraining")
+    p.add_argument(
+        "--pretrained", type=Path, help="use this checkpoint instead of pretraining (or importing)"
+    )
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/accuracy-PROFILE)")
     p.add_argument("--rounds", type=int, help="override the profile's federated rounds")
     p.add_argument(
         "--methods",
-        default=",".join(m.name for m in METHODS),
-        help="comma-separated federated rows to run (default: all): " + ", ".join(m.name for m in METHODS),
+        help="comma-separated federated rows to run (default: the profile's, else all): "
+        + ", ".join(m.name for m in METHODS),
     )
     args = p.parse_args(argv)
     by_name = {m.name.lower(): m for m in METHODS}
-    wanted = [name.strip().lower() for name in args.methods.split(",") if name.strip()]
+    profile = PROFILES[args.profile]
+    default_methods = profile.methods or tuple(m.name for m in METHODS)
+    wanted = [
+        name.strip().lower()
+        for name in (args.methods or ",".join(default_methods)).split(",")
+        if name.strip()
+    ]
     unknown = [name for name in wanted if name not in by_name]
     if unknown:
         p.error(f"--methods: unknown {unknown}; known: {[m.name for m in METHODS]}")
     methods = tuple(by_name[name] for name in wanted)
-    profile = PROFILES[args.profile]
     if args.rounds:
         profile = replace(profile, rounds=args.rounds)
     for name, path in (("--lfw", args.lfw / "pairs.txt"), ("--devices-data", args.devices_data)):
@@ -387,15 +544,25 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / f"accuracy-{args.profile}"
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    ckpt = args.pretrained or pretrain(profile, args.lfw, out)
-    result = evaluate_rows(profile, ckpt, args.lfw, args.devices_data, out, methods)
+    if args.pretrained:
+        ckpt = args.pretrained
+    elif profile.import_pretrained:
+        ckpt = import_pretrained(profile.import_pretrained, out)
+    else:
+        ckpt = pretrain(profile, args.lfw, out)
+    lfw = small_lfw(args.lfw, profile.eval_pairs_per_fold, out) if profile.eval_pairs_per_fold else args.lfw
+    public = capped_public_set(args.lfw, profile.public_images, out) if profile.public_images else None
+    result = evaluate_rows(profile, ckpt, lfw, args.devices_data, out, methods, public)
     rows: list[Row] = result["rows"]
-    print(table(rows))
+    print(table(rows, profile.fars))
     plot(rows, result["curves"], out / "curves.png")
     report = {
         "profile": args.profile,
         "settings": asdict(profile),
         "checkpoint": str(ckpt),
+        "eval_set": str(lfw),
+        "public_set": str(public or args.lfw),
+        "methods": [m.name for m in methods],
         "rows": [asdict(r) | {"personalized": _flat(r.personalized)} for r in rows],
         "rounds": result["curves"],
         "wall_s": time.perf_counter() - started,

@@ -620,3 +620,20 @@ def test_each_version_is_evaluated_on_the_eval_set(tmp_path: Path) -> None:
         report = api.c.get("/v1/models/2/info", headers=ADMIN_H).json()["metrics"]["eval"]
         assert report["set"] == "heldout" and report["pairs"] > 0
         assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["auc"] <= 1.0
+
+
+def test_every_registered_architecture_can_be_a_task_and_a_simulation() -> None:
+    """The API's architecture enum and the simulator's --model choices follow facefl.models' registry
+    (dlib-resnet was registered but refused by both)."""
+    import argparse
+    import typing
+
+    from facefl.models import ARCHITECTURES
+    from server_api.schemas import Architecture
+    from simulator.cli import add_arguments
+
+    assert set(typing.get_args(Architecture)) == set(ARCHITECTURES)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    model = next(a for a in parser._actions if a.dest == "model")
+    assert set(model.choices or ()) == set(ARCHITECTURES)
