@@ -164,6 +164,16 @@ def _fedfr_inputs(base: dict[str, np.ndarray], trainer: Trainer) -> tuple[dict[s
     return {**base, PUBLIC_HEAD_KEY: head}, RoundInputs(public=public, bank_embeddings=bank)
 
 
+# every public image is a hard negative candidate (threshold -1), at most 4 per round
+FEDFR_HP = {
+    "local_epochs": 1,
+    "batch_size": 8,
+    "lr": 0.05,
+    "max_hard_negatives": 4,
+    "hard_negative_threshold": -1,
+}
+
+
 def test_fedfr_round_updates_only_selected_public_rows_and_keeps_state(
     trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset, tmp_path: Path
 ) -> None:
@@ -171,13 +181,7 @@ def test_fedfr_round_updates_only_selected_public_rows_and_keeps_state(
     from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
 
     weights, inputs = _fedfr_inputs(base, trainer)
-    hp = {
-        "local_epochs": 1,
-        "batch_size": 8,
-        "lr": 0.05,
-        "max_hard_negatives": 4,
-        "hard_negative_threshold": -1,
-    }
+    hp = dict(FEDFR_HP)
     job = Job(algorithm="fedfr", hyperparams=hp)
     first = trainer.train(job, weights, data, tmp_path, seed=0, inputs=inputs)
     assert set(first.delta) == set(weights)  # backbone + public classifier, nothing else
@@ -276,13 +280,7 @@ def test_fedfr_partial_keeps_the_public_classifier_and_frozen_backbone(
     from facefl.checkpoint import load_checkpoint
 
     weights, inputs = _fedfr_inputs(base, trainer)
-    hp = {
-        "local_epochs": 1,
-        "batch_size": 8,
-        "lr": 0.05,
-        "max_hard_negatives": 4,
-        "hard_negative_threshold": -1,
-    }
+    hp = dict(FEDFR_HP)
     job = Job(algorithm="fedfr", hyperparams=hp, trainable_prefixes=LAST)
     result = trainer.train(job, weights, data, tmp_path, seed=0, inputs=inputs)
     assert list(result.delta) == [*_trained_names(base), PUBLIC_HEAD_KEY]
