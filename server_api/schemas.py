@@ -104,7 +104,8 @@ GateMetric = Literal["accuracy", "auc", "tar@far=1e-2", "tar@far=1e-3"]
 
 class ReleaseGate(Strict):
     """A new version is served only if ``metric`` on the task's eval_set is at most ``max_drop`` below the
-    served version's; otherwise it is recorded (with its metrics) but held back."""
+    served version's and the task's first version's; otherwise it is recorded (with its metrics) but held
+    back."""
 
     metric: GateMetric = "accuracy"
     max_drop: Annotated[float, Field(ge=0, le=1)] = 0.0

@@ -56,6 +56,7 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         updates = [(u.blob_key, u.num_samples, dict(u.metrics), u.device_id) for u in rows]
         robust_config = task.policy.get("robust")  # None: the plain weighted mean below
         gate_config = task.policy.get("gate")  # None: every new version is served
+        first_version = queries.first_base_version(s, task_id) if gate_config else None
         norms = [u.norm for u in rows] if robust_config else []
 
     # the heartbeat renews our lease while we work (a gated round evaluates two models), so another worker
@@ -108,8 +109,9 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         if gate_config is not None and eval_set is not None:
             # the base is the served version: rounds always open on it (off the event loop, like the rest)
             decision = gate.decide(
-                ctx, gate_config, eval_set, rnd.base_version, architecture, embedding_dim, new_weights
-            )
+                ctx, gate_config, eval_set, rnd.base_version, architecture, embedding_dim, new_weights,
+                first_version=first_version,
+            )  # fmt: skip
             round_metrics["gate_s"] = time.perf_counter() - t0 - agg_seconds
 
         try:

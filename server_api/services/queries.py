@@ -119,6 +119,12 @@ def finish_aggregation(s: Session, round_id: int, lease: datetime, now: datetime
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def first_base_version(s: Session, task_id: int) -> int | None:
+    """The model version the task started from: the base of its first round."""
+    first = select(Round.base_version).where(Round.task_id == task_id).order_by(Round.id).limit(1)
+    return s.scalar(first)
+
+
 def updates_of(s: Session, round_id: int) -> Sequence[Update]:
     return s.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.id)).all()
 

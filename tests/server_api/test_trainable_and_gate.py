@@ -200,3 +200,41 @@ def test_gate_metrics_are_keys_of_the_evaluation_report() -> None:
     is_same = np.arange(40) % 2 == 0
     report = verification_report(rng.random(40) + is_same, is_same, np.arange(40) % 4)
     assert set(get_args(GateMetric)) <= set(report)
+
+
+def _set_stored_auc(api: Api, version: int, auc: float) -> None:
+    """Rewrite a version's stored evaluation report (what the gate reads as that version's score)."""
+    from server_api.orm import ModelVersion
+
+    with api.ctx.db.write() as s:
+        mv = s.get(ModelVersion, version)
+        assert mv is not None
+        mv.metrics = {**mv.metrics, "eval": {**mv.metrics["eval"], "auc": auc}}
+
+
+def test_gate_also_holds_against_the_first_version_so_small_drops_cannot_add_up(api: Api) -> None:
+    task = _create(
+        api, eval_set="heldout", policy={**ONE_REPORT, "gate": {"metric": "auc", "max_drop": 0.05}}
+    )
+    assert task.status_code == 201, task.text
+    dev = api.device()
+    zero = {k: np.zeros_like(v) for k, v in api.weights(1).items()}
+    a = api.assignment(dev)
+    assert api.upload(dev, a, codec.encode(zero)).status_code == 202
+    assert _aggregated(api, a["round_id"])["served_version"] == 2  # drop 0: served
+    auc = api.c.get("/v1/models/2/info", headers=ADMIN_H).json()["metrics"]["eval"]["auc"]
+    # a history of drops each within max_drop: the task started at auc + 0.08, the served version scores
+    # auc + 0.02; the next candidate (the same weights again) scores auc, 0.02 below the served version
+    # but 0.08 below the first one
+    _set_stored_auc(api, 1, auc + 0.08)
+    _set_stored_auc(api, 2, auc + 0.02)
+    a = api.assignment(dev)
+    assert a["base_version"] == 2
+    assert api.upload(dev, a, codec.encode(zero)).status_code == 202
+    rnd = _aggregated(api, a["round_id"])
+    assert rnd["result_version"] == 3 and rnd["served_version"] == 2
+    info = api.c.get("/v1/models/3/info", headers=ADMIN_H).json()
+    assert info["served"] is False and "the task's first version 1" in info["held_back_reason"]
+    gate = info["metrics"]["gate"]
+    assert gate["first_version"] == 1 and gate["served_version"] == 2
+    assert gate["drop"] == pytest.approx(0.08, abs=1e-6)
