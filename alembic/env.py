@@ -37,7 +37,16 @@ def run_migrations_online() -> None:
             connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
             connection.commit()
         try:
-            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+            # SQLite: one transaction for the whole run (its DDL is transactional, but Alembic defaults to a
+            # commit per migration there). Its BEGIN IMMEDIATE then holds the write lock from reading the
+            # version to the last migration, so concurrent migrators (workers starting together) cannot both
+            # see the same old version between two migrations and apply the next one twice.
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                render_as_batch=True,
+                transactional_ddl=True,
+            )
             with context.begin_transaction():
                 context.run_migrations()
             connection.commit()
