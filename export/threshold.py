@@ -66,7 +66,7 @@ def spread_sample(labels: np.ndarray, limit: int) -> np.ndarray:
 
 def operating_point(embeddings: np.ndarray, labels: np.ndarray, far: float) -> OperatingPoint:
     """The lowest threshold whose FAR over all impostor pairs of ``embeddings`` is at most ``far``."""
-    from facefl.metrics import tar_at_far, threshold_at_far
+    from facefl.metrics import operating_point_at_far
 
     emb = np.asarray(embeddings, np.float64)
     labels = np.asarray(labels)
@@ -80,13 +80,13 @@ def operating_point(embeddings: np.ndarray, labels: np.ndarray, far: float) -> O
         raise ExportError("the threshold set has no identity with two images: no genuine pairs")
     if n_imp < int(np.ceil(1.0 / far)):
         raise ExportError(f"{n_imp} impostor pairs are too few to set a threshold at FAR {far:g}")
-    threshold = threshold_at_far(scores, same, far)
+    threshold, tar = operating_point_at_far(scores, same, far)
     if not np.isfinite(threshold):
         raise ExportError(f"no threshold reaches FAR {far:g} on the threshold set")
     return OperatingPoint(
         threshold=float(threshold),
         far=float(far),
-        tar=float(tar_at_far(scores, same, far)),
+        tar=float(tar),
         measured_far=float((scores[~same] >= threshold).mean()),
         impostor_pairs=n_imp,
         genuine_pairs=n_gen,

@@ -36,6 +36,7 @@ __all__ = [
     "dir_at_far",
     "far_key",
     "kfold_verification_accuracy",
+    "operating_point_at_far",
     "personalized_report",
     "rank1_accuracy",
     "roc_auc",
@@ -195,15 +196,20 @@ def _operating_point(scores: FloatArray, labels: BoolArray, far: float, n_pos: i
     return float(thresholds[i]), float(tp[i] / n_pos)
 
 
+def operating_point_at_far(scores: ArrayLike, is_same: ArrayLike, far: float) -> tuple[float, float]:
+    """(:func:`threshold_at_far`, :func:`tar_at_far`) from one pass over the ROC."""
+    f = _check_far(far)
+    s, y = _pairs(scores, is_same)
+    return _operating_point(s, y, f, int(y.sum()))
+
+
 def threshold_at_far(scores: ArrayLike, is_same: ArrayLike, far: float) -> float:
     """The lowest candidate threshold (a score, or ``+inf``) whose FAR <= ``far``.
 
     This is the operating point of :func:`tar_at_far`. Returns ``+inf`` when even the highest score
     group has too many impostors. Needs both classes.
     """
-    f = _check_far(far)
-    s, y = _pairs(scores, is_same)
-    return _operating_point(s, y, f, int(y.sum()))[0]
+    return operating_point_at_far(scores, is_same, far)[0]
 
 
 def tar_at_far(scores: ArrayLike, is_same: ArrayLike, far: float) -> float:
@@ -212,9 +218,7 @@ def tar_at_far(scores: ArrayLike, is_same: ArrayLike, far: float) -> float:
     A tie group cannot be split: if accepting a tied score would push FAR over ``far``, the whole group
     (including its genuine pairs) stays rejected. Needs both classes.
     """
-    f = _check_far(far)
-    s, y = _pairs(scores, is_same)
-    return _operating_point(s, y, f, int(y.sum()))[1]
+    return operating_point_at_far(scores, is_same, far)[1]
 
 
 def accuracy_at(scores: ArrayLike, is_same: ArrayLike, threshold: float) -> float:

@@ -258,12 +258,11 @@ def _checkpoint_architecture(path: str | None) -> str | None:
     the config's own validation then reports the file."""
     if path is None:
         return None
-    from safetensors import SafetensorError, safe_open
+    from facefl.codec import CodecError, read_file_header
 
     try:
-        with safe_open(path, "np") as f:
-            return (f.metadata() or {}).get("architecture")
-    except (OSError, SafetensorError):
+        return read_file_header(path).metadata.get("architecture")
+    except (OSError, CodecError):
         return None
 
 

@@ -77,6 +77,12 @@ def _dead_aggregation(stale_before: datetime) -> ColumnElement[bool]:
     return (Round.status == ROUND_AGGREGATING) & (beat < stale_before)
 
 
+def _held(round_id: int, lease: datetime) -> ColumnElement[bool]:
+    """The round is still being aggregated under ``lease`` (no other worker took it over)."""
+    aggregating = (Round.id == round_id) & (Round.status == ROUND_AGGREGATING)
+    return aggregating & (Round.aggregation_started_at == lease)
+
+
 def start_aggregation(s: Session, round_id: int, now: datetime, stale_before: datetime) -> bool:
     """Compare-and-set open -> aggregating (or take over an aggregation whose heartbeat stopped)."""
     res = s.execute(
@@ -89,11 +95,7 @@ def start_aggregation(s: Session, round_id: int, now: datetime, stale_before: da
 
 def renew_aggregation(s: Session, round_id: int, lease: datetime, now: datetime) -> bool:
     """The heartbeat of the aggregation holding ``lease``; False once it has lost the round."""
-    res = s.execute(
-        update(Round)
-        .where(Round.id == round_id, Round.status == ROUND_AGGREGATING, Round.aggregation_started_at == lease)
-        .values(aggregation_heartbeat_at=now)
-    )
+    res = s.execute(update(Round).where(_held(round_id, lease)).values(aggregation_heartbeat_at=now))
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
@@ -113,7 +115,7 @@ def finish_aggregation(s: Session, round_id: int, lease: datetime, now: datetime
     """aggregating -> aggregated, fenced by our lease so a taken-over aggregation cannot finish twice."""
     res = s.execute(
         update(Round)
-        .where(Round.id == round_id, Round.status == ROUND_AGGREGATING, Round.aggregation_started_at == lease)
+        .where(_held(round_id, lease))
         .values(**{"status": "aggregated", "closed_at": now, **values})
     )
     return res.rowcount == 1  # type: ignore[attr-defined]

@@ -167,16 +167,3 @@ def test_the_model_defaults_to_the_initial_checkpoints_architecture(tmp_path: Pa
         config_from_args(parser.parse_args(["--initial-model", str(tmp_path / "junk.safetensors")])).model
         == "small"
     )
-
-
-def test_architecture_choices_match_the_registry() -> None:
-    import typing
-
-    from facefl.models import ARCHITECTURES
-    from server_api.schemas import Architecture
-    from simulator.cli import add_arguments
-
-    parser = __import__("argparse").ArgumentParser()
-    add_arguments(parser)
-    choices = next(a.choices for a in parser._actions if a.dest == "model")
-    assert set(typing.get_args(Architecture)) == set(ARCHITECTURES) == set(choices or ())
