@@ -5,6 +5,9 @@ browser names one, this server as its Origin. The token never appears in a URL."
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections import OrderedDict
 from typing import Annotated
 from urllib.parse import parse_qs, quote
 
@@ -20,7 +23,7 @@ from server_api.services.context import ServiceContext, log
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
-#: login attempts per client address: a burst of 10, then one every 2 s (guessing the token is slow)
+#: wrong tokens per client address: a burst of 10, then one every 2 s (guessing the token is slow)
 LOGIN_RATE_PER_S, LOGIN_BURST = 0.5, 10.0
 _MAX_FIELDS = 8
 _SAFE_NEXT = re.compile(r"/console(/[A-Za-z0-9_./-]*)?(\?[A-Za-z0-9_=&.-]*)?")
@@ -78,11 +81,14 @@ def to_login(next_path: str) -> Response:
 
 async def read_form(request: Request) -> dict[str, str]:
     """A small urlencoded form (the body is already bounded by FACEFL_MAX_JSON_BYTES); each field once."""
+    body = await request.body()
+    if not body:
+        return {}
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
         raise FormError(415, "expected a form (application/x-www-form-urlencoded)")
     try:
-        text = (await request.body()).decode("utf-8")
+        text = body.decode("utf-8")
         fields = parse_qs(text, keep_blank_values=True, max_num_fields=_MAX_FIELDS)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormError(400, "malformed form") from exc
@@ -105,11 +111,42 @@ def check_post(request: Request, s: Session, form: dict[str, str]) -> None:
         raise FormError(403, "the form's CSRF token is missing or wrong: reload the page and try again")
 
 
-def _limiter(request: Request) -> RateLimiter:
-    limiter: RateLimiter | None = getattr(request.app.state, "console_login_limiter", None)
-    if limiter is None:
-        limiter = request.app.state.console_login_limiter = RateLimiter(LOGIN_RATE_PER_S, LOGIN_BURST)
-    return limiter
+class LoginThrottle:
+    """Wrong tokens per client address: a burst of ``LOGIN_BURST`` failures, then one every
+    1/``LOGIN_RATE_PER_S`` s; a blocked address is refused (429) before its token is even compared.
+    Successful logins cost nothing. Per worker process, at most ``max_keys`` addresses remembered."""
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        self._failures = RateLimiter(LOGIN_RATE_PER_S, LOGIN_BURST, max_keys=max_keys)
+        self._blocked: OrderedDict[str, float] = OrderedDict()
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+
+    def wait(self, address: str) -> float:
+        with self._lock:
+            until = self._blocked.get(address)
+            if until is None:
+                return 0.0
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                del self._blocked[address]
+            return max(remaining, 0.0)
+
+    def failed(self, address: str) -> None:
+        wait = self._failures.check(address)
+        if wait > 0:
+            with self._lock:
+                self._blocked[address] = time.monotonic() + wait
+                self._blocked.move_to_end(address)
+                if len(self._blocked) > self._max_keys:
+                    self._blocked.popitem(last=False)
+
+
+def _throttle(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle | None = getattr(request.app.state, "console_login_throttle", None)
+    if throttle is None:
+        throttle = request.app.state.console_login_throttle = LoginThrottle()
+    return throttle
 
 
 def _login_page(next_path: str, status_code: int = 200, message: str | None = None) -> Response:
@@ -128,7 +165,8 @@ async def login_form(request: Request, next: str | None = None) -> Response:
 @router.post("/login")
 async def login(request: Request) -> Response:
     address = request.client.host if request.client is not None else "unknown"
-    wait = _limiter(request).check(address)
+    throttle = _throttle(request)
+    wait = throttle.wait(address)
     if wait > 0:
         refused = render.error(429, "too many login attempts from this address: wait and try again")
         refused.headers["Retry-After"] = RateLimiter.retry_after_header(wait)
@@ -141,6 +179,7 @@ async def login(request: Request) -> Response:
         return await run_in_threadpool(render.error, exc.status_code, exc.message)
     next_path = safe_next(form.get("next"))
     if not security.constant_time_equals(form.get("token", ""), admin_token(request)):
+        throttle.failed(address)
         log.info("console login refused", extra={"client": address})
         return await run_in_threadpool(_login_page, next_path, 401, "That is not the admin token.")
     response = RedirectResponse(next_path, 303)
