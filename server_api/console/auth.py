@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import parse_qs, quote
 
@@ -116,10 +117,11 @@ class LoginThrottle:
     1/``LOGIN_RATE_PER_S`` s; a blocked address is refused (429) before its token is even compared.
     Successful logins cost nothing. Per worker process, at most ``max_keys`` addresses remembered."""
 
-    def __init__(self, max_keys: int = 10_000) -> None:
-        self._failures = RateLimiter(LOGIN_RATE_PER_S, LOGIN_BURST, max_keys=max_keys)
+    def __init__(self, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._failures = RateLimiter(LOGIN_RATE_PER_S, LOGIN_BURST, max_keys=max_keys, clock=clock)
         self._blocked: OrderedDict[str, float] = OrderedDict()
         self._max_keys = max_keys
+        self._clock = clock
         self._lock = threading.Lock()
 
     def wait(self, address: str) -> float:
@@ -127,7 +129,7 @@ class LoginThrottle:
             until = self._blocked.get(address)
             if until is None:
                 return 0.0
-            remaining = until - time.monotonic()
+            remaining = until - self._clock()
             if remaining <= 0:
                 del self._blocked[address]
             return max(remaining, 0.0)
@@ -136,7 +138,7 @@ class LoginThrottle:
         wait = self._failures.check(address)
         if wait > 0:
             with self._lock:
-                self._blocked[address] = time.monotonic() + wait
+                self._blocked[address] = self._clock() + wait
                 self._blocked.move_to_end(address)
                 if len(self._blocked) > self._max_keys:
                     self._blocked.popitem(last=False)
