@@ -83,7 +83,7 @@ def _task_page(
 ) -> Response:
     task = tasks.get(ctx, task_id)
     page_rounds = tasks.rounds_of(ctx, task_id, before, PAGE)
-    versions = models.listing(ctx, task_id)
+    metrics = models.metrics_by_version(ctx, task_id)
     now = datetime.now(UTC)
     refused = tally.of_rounds([r.id for r in page_rounds])
     rows = [views.round_row(r, refused.get(r.id, {}), now) for r in reversed(page_rounds)]
@@ -95,10 +95,10 @@ def _task_page(
         rows=rows,
         older=oldest if oldest is not None and oldest > 1 else None,
         paged=before is not None,
-        eval_chart=views.eval_chart(versions),
+        eval_chart=views.eval_chart(metrics),
         train_chart=views.train_chart(page_rounds),
-        versions=len(versions),
-        evaluated=sum(1 for v in versions if views.eval_report(v)),
+        versions=len(metrics),
+        evaluated=views.evaluated(metrics),
         csrf=csrf,
         refresh=REFRESH_S if task.current_round is not None and task.current_round.status == "open" else None,
     )
@@ -119,7 +119,8 @@ async def task_page(request: Request, s: Operator, task_id: str, before: str | N
 
 def _versions_page(ctx: ServiceContext, task_id: int, before: int | None, csrf: str) -> Response:
     task = tasks.get(ctx, task_id)
-    versions = [v for v in models.listing(ctx, task_id) if before is None or v.version < before]
+    # one more than a page: whether older versions exist
+    versions = models.listing(ctx, task_id, before, PAGE + 1)
     shown = list(reversed(versions[-PAGE:]))
     older = shown[-1].version if len(versions) > PAGE else None
     return render.page(

@@ -81,19 +81,28 @@ def _number(value: Any) -> float | None:
 
 
 def eval_report(version: ModelVersionOut) -> Mapping[str, Any]:
-    report = version.metrics.get("eval")
+    return _report(version.metrics)
+
+
+def _report(metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+    report = metrics.get("eval")
     return report if isinstance(report, dict) else {}
 
 
-def eval_chart(versions: Sequence[ModelVersionOut]) -> Chart | None:
-    """Generic accuracy and TAR@FAR of every evaluated model version, on [0, 1]."""
+def evaluated(metrics: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+    return sum(1 for _, m in metrics if _report(m))
+
+
+def eval_chart(metrics: Sequence[tuple[int, Mapping[str, Any]]]) -> Chart | None:
+    """Generic accuracy and TAR@FAR of every evaluated model version ((version, metrics) pairs), on [0, 1]."""
+    reports = [(version, _report(m)) for version, m in metrics]
     series = []
     for key, label in EVAL_CURVES:
         points = []
-        for v in versions:
-            value = _number(eval_report(v).get(key))
+        for version, report in reports:
+            value = _number(report.get(key))
             if value is not None:
-                points.append((v.version, value))
+                points.append((version, value))
         series.append(Series(label, points))
     return line_chart(series, (0.0, 1.0))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session
@@ -220,8 +221,25 @@ def tasks(s: Session) -> Sequence[Task]:
     return s.scalars(select(Task).order_by(Task.id)).all()
 
 
-def model_versions(s: Session, task_id: int | None) -> Sequence[ModelVersion]:
-    q = select(ModelVersion).order_by(ModelVersion.version)
+def model_versions(
+    s: Session, task_id: int | None, before: int | None = None, limit: int | None = None
+) -> Sequence[ModelVersion]:
+    """Model versions in order (of a task, or all); with ``limit``, the newest ``limit`` below ``before``."""
+    q = select(ModelVersion)
     if task_id is not None:
         q = q.where(ModelVersion.task_id == task_id)
-    return s.scalars(q).all()
+    if before is not None:
+        q = q.where(ModelVersion.version < before)
+    if limit is None:
+        return s.scalars(q.order_by(ModelVersion.version)).all()
+    return list(reversed(s.scalars(q.order_by(ModelVersion.version.desc()).limit(limit)).all()))
+
+
+def version_metrics(s: Session, task_id: int) -> Sequence[tuple[int, dict[str, Any]]]:
+    """(version, metrics) of every version of the task, in order: the two columns a quality curve needs."""
+    rows = s.execute(
+        select(ModelVersion.version, ModelVersion.metrics)
+        .where(ModelVersion.task_id == task_id)
+        .order_by(ModelVersion.version)
+    ).all()
+    return [(int(version), metrics or {}) for version, metrics in rows]

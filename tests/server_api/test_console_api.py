@@ -198,6 +198,22 @@ def test_rounds_page_is_the_newest_below_before(server: LiveServer, api: httpx.C
     assert api.get(f"/v1/tasks/{task['id']}/rounds", params={"limit": 0}).status_code == 422
 
 
+def test_model_versions_page_is_the_newest_below_before(api: httpx.Client) -> None:
+    mine = [make_task(api)["current_version"] for _ in range(3)]  # versions of other tasks in between
+
+    def versions(**params: int) -> list[int]:
+        return [v["version"] for v in api.get("/v1/models", params=params).json()]
+
+    everything = versions()
+    assert everything == sorted(everything) and mine == everything[-3:]
+    assert versions(limit=2) == mine[1:]
+    assert versions(limit=2, before=mine[2]) == everything[-3:-1]
+    task_id = api.get(f"/v1/models/{mine[0]}/info").json()["task_id"]
+    assert versions(task_id=task_id, limit=5) == [mine[0]]
+    assert versions(task_id=task_id, before=mine[0]) == []
+    assert api.get("/v1/models", params={"limit": 10_001}).status_code == 422
+
+
 def test_login_throttle_blocks_a_guessing_address_only(server: LiveServer) -> None:
     # the guesser talks from 127.0.0.2 (loopback): other tests' logins from 127.0.0.1 stay unaffected
     guesser = httpx.HTTPTransport(local_address="127.0.0.2")

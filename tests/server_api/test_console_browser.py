@@ -1,7 +1,8 @@
 """The operator's console in a real browser: Debian's chromium driven by Selenium (chromium-driver)
-against a real server on which a short simulation ran (3 devices, 2 rounds of the small model, server-side evaluation of
-every model version). Logs in through the form, opens the task page and checks that the rounds table
-and the evaluation curve show the real rounds and versions. The screenshot goes to the test's tmp_path.
+against a real server on which a short simulation ran (3 devices, 2 rounds of the small model,
+server-side evaluation of every model version). Logs in through the form, opens the task page and
+checks that the rounds table and the evaluation curve show the real rounds and versions. The
+screenshot goes to the test's tmp_path.
 
 Skipped, loudly, only when no browser can be had (`apt-get install -y chromium chromium-driver`, which
 .ci/run does); under FACEFL_FORBID_SKIPS=1 (CI) that skip is a failure.
