@@ -117,7 +117,9 @@ async def task_page(request: Request, s: Operator, task_id: str, before: str | N
     )
 
 
-def _versions_page(ctx: ServiceContext, task_id: int, before: int | None, csrf: str) -> Response:
+def _versions_page(
+    ctx: ServiceContext, task_id: int, before: int | None, csrf: str, server_url: str
+) -> Response:
     task = tasks.get(ctx, task_id)
     # one more than a page: whether older versions exist
     versions = models.listing(ctx, task_id, before, PAGE + 1)
@@ -130,6 +132,7 @@ def _versions_page(ctx: ServiceContext, task_id: int, before: int | None, csrf: 
         versions=shown,
         older=older,
         eval_report=views.eval_report,
+        server_url=server_url,
         csrf=csrf,
     )
 
@@ -140,7 +143,10 @@ async def versions_page(request: Request, s: Operator, task_id: str, before: str
     ident, before_version = parse_id(task_id), parse_id(before)
     if ident is None or (before is not None and before_version is None):
         return await run_in_threadpool(render.error, 404, f"no task {task_id!r}", csrf)
-    return await run_in_threadpool(_guard, csrf, _versions_page, _ctx(request), ident, before_version, csrf)
+    server_url = str(request.base_url).rstrip("/")
+    return await run_in_threadpool(
+        _guard, csrf, _versions_page, _ctx(request), ident, before_version, csrf, server_url
+    )
 
 
 def _round_page(ctx: ServiceContext, tally: RefusalTally, round_id: int, csrf: str) -> Response:

@@ -303,6 +303,10 @@ def test_weights_download_for_the_operator(server: LiveServer, api: httpx.Client
     task = make_task(api)
     with console(server) as (c, _):
         r = c.get(f"/console/models/{task['current_version']}/weights")
+        listing = c.get(f"/console/tasks/{task['id']}/versions").text
+    assert f'href="/console/models/{task["current_version"]}/weights"' in listing
+    v = task["current_version"]  # the API has no ONNX endpoint: the page gives the CLI command
+    assert f"facefl export --server {server.base_url} --version {v} --out v{v}.onnx" in listing
     assert r.status_code == 200
     rest = api.get(f"/v1/models/{task['current_version']}", headers=ADMIN_HEADERS)
     assert r.content == rest.content and r.headers["etag"] == rest.headers["etag"]
