@@ -65,7 +65,7 @@ async def stylesheet() -> Response:
 
 def _tasks_page(ctx: ServiceContext, csrf: str) -> Response:
     listing = tasks.listing(ctx)
-    open_now = any(t.current_round is not None and t.current_round.status == "open" for t in listing)
+    open_now = any(t.current_round is not None for t in listing)  # open or aggregating
     return render.page(
         "tasks.html", title="Tasks", tasks=listing, csrf=csrf, refresh=REFRESH_S if open_now else None
     )
@@ -100,7 +100,7 @@ def _task_page(
         versions=len(metrics),
         evaluated=views.evaluated(metrics),
         csrf=csrf,
-        refresh=REFRESH_S if task.current_round is not None and task.current_round.status == "open" else None,
+        refresh=REFRESH_S if task.current_round is not None else None,  # open or aggregating
     )
 
 

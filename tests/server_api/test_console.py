@@ -223,6 +223,8 @@ def test_user_input_is_escaped_everywhere(server: LiveServer, api: httpx.Client)
             assert "script-src" not in r.headers["content-security-policy"]  # default-src 'none' applies
             assert "default-src 'none'" in r.headers["content-security-policy"]
         assert escaped in seen["/console"].text and escaped in seen[f"/console/tasks/{task['id']}"].text
+        # the round is open: its pages reload themselves (no script: a meta refresh)
+        assert '<meta http-equiv="refresh" content="5">' in seen[f"/console/tasks/{task['id']}"].text
         assert any(escaped in r.text for path, r in seen.items() if path.startswith("/console/devices"))
 
 

@@ -119,6 +119,8 @@ def test_task_page_in_a_real_browser(simulated: tuple[LiveServer, int], tmp_path
         keys = {int(c.get_attribute("data-key")) for c in accuracy.find_elements(By.TAG_NAME, "circle")}
         assert keys == evaluated and len(keys) == 3  # the initial version and one per round
         assert len(accuracy.find_element(By.TAG_NAME, "polyline").get_attribute("points").split()) == 3
+        # the task is completed: nothing to watch, the page does not reload itself
+        assert not browser.find_elements(By.CSS_SELECTOR, "meta[http-equiv='refresh']")
         browser.save_screenshot(str(tmp_path / "console-task.png"))
         assert (tmp_path / "console-task.png").stat().st_size > 10_000
 
