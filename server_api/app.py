@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from server_api import console, logs, metrics
 from server_api import db as dbmod
-from server_api import logs, metrics
 from server_api.errors import ApiError
 from server_api.limits import BodyLimits
 from server_api.routes import devices, health, models, public, rounds, tasks
@@ -47,6 +47,7 @@ def _refused(request: Request, status: int, code: str, detail: str) -> None:
     if round_id.isdigit():
         extra["round_id"] = int(round_id)
     log.info("request refused: %s", detail, extra=extra)
+    request.app.state.refusals.record(status, code, extra.get("round_id"), device_id)  # for the console
 
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
@@ -125,5 +126,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (health, devices, tasks, rounds, models, public, metrics_route):
         app.include_router(module.router)
+    console.install(app)  # the operator's console: HTML pages under /console
     app.add_middleware(BodyLimits, settings=settings)  # body size, timeouts, uploads in flight
     return app

@@ -55,6 +55,11 @@ ROUND_AGGREGATING = "aggregating"
 ROUND_AGGREGATED = "aggregated"
 ROUND_ABANDONED = "abandoned"
 
+# Task states: "running" hands out assignments; "paused" (by the operator) hands out none and opens no
+# new round; "completed" after its last round aggregated.
+TASK_RUNNING = "running"
+TASK_PAUSED = "paused"
+
 
 class Device(Base):
     __tablename__ = "devices"

@@ -229,6 +229,33 @@ class ModelVersionOut(BaseModel):
     held_back_reason: str | None
 
 
+class ParticipantOut(BaseModel):
+    """One device's part in a round (ids and counts only: no device data)."""
+
+    device_id: str
+    # reported: its update was accepted; pending: the round is still open; dropped: it never reported
+    status: Literal["reported", "pending", "dropped"]
+    assigned_at: datetime
+    reported_at: datetime | None
+    update_bytes: int | None
+    # the weight the update got in the mean (num_samples, capped by the task's max_sample_weight)
+    num_samples: int | None
+
+
+class DeviceOut(BaseModel):
+    id: str
+    name: str | None
+    created_at: datetime
+    last_seen_at: datetime | None
+    assignments: int  # rounds it was selected for
+    reports: int  # of those, rounds whose update was accepted
+
+
+class DevicesOut(BaseModel):
+    total: int
+    devices: list[DeviceOut]  # most recently seen first
+
+
 class CheckinIn(Strict):
     task_id: Id | None = None
     capabilities: Capabilities | None = None
@@ -257,7 +284,9 @@ class TrainAction(BaseModel):
     assignment: AssignmentOut
 
 
-WaitReason = Literal["no_open_round", "round_full", "already_participated", "task_completed", "no_task"]
+WaitReason = Literal[
+    "no_open_round", "round_full", "already_participated", "task_completed", "task_paused", "no_task"
+]
 
 
 class WaitAction(BaseModel):

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
 from fastapi.concurrency import run_in_threadpool
 
-from server_api.deps import Context, RegistrationSlot
-from server_api.routes.responses import COMMON, JSON_BODY, errors
-from server_api.schemas import RegisterIn, RegisterOut
-from server_api.services import devices
+from server_api.deps import Admin, Context, Decimal, RegistrationSlot
+from server_api.routes.responses import ADMIN, COMMON, JSON_BODY, errors
+from server_api.schemas import MAX_ID, DevicesOut, RegisterIn, RegisterOut
+from server_api.services import devices, participation
 
 router = APIRouter(prefix="/v1", tags=["devices"], responses=COMMON)
 
@@ -20,3 +22,15 @@ router = APIRouter(prefix="/v1", tags=["devices"], responses=COMMON)
 async def register(body: RegisterIn, ctx: Context, _: RegistrationSlot) -> RegisterOut:
     """Register a device with the enrollment secret; the bearer token is returned once."""
     return await run_in_threadpool(devices.register, ctx, body)
+
+
+@router.get("/devices", response_model=DevicesOut, responses=ADMIN)
+async def list_devices(
+    ctx: Context,
+    _: Admin,
+    limit: Annotated[int, Query(ge=1, le=1000), Decimal] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID), Decimal] = 0,
+) -> DevicesOut:
+    """Registered devices (admin), most recently seen first: ids, names, last check-in, rounds taken
+    part in and reported; `total` counts them all."""
+    return await run_in_threadpool(participation.devices, ctx, limit, offset)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from server_api.deps import Admin, Context, IdPath, IdQuery, Principal
+from server_api.deps import Admin, Context, Decimal, IdPath, IdQuery, Principal
 from server_api.routes.body import receive_body
 from server_api.routes.responses import ADMIN, AUTHENTICATED, COMMON, UPLOAD, errors
 from server_api.schemas import ModelVersionOut
@@ -16,9 +16,16 @@ router = APIRouter(prefix="/v1", tags=["models"], responses=COMMON)
 
 
 @router.get("/models", response_model=list[ModelVersionOut], responses=AUTHENTICATED)
-async def list_models(ctx: Context, _: Principal, task_id: IdQuery = None) -> list[ModelVersionOut]:
-    """Model versions with their lineage (parent version and the round that produced each)."""
-    return await run_in_threadpool(models.listing, ctx, task_id)
+async def list_models(
+    ctx: Context,
+    _: Principal,
+    task_id: IdQuery = None,
+    before: IdQuery = None,
+    limit: Annotated[int | None, Query(ge=1, le=10_000), Decimal] = None,
+) -> list[ModelVersionOut]:
+    """Model versions with their lineage (parent version and the round that produced each), in order;
+    with `limit`, the newest `limit` versions below `before` (a page)."""
+    return await run_in_threadpool(models.listing, ctx, task_id, before, limit)
 
 
 @router.post(

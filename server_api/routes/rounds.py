@@ -5,11 +5,18 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from server_api.deps import Context, CurrentDevice, Decimal, IdPath, Principal
+from server_api.deps import Admin, Context, CurrentDevice, Decimal, IdPath, Principal
 from server_api.routes.body import receive_body
-from server_api.routes.responses import AUTHENTICATED, COMMON, JSON_BODY, UPLOAD, errors
-from server_api.schemas import CheckinIn, CheckinOut, RoundOut, UpdateAccepted, WaitAction
-from server_api.services import rounds, updates
+from server_api.routes.responses import ADMIN, AUTHENTICATED, COMMON, JSON_BODY, UPLOAD, errors
+from server_api.schemas import (
+    CheckinIn,
+    CheckinOut,
+    ParticipantOut,
+    RoundOut,
+    UpdateAccepted,
+    WaitAction,
+)
+from server_api.services import participation, rounds, updates
 
 router = APIRouter(prefix="/v1", tags=["rounds"], responses=COMMON)
 
@@ -26,6 +33,23 @@ async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, respo
 @router.get("/rounds/{round_id}", response_model=RoundOut, responses={**AUTHENTICATED, **errors(404)})
 async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
     return await run_in_threadpool(rounds.get, ctx, round_id)
+
+
+@router.get(
+    "/rounds/{round_id}/participants",
+    response_model=list[ParticipantOut],
+    responses={**ADMIN, **errors(404)},
+)
+async def round_participants(round_id: IdPath, ctx: Context, _: Admin) -> list[ParticipantOut]:
+    """The devices selected for the round (admin): reported, pending or dropped, with upload sizes."""
+    return await run_in_threadpool(participation.round_participants, ctx, round_id)
+
+
+@router.post("/rounds/{round_id}/abandon", response_model=RoundOut, responses={**ADMIN, **errors(404, 409)})
+async def abandon_round(round_id: IdPath, ctx: Context, _: Admin) -> RoundOut:
+    """Abandon the open round (admin): its reports are dropped and the next round opens on the same base
+    version. 409 when the round is not open."""
+    return await run_in_threadpool(rounds.abandon_open, ctx, round_id)
 
 
 @router.post(

@@ -65,9 +65,21 @@ def info(ctx: ServiceContext, version: int) -> ModelVersionOut:
         return ModelVersionOut.model_validate(mv)
 
 
-def listing(ctx: ServiceContext, task_id: int | None) -> list[ModelVersionOut]:
+def listing(
+    ctx: ServiceContext, task_id: int | None, before: int | None = None, limit: int | None = None
+) -> list[ModelVersionOut]:
+    """Model versions in order; with ``limit``, the newest ``limit`` numbered below ``before``."""
     with ctx.db.read() as s:
-        return [ModelVersionOut.model_validate(mv) for mv in queries.model_versions(s, task_id)]
+        return [
+            ModelVersionOut.model_validate(mv) for mv in queries.model_versions(s, task_id, before, limit)
+        ]
+
+
+def metrics_by_version(ctx: ServiceContext, task_id: int) -> list[tuple[int, dict[str, Any]]]:
+    """Every version of the task with its metrics (evaluation report, gate), in order: for curves over
+    a long task, without loading whole rows."""
+    with ctx.db.read() as s:
+        return list(queries.version_metrics(s, task_id))
 
 
 def blob_path(ctx: ServiceContext, version: int) -> tuple[Path, str]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session
 
 from server_api.orm import (
     ROUND_AGGREGATING,
     ROUND_OPEN,
     Assignment,
+    Device,
     ModelVersion,
     Round,
     Task,
@@ -154,16 +156,90 @@ def blob_referenced(s: Session, key: str) -> bool:
     return bool(in_updates) or bool(in_models)
 
 
-def rounds_of(s: Session, task_id: int) -> Sequence[Round]:
-    return s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.number)).all()
+def rounds_of(
+    s: Session, task_id: int, before_number: int | None = None, limit: int | None = None
+) -> Sequence[Round]:
+    """The task's rounds in order; with ``limit``, the newest ``limit`` of those numbered below
+    ``before_number`` (a page of a long task, still in order)."""
+    q = select(Round).where(Round.task_id == task_id)
+    if before_number is not None:
+        q = q.where(Round.number < before_number)
+    if limit is None:
+        return s.scalars(q.order_by(Round.number)).all()
+    return list(reversed(s.scalars(q.order_by(Round.number.desc()).limit(limit)).all()))
+
+
+def set_task_status(s: Session, task_id: int, from_status: str, to_status: str) -> bool:
+    """Compare-and-set the task's status (pause, resume); False when it was not ``from_status``."""
+    res = s.execute(
+        update(Task).where(Task.id == task_id, Task.status == from_status).values(status=to_status)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def participants_of(s: Session, round_id: int) -> Sequence[tuple[Assignment, Update | None]]:
+    """The round's assignments in the order they were issued, each with its accepted update if any."""
+    rows = s.execute(
+        select(Assignment, Update)
+        .outerjoin(Update, Update.assignment_id == Assignment.id)
+        .where(Assignment.round_id == round_id)
+        .order_by(Assignment.id)
+    ).all()
+    return [(a, u) for a, u in rows]
+
+
+def count_devices(s: Session) -> int:
+    return int(s.scalar(select(func.count()).select_from(Device)) or 0)
+
+
+def devices_page(s: Session, limit: int, offset: int) -> Sequence[tuple[Device, int, int]]:
+    """Devices, most recently seen first (never seen last), each with its assignments and reports."""
+    page = (
+        select(Device)
+        .order_by(Device.last_seen_at.desc().nulls_last(), Device.created_at.desc(), Device.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    devices = s.scalars(page).all()
+    ids = [d.id for d in devices]
+    counts = {
+        device_id: (int(assigned), int(reported or 0))
+        for device_id, assigned, reported in s.execute(
+            select(
+                Assignment.device_id,
+                func.count(Assignment.id),
+                func.sum(case((Assignment.reported, 1), else_=0)),
+            )
+            .where(Assignment.device_id.in_(ids))
+            .group_by(Assignment.device_id)
+        )
+    }
+    return [(d, *counts.get(d.id, (0, 0))) for d in devices]
 
 
 def tasks(s: Session) -> Sequence[Task]:
     return s.scalars(select(Task).order_by(Task.id)).all()
 
 
-def model_versions(s: Session, task_id: int | None) -> Sequence[ModelVersion]:
-    q = select(ModelVersion).order_by(ModelVersion.version)
+def model_versions(
+    s: Session, task_id: int | None, before: int | None = None, limit: int | None = None
+) -> Sequence[ModelVersion]:
+    """Model versions in order (of a task, or all); with ``limit``, the newest ``limit`` below ``before``."""
+    q = select(ModelVersion)
     if task_id is not None:
         q = q.where(ModelVersion.task_id == task_id)
-    return s.scalars(q).all()
+    if before is not None:
+        q = q.where(ModelVersion.version < before)
+    if limit is None:
+        return s.scalars(q.order_by(ModelVersion.version)).all()
+    return list(reversed(s.scalars(q.order_by(ModelVersion.version.desc()).limit(limit)).all()))
+
+
+def version_metrics(s: Session, task_id: int) -> Sequence[tuple[int, dict[str, Any]]]:
+    """(version, metrics) of every version of the task, in order: the two columns a quality curve needs."""
+    rows = s.execute(
+        select(ModelVersion.version, ModelVersion.metrics)
+        .where(ModelVersion.task_id == task_id)
+        .order_by(ModelVersion.version)
+    ).all()
+    return [(int(version), metrics or {}) for version, metrics in rows]

@@ -12,10 +12,12 @@ from facefl.algorithms import registry
 from facefl.models import resolve_trainable
 from server_api import metrics, security
 from server_api.db import after_commit
-from server_api.errors import not_found
+from server_api.errors import conflict, not_found
 from server_api.orm import (
     ROUND_ABANDONED,
     ROUND_OPEN,
+    TASK_PAUSED,
+    TASK_RUNNING,
     Assignment,
     Device,
     Round,
@@ -28,8 +30,12 @@ from server_api.services import queries
 from server_api.services.context import ServiceContext, log
 
 
-def open_round(s: Session, task: Task) -> Round:
-    """Open the task's next round on its current model version (caller owns the transaction)."""
+def open_round(s: Session, task: Task) -> Round | None:
+    """Open the task's next round on its current model version (caller owns the transaction).
+
+    A paused task opens none (None): resuming it opens its next round."""
+    if task.status == TASK_PAUSED:
+        return None
     policy = task.policy
     assert task.current_version is not None
     now = utcnow()
@@ -80,7 +86,9 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
         task = queries.pick_task(s, body.task_id)
         if task is None:
             return wait(st.max_retry_after_s, "no_task")
-        if task.status != "running":
+        if task.status == TASK_PAUSED:
+            return wait(st.max_retry_after_s, "task_paused")
+        if task.status != TASK_RUNNING:
             return wait(st.max_retry_after_s, "task_completed")
         rnd = queries.active_round(s, task.id)
         if rnd is None or rnd.status != ROUND_OPEN or rnd.deadline <= now:
@@ -126,11 +134,14 @@ def _list_or_none(values: tuple[str, ...] | None) -> list[str] | None:
     return None if values is None else list(values)
 
 
-def abandon(ctx: ServiceContext, round_id: int) -> bool:
-    """open -> abandoned, and a new round on the same base model opens in the same transaction."""
+def abandon(ctx: ServiceContext, round_id: int, reason: str | None = None) -> bool:
+    """open -> abandoned, and a new round on the same base model opens in the same transaction.
+
+    ``reason`` is kept in the round's metrics (``abandoned_reason``); its updates are never aggregated."""
     now = utcnow()
+    values = {} if reason is None else {"metrics": {"abandoned_reason": reason}}
     with ctx.db.write() as s:
-        if not queries.finish_round(s, round_id, ROUND_OPEN, ROUND_ABANDONED, now):
+        if not queries.finish_round(s, round_id, ROUND_OPEN, ROUND_ABANDONED, now, **values):
             return False
         rnd = s.get(Round, round_id)
         assert rnd is not None
@@ -141,3 +152,12 @@ def abandon(ctx: ServiceContext, round_id: int) -> bool:
         after_commit(s, metrics.ROUNDS_CLOSED.labels(outcome="abandoned").inc)
         open_round(s, task)
         return True
+
+
+def abandon_open(ctx: ServiceContext, round_id: int) -> RoundOut:
+    """The operator abandons the open round (404 unknown round, 409 not open): its reports are dropped
+    and the next round opens on the same base version (none while the task is paused)."""
+    if not abandon(ctx, round_id, "abandoned by the operator"):
+        current = get(ctx, round_id)  # 404 for an unknown round
+        raise conflict(f"round {round_id} is {current.status}, not open", code="round_not_open")
+    return get(ctx, round_id)

@@ -10,11 +10,11 @@ from facefl import codec
 from facefl.algorithms import registry
 from facefl.algorithms.base import Algorithm, Hyperparams
 from facefl.models import ARCHITECTURES, backbone_state, build_backbone, resolve_trainable, state_to_numpy
-from server_api.errors import invalid, not_found
-from server_api.orm import ModelVersion, Task
+from server_api.errors import conflict, invalid, not_found
+from server_api.orm import TASK_PAUSED, TASK_RUNNING, ModelVersion, Task
 from server_api.schemas import RoundOut, TaskIn, TaskOut
 from server_api.services import evaluation, models, public, queries, rounds
-from server_api.services.context import ServiceContext
+from server_api.services.context import ServiceContext, log
 
 
 def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
@@ -151,11 +151,49 @@ def listing(ctx: ServiceContext) -> list[TaskOut]:
         return [_task_out(s, t) for t in queries.tasks(s)]
 
 
-def rounds_of(ctx: ServiceContext, task_id: int) -> list[RoundOut]:
+def rounds_of(
+    ctx: ServiceContext, task_id: int, before_number: int | None = None, limit: int | None = None
+) -> list[RoundOut]:
+    """The task's rounds in order (with ``limit``: the newest ``limit`` below ``before_number``)."""
     with ctx.db.read() as s:
         if s.get(Task, task_id) is None:
             raise not_found(f"task {task_id}")
-        return [RoundOut.model_validate(r) for r in queries.rounds_of(s, task_id)]
+        return [RoundOut.model_validate(r) for r in queries.rounds_of(s, task_id, before_number, limit)]
+
+
+def pause(ctx: ServiceContext, task_id: int) -> TaskOut:
+    """Stop handing out assignments (check-ins wait with reason ``task_paused``). The open round runs to
+    its end as usual (devices already assigned may still report); no next round opens until ``resume``.
+    Pausing a paused task changes nothing; a completed task cannot be paused (409)."""
+    with ctx.db.write() as s:
+        task = _task_for_status_change(s, task_id, "pause")
+        if queries.set_task_status(s, task_id, TASK_RUNNING, TASK_PAUSED):
+            s.refresh(task)
+            log.info("task paused", extra={"task_id": task_id})
+        return _task_out(s, task)
+
+
+def resume(ctx: ServiceContext, task_id: int) -> TaskOut:
+    """Hand out assignments again; opens the next round at once when the paused task has none open.
+    Resuming a running task changes nothing; a completed task cannot be resumed (409)."""
+    with ctx.db.write() as s:
+        task = _task_for_status_change(s, task_id, "resume")
+        if queries.set_task_status(s, task_id, TASK_PAUSED, TASK_RUNNING):
+            s.refresh(task)
+            if queries.active_round(s, task_id) is None:
+                rounds.open_round(s, task)
+            log.info("task resumed", extra={"task_id": task_id})
+        return _task_out(s, task)
+
+
+def _task_for_status_change(s: Session, task_id: int, action: str) -> Task:
+    task = s.get(Task, task_id)
+    if task is None:
+        raise not_found(f"task {task_id}")
+    if task.status not in (TASK_RUNNING, TASK_PAUSED):
+        detail = f"task {task_id} is {task.status}, not running or paused: nothing to {action}"
+        raise conflict(detail, code="task_done")
+    return task
 
 
 def _task_out(s: Session, task: Task) -> TaskOut:
