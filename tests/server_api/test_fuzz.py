@@ -24,7 +24,16 @@ from tests.server_api.fleet import database
 
 pytestmark = pytest.mark.slow
 
-ADMIN_ONLY = {("POST", "/v1/tasks"), ("POST", "/v1/models")}
+ADMIN_ONLY = {
+    ("POST", "/v1/tasks"),
+    ("POST", "/v1/models"),
+    # the operator's actions and views
+    ("POST", "/v1/tasks/{task_id}/pause"),
+    ("POST", "/v1/tasks/{task_id}/resume"),
+    ("POST", "/v1/rounds/{round_id}/abandon"),
+    ("GET", "/v1/rounds/{round_id}/participants"),
+    ("GET", "/v1/devices"),
+}
 
 
 class Target:
