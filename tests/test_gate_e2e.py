@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from device_sdk import FederatedClient, LocalDataset, Trainer, run_round
-from device_sdk.client import RoundInfo
+from device_sdk import RoundInfo
 from facefl import codec
 from facefl.checkpoint import load_checkpoint
 from facefl.cli import main

@@ -33,7 +33,7 @@ from device_sdk import (
     WaitInstruction,
     run_round,
 )
-from device_sdk.client import _error_for
+from device_sdk.transport import error_for
 from facefl import codec
 from tests.device_sdk.conftest import create_task
 
@@ -94,7 +94,7 @@ def scripted_client(script: Scripted, **kwargs: Any) -> tuple[FederatedClient, l
 
 def test_default_timeout_is_finite() -> None:
     with FederatedClient("http://sdk.invalid") as client:
-        timeout = client._http.timeout
+        timeout = client.timeout
         assert (
             timeout.connect == 5.0 and timeout.read == 30.0 and timeout.write == 30.0 and timeout.pool == 30.0
         )
@@ -203,7 +203,7 @@ def test_status_codes_map_to_typed_errors(code: int, upload: bool, expected: typ
     response = httpx.Response(
         code, json={"detail": "why", "code": "some_code"}, headers={"Retry-After": "3"}, request=request
     )
-    error = _error_for(response, upload=upload)
+    error = error_for(response, upload=upload)
     assert type(error) is expected
     assert error.status_code == code and error.detail == "why" and error.code == "some_code"  # type: ignore[attr-defined]
     if isinstance(error, RateLimited):
