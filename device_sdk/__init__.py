@@ -14,7 +14,7 @@ classifier and its credentials stay on it.
 from .admin import AdminClient
 from .client import FederatedClient
 from .dataset import LocalDataset
-from .device import RoundReport, fetch_round_inputs, run_round
+from .device import RoundHooks, RoundReport, fetch_round_inputs, run_round
 from .errors import (
     APIError,
     AssignmentTimeout,
@@ -80,6 +80,7 @@ __all__ = [
     "Recognizer",
     "RecognizerError",
     "RoundClosed",
+    "RoundHooks",
     "RoundInfo",
     "RoundInputs",
     "RoundReport",
