@@ -4,7 +4,7 @@ What an operator's script, the simulator, the tests and the benchmarks do with t
 
     with AdminClient("http://127.0.0.1:8000", token=admin_token) as admin:
         version = admin.import_model("pretrained.safetensors").version
-        task = admin.create_task("faces", algorithm="fedprox", hyperparams={"mu": 0.01},
+        task = admin.create_task("faces", algorithm=algorithm_name, hyperparams={"local_epochs": 2},
                                  policy={"target_reports": 20}, initial_version=version)
         closed = admin.wait_for_round(task.current_round.id, timeout_s=600)
         report = admin.wait_for_evaluation(closed.result_version, timeout_s=600)
