@@ -397,9 +397,9 @@ def bench_upload(
             "reports": total,
             "update_bytes": update_bytes,
             "end_to_end_s": e2e,
-            "server_aggregation_s": float(rnd["metrics"].get("aggregation_s", float("nan"))),
+            "server_aggregation_s": float(rnd.metrics.get("aggregation_s", float("nan"))),
             "end_to_end_gb_per_s": total * update_bytes / e2e / 1e9,
-            "result_version": rnd["result_version"],
+            "result_version": rnd.result_version,
         },
     }
     return section, base
