@@ -237,7 +237,8 @@ class AdminClient:
         timeout_s: float = 600.0,
         poll_s: float = 0.1,
     ) -> RoundInfo | None:
-        """The task's open round whose id is not in ``exclude``; None once the task has completed."""
+        """The task's open round whose id is not in ``exclude``; None once the task has completed.
+        WaitTimeout after ``timeout_s``."""
         skip = set(exclude)
         deadline = self._clock() + timeout_s
         while True:
@@ -245,8 +246,8 @@ class AdminClient:
             current = task.current_round
             if current is not None and current.status == "open" and current.id not in skip:
                 return current
-            if task.status != "running":
-                return None
+            if task.status == "completed":
+                return None  # a paused task (an operator's pause) is waited for, as a running one
             self._pause(deadline, poll_s, f"task {task_id}: no new open round within {timeout_s:g} s")
 
     def wait_for_evaluation(
