@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from facefl import codec
+from device_sdk import AdminClient
 from simulator.server import LocalServer
 
 ADMIN = "bench-admin-token-0123456789"
@@ -206,20 +206,15 @@ def run_facefl(
     with contextlib.ExitStack() as stack:
         server.start()
         stack.callback(server.stop)
-        admin = stack.enter_context(
-            httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
-        )
-        body = {
-            "name": "trivial-fedavg", "algorithm": "fedavg", "architecture": architecture,
-            "embedding_dim": embedding_dim, "rounds": warmup + rounds,
-            "policy": {"target_reports": clients, "over_selection": 1.0, "min_reports": clients,
-                       "round_timeout_s": 3600.0},
-        }  # fmt: skip
-        resp = admin.post("/v1/tasks", json=body)
-        if resp.status_code != 201:
-            raise RuntimeError(f"task creation failed: {resp.status_code} {resp.text[:300]}")
-        task = resp.json()
-        weights = codec.decode(admin.get(f"/v1/models/{task['current_version']}").raise_for_status().content)
+        admin = stack.enter_context(AdminClient(server.base_url, ADMIN, timeout=120))
+        task = admin.create_task(
+            "trivial-fedavg", algorithm="fedavg", architecture=architecture, embedding_dim=embedding_dim,
+            rounds=warmup + rounds,
+            policy={"target_reports": clients, "over_selection": 1.0, "min_reports": clients,
+                    "round_timeout_s": 3600.0},
+        )  # fmt: skip
+        assert task.current_version is not None
+        weights = admin.download_model(task.current_version)
         floats = sum(int(v.size) for v in weights.values())
         log(f"facefl: registering {clients} devices (workers={workers}, {server.database_url.split(':')[0]})")
         tokens = _register(server.base_url, clients)
@@ -229,7 +224,7 @@ def run_facefl(
         children = [
             ctx.Process(
                 target=_client_process,
-                args=(server.base_url, share, task["id"], warmup + rounds, threads, p, out),
+                args=(server.base_url, share, task.id, warmup + rounds, threads, p, out),
                 daemon=True,
             )
             for p, share in enumerate(shares)
@@ -242,8 +237,8 @@ def run_facefl(
         cpu_at_warm: float | None = None
         deadline = time.monotonic() + 3600
         while len(aggregated_at) < warmup + rounds:
-            task_now = admin.get(f"/v1/tasks/{task['id']}").raise_for_status().json()
-            while len(aggregated_at) < int(task_now["aggregated_rounds"]):
+            task_now = admin.get_task(task.id)
+            while len(aggregated_at) < task_now.aggregated_rounds:
                 aggregated_at.append(time.perf_counter())
                 log(f"facefl: round {len(aggregated_at)} aggregated at {aggregated_at[-1] - t0:.1f} s")
                 if len(aggregated_at) == warmup and server.pid is not None:

@@ -338,10 +338,7 @@ def run_federated(
     embedder_for: Any,
     public: Path | None = None,
 ) -> tuple[tuple[dict[str, float], dict[str, float]], list[dict[str, Any]]]:
-    import httpx
-
-    from device_sdk import load_personalized_model
-    from facefl import codec
+    from device_sdk import AdminClient, load_personalized_model
     from facefl.embedders import TorchEmbedder
     from facefl.evaluation import evaluate_personalized
     from simulator import SimulationConfig, simulate
@@ -401,11 +398,9 @@ def run_federated(
         print(result.table(), file=sys.stderr)
         run_dirs = sorted(Path(tmp).glob("run-*"))
         curves = []
-        with httpx.Client(
-            base_url=server.base_url, headers={"Authorization": f"Bearer {admin}"}, timeout=120
-        ) as c:
+        with AdminClient(server.base_url, admin, timeout=120) as admin_client:
             for r in result.rounds:
-                weights = codec.decode(c.get(f"/v1/models/{r.model_version}").content)
+                weights = admin_client.download_model(r.model_version)
                 personal = evaluate_personalized(embedder_for(weights), devices)
                 curves.append(
                     {

@@ -39,7 +39,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from simulator.server import LocalServer
@@ -48,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from device_sdk import AdminClient  # noqa: E402
 from facefl import codec  # noqa: E402
 from facefl.algorithms.fedavg import WeightedMean  # noqa: E402
 
@@ -217,15 +217,8 @@ def run_load(server: ServerProcess, reqs: list[Req], concurrency: int, timeout: 
 # ------------------------------------------------------------------------------------------ facefl setup
 
 
-def admin_client(server: ServerProcess) -> httpx.Client:
-    return httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
-
-
-def create_task(client: httpx.Client, **body: Any) -> dict[str, Any]:
-    resp = client.post("/v1/tasks", json=body)
-    if resp.status_code != 201:
-        raise RuntimeError(f"task creation failed: {resp.status_code} {resp.text}")
-    return dict(resp.json())
+def admin_client(server: ServerProcess) -> AdminClient:
+    return AdminClient(server.base_url, ADMIN, timeout=120)
 
 
 def json_req(path: str, body: dict[str, Any], token: str, expect: int) -> Req:
@@ -268,9 +261,8 @@ def bench_checkin(
 ) -> dict:
     n, c, reps = sizes.devices, sizes.checkin_concurrency, sizes.repeats
     with admin_client(facefl) as admin:
-        task = create_task(
-            admin,
-            name="bench-checkin",
+        task = admin.create_task(
+            "bench-checkin",
             architecture="small",
             rounds=1,
             policy={
@@ -280,7 +272,7 @@ def bench_checkin(
                 "round_timeout_s": 86_400.0,
             },
         )
-    tid = task["id"]
+    tid = task.id
     # warm-up (untimed): connections, code paths, caches, on both servers
     warm_tokens, _ = register_devices(facefl, max(20, n // 20), c)
     run_load(facefl, checkin_reqs(warm_tokens, tid), c)
@@ -329,9 +321,8 @@ def bench_upload(
     u, w, c, reps = sizes.uploads, sizes.upload_warmup, sizes.upload_concurrency, sizes.repeats
     total = w + u * reps
     with admin_client(facefl) as admin:
-        task = create_task(
-            admin,
-            name="bench-upload",
+        task = admin.create_task(
+            "bench-upload",
             architecture="mobilefacenet",
             rounds=1,
             policy={
@@ -341,15 +332,15 @@ def bench_upload(
                 "round_timeout_s": 86_400.0,
             },
         )
-        base_version = task["current_version"]
-        info = admin.get(f"/v1/models/{base_version}/info").raise_for_status().json()
-        blob = admin.get(f"/v1/models/{base_version}").raise_for_status().content
-        base = codec.decode(blob)
-        round_id = task["current_round"]["id"]
+        assert task.current_version is not None and task.current_round is not None
+        base_version = task.current_version
+        info = admin.model_info(base_version)
+        base = admin.download_model(base_version)
+        round_id = task.current_round.id
 
         log(f"upload: preparing {total} devices, assignments and deltas")
         tokens, _ = register_devices(facefl, total, c)
-        assignments = assignments_of(run_load(facefl, checkin_reqs(tokens, task["id"]), c))
+        assignments = assignments_of(run_load(facefl, checkin_reqs(tokens, task.id), c))
         payloads = make_deltas(base, total)
 
         def ours(lo: int, hi: int) -> list[Req]:
@@ -384,19 +375,14 @@ def bench_upload(
         last_202 = max(phases["facefl"][-1].done_at)
 
         # end-to-end aggregation: the round's last 202 submits it; poll the round until it is aggregated
-        deadline = time.monotonic() + 300
-        while True:
-            rnd = admin.get(f"/v1/rounds/{round_id}").raise_for_status().json()
-            if rnd["status"] == "aggregated":
-                e2e = time.perf_counter() - last_202
-                break
-            if rnd["status"] not in ("open", "aggregating") or time.monotonic() > deadline:
-                raise RuntimeError(f"round {round_id} did not aggregate: {rnd}")
-            time.sleep(0.005)
+        rnd = admin.wait_for_round(round_id, timeout_s=300, poll_s=0.005)
+        e2e = time.perf_counter() - last_202
+        if rnd.status != "aggregated":
+            raise RuntimeError(f"round {round_id} did not aggregate: {rnd}")
     update_bytes = sum(v.nbytes for v in base.values())
     section = {
         "model": "mobilefacenet",
-        "model_size_bytes": int(info["size_bytes"]),
+        "model_size_bytes": info.size_bytes,
         "payload_bytes": len(payloads[0]),
         "tensors": len(base),
         "uploads_per_repeat": u,
@@ -411,9 +397,9 @@ def bench_upload(
             "reports": total,
             "update_bytes": update_bytes,
             "end_to_end_s": e2e,
-            "server_aggregation_s": float(rnd["metrics"].get("aggregation_s", float("nan"))),
+            "server_aggregation_s": float(rnd.metrics.get("aggregation_s", float("nan"))),
             "end_to_end_gb_per_s": total * update_bytes / e2e / 1e9,
-            "result_version": rnd["result_version"],
+            "result_version": rnd.result_version,
         },
     }
     return section, base

@@ -11,18 +11,10 @@ Only model deltas, sample counts and numeric training metrics leave the device; 
 classifier and its credentials stay on it.
 """
 
-from .client import (
-    Assignment,
-    DeviceCredentials,
-    FederatedClient,
-    RoundInfo,
-    TaskInfo,
-    TransferStats,
-    UploadReceipt,
-    WaitInstruction,
-)
+from .admin import AdminClient
+from .client import FederatedClient
 from .dataset import LocalDataset
-from .device import RoundReport, fetch_round_inputs, run_round
+from .device import RoundHooks, RoundReport, fetch_round_inputs, run_round
 from .errors import (
     APIError,
     AssignmentTimeout,
@@ -42,8 +34,19 @@ from .errors import (
     TransportError,
     UnknownPerson,
     UpdateRejected,
+    WaitTimeout,
 )
 from .recognizer import Identification, Recognizer, Threshold, Verification
+from .records import (
+    Assignment,
+    DeviceCredentials,
+    ModelVersion,
+    RoundInfo,
+    TaskInfo,
+    TransferStats,
+    UploadReceipt,
+    WaitInstruction,
+)
 from .trainer import (
     AssignmentLike,
     RoundInputs,
@@ -52,9 +55,11 @@ from .trainer import (
     TrainResult,
     load_personalized_model,
 )
+from .transport import SharedTransport
 
 __all__ = [
     "APIError",
+    "AdminClient",
     "Assignment",
     "AssignmentLike",
     "AssignmentTimeout",
@@ -66,6 +71,7 @@ __all__ = [
     "Identification",
     "InvalidRequest",
     "LocalDataset",
+    "ModelVersion",
     "MultipleFaces",
     "NoFaceFound",
     "NotFound",
@@ -74,10 +80,12 @@ __all__ = [
     "Recognizer",
     "RecognizerError",
     "RoundClosed",
+    "RoundHooks",
     "RoundInfo",
     "RoundInputs",
     "RoundReport",
     "ServerError",
+    "SharedTransport",
     "TaskCompleted",
     "TaskInfo",
     "Threshold",
@@ -91,6 +99,7 @@ __all__ = [
     "UploadReceipt",
     "Verification",
     "WaitInstruction",
+    "WaitTimeout",
     "fetch_round_inputs",
     "load_personalized_model",
     "run_round",

@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from facefl.algorithms import registry
 
-from .client import Assignment, FederatedClient, UploadReceipt
+from .client import FederatedClient
 from .dataset import LocalDataset
-from .trainer import RoundInputs, Trainer
+from .records import Assignment, UploadReceipt
+from .trainer import RoundInputs, Trainer, TrainResult
 
-__all__ = ["RoundReport", "fetch_round_inputs", "run_round"]
+__all__ = ["RoundHooks", "RoundReport", "fetch_round_inputs", "run_round"]
+
+_T = TypeVar("_T")
+
+
+class RoundHooks:
+    """Points where an app steps into :func:`run_round`; the defaults do nothing.
+
+    Subclass to observe a round (phase timings, training metrics) or to steer it: ``call`` wraps each
+    network step, so it can add a retry policy (e.g. ride out a server restart), and an exception raised
+    from any hook ends the round there and propagates out of ``run_round`` (e.g. a device that goes
+    away after training uploads nothing). The simulator's devices are built on these hooks.
+    """
+
+    def call(self, step: str, fn: Callable[[], _T]) -> _T:
+        """Run one network step: ``"download"`` (the base model), ``"inputs"`` (the algorithm's round
+        inputs) or ``"upload"``."""
+        return fn()
+
+    def on_phase(self, phase: str, seconds: float) -> None:
+        """A phase ended: ``"wait"`` (for the assignment), ``"download"``, ``"train"`` or ``"upload"``."""
+
+    def on_trained(self, assignment: Assignment, result: TrainResult) -> None:
+        """Training ended and its delta is about to be uploaded."""
 
 
 @dataclass(frozen=True)
@@ -48,29 +74,44 @@ def run_round(
     *,
     assignment_timeout_s: float = 600.0,
     seed: int | None = None,
+    assignment: Assignment | None = None,
+    hooks: RoundHooks | None = None,
 ) -> RoundReport:
     """Wait for an assignment, download its base model, train on ``dataset``, upload the delta.
+
+    With ``assignment`` (one the app got from its own :meth:`~FederatedClient.checkin`) the round starts
+    from it instead of waiting for one. ``hooks`` observe and steer the steps (:class:`RoundHooks`).
 
     Raises the SDK's typed errors (e.g. :class:`~device_sdk.errors.AssignmentTimeout`,
     :class:`~device_sdk.errors.RoundClosed` when the device was too slow for the round's deadline).
     """
+    hooks = hooks if hooks is not None else RoundHooks()
     t0 = time.perf_counter()
-    assignment = client.wait_for_assignment(task_id, timeout_s=assignment_timeout_s)
+    # (a name of its own: the lambdas below must not see the Optional parameter)
+    current = assignment or client.wait_for_assignment(task_id, timeout_s=assignment_timeout_s)
     t1 = time.perf_counter()
-    base = client.download_model(assignment.base_version)
-    inputs = fetch_round_inputs(client, assignment)
+    hooks.on_phase("wait", t1 - t0)
+    base = hooks.call("download", lambda: client.download_model(current.base_version))
+    inputs = hooks.call("inputs", lambda: fetch_round_inputs(client, current))
     t2 = time.perf_counter()
-    result = trainer.train(assignment, base, dataset, state_dir, seed=seed, inputs=inputs)
+    hooks.on_phase("download", t2 - t1)
+    result = trainer.train(current, base, dataset, state_dir, seed=seed, inputs=inputs)
     t3 = time.perf_counter()
-    receipt = client.upload_update(assignment, result.delta, result.num_samples, result.metrics)
+    hooks.on_phase("train", t3 - t2)
+    hooks.on_trained(current, result)
+    upload_started = time.perf_counter()
+    receipt = hooks.call(
+        "upload", lambda: client.upload_update(current, result.delta, result.num_samples, result.metrics)
+    )
     t4 = time.perf_counter()
+    hooks.on_phase("upload", t4 - upload_started)
     return RoundReport(
-        assignment=assignment,
+        assignment=current,
         receipt=receipt,
         num_samples=result.num_samples,
         metrics=result.metrics,
         wait_seconds=t1 - t0,
         download_seconds=t2 - t1,
         train_seconds=t3 - t2,
-        upload_seconds=t4 - t3,
+        upload_seconds=t4 - upload_started,
     )

@@ -8,6 +8,7 @@ edge of its federated-learning job. The hierarchy::
     │                         idempotent calls are retried before this is raised
     ├── ProtocolError         a response the SDK cannot interpret (bad JSON, missing field, unknown status)
     ├── AssignmentTimeout     wait_for_assignment ran out of time before the server gave an assignment
+    ├── WaitTimeout           an AdminClient.wait_for_* ran out of time (round not closed, no evaluation)
     ├── TaskCompleted         the task the device asked for has finished: there is nothing left to train
     ├── RecognizerError       on-device recognition: bad image or model, empty image list, ...
     │   ├── UnknownPerson     the person is not enrolled in the gallery
@@ -48,6 +49,7 @@ __all__ = [
     "TransportError",
     "UnknownPerson",
     "UpdateRejected",
+    "WaitTimeout",
 ]
 
 
@@ -73,6 +75,11 @@ class AssignmentTimeout(FaceflError):
     def __init__(self, message: str, *, last_reason: str | None = None) -> None:
         super().__init__(message)
         self.last_reason = last_reason
+
+
+class WaitTimeout(FaceflError):
+    """An :class:`~device_sdk.AdminClient` wait gave up: the round did not close, or the model version's
+    evaluation did not appear, within its time budget."""
 
 
 class TaskCompleted(FaceflError):

@@ -20,11 +20,11 @@ import torch
 
 from facefl.algorithms import registry
 from facefl.algorithms.base import AssignmentLike, Hyperparams, RoundInputs, TrainResult
-from facefl.algorithms.fedfr import DFC_FILE, PERSONALIZED_FILE
-from facefl.algorithms.local import HEAD_FILE, LocalJob, embed_tensor, read_head
+from facefl.algorithms.local import LocalJob, embed_tensor, read_head
 from facefl.algorithms.local import freeze_outside as _freeze_outside
 from facefl.algorithms.local import train_mode as _train_mode
 from facefl.data import preprocessing_for
+from facefl.device_state import DFC_FILE, HEAD_FILE, PERSONALIZED_FILE, DeviceState
 from facefl.models import backbone_from_weights
 
 from .dataset import LocalDataset
@@ -167,7 +167,6 @@ class Trainer:
 def load_personalized_model(state_dir: str | Path) -> torch.nn.Module:
     """The personalized model a FedFR device keeps in ``state_dir`` (its backbone after the last local
     training, then the DFC converter, L2-normalized), in eval mode; the same module ``facefl export
-    --personalized`` writes to ONNX (:func:`export.onnx.load_personalized`)."""
-    from export.onnx import load_personalized
-
-    return load_personalized(state_dir).module
+    --personalized`` writes to ONNX. Raises :class:`facefl.device_state.DeviceStateError` (a ValueError)
+    when the state lacks it."""
+    return DeviceState(state_dir).personalized_model().module

@@ -9,7 +9,8 @@ external data), so the one file is the whole model.
 - personalized (FedFR, DESIGN section 4): a device state directory holding ``personalized.safetensors``
   (a facefl checkpoint of the device's backbone after local training) and ``dfc.safetensors`` (plain
   safetensors with at least ``converter.weight`` (d, d) and ``converter.bias`` (d,); any other tensors,
-  such as the binary classifiers, are ignored). Embedding = L2-normalise(converter(backbone(x))).
+  such as the binary classifiers, are ignored), read by :class:`facefl.device_state.DeviceState`.
+  Embedding = L2-normalise(converter(backbone(x))).
 
 The personalized model (it embeds the DFC converter) is device-private: export it on the device and never
 upload it.
@@ -17,7 +18,6 @@ upload it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import warnings
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from export.errors import ExportError
-from facefl.algorithms.fedfr import DFC_FILE, PERSONALIZED_FILE
 from facefl.data import Preprocessing
+from facefl.device_state import DFC_FILE, PERSONALIZED_FILE, DeviceState, DeviceStateError
 from facefl.embedders import PREPROCESSING_METADATA_KEY
 from facefl.fileio import atomic_write, sha256_file
+from facefl.models.embedding_graph import EmbeddingGraph
 
 __all__ = [
     "DFC_FILE",
@@ -42,14 +42,13 @@ __all__ = [
     "ExportSource",
     "export_onnx",
     "graph_op_types",
-    "load_dfc_converter",
     "load_generic",
     "load_personalized",
     "save_model_atomic",
 ]
 
 #: Files of a device state directory that make up the personalized model: PERSONALIZED_FILE and
-#: DFC_FILE, FedFR's personal state (facefl.algorithms.fedfr declares them).
+#: DFC_FILE, FedFR's personal state (facefl.device_state owns the folder).
 
 #: metadata_props keys written besides the preprocessing (all values are strings).
 KIND_KEY = "facefl.kind"  # "generic" | "personalized"
@@ -59,25 +58,6 @@ SOURCE_SHA256_KEY = "facefl.source_sha256"
 DEFAULT_THRESHOLD_KEY = "facefl.default_threshold"
 
 DEFAULT_OPSET = 17
-
-
-class EmbeddingGraph(nn.Module):
-    """backbone -> optional converter ``Linear(d, d)`` -> L2 normalisation: what the ONNX file computes.
-
-    The final normalisation is part of the graph even though facefl backbones already normalise, because
-    the converter changes the norm and a runtime must get unit vectors without knowing the model.
-    """
-
-    def __init__(self, backbone: nn.Module, converter: nn.Linear | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.converter = converter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        embedding = self.backbone(x)
-        if self.converter is not None:
-            embedding = self.converter(embedding)
-        return F.normalize(embedding, dim=1)
 
 
 @dataclass(frozen=True)
@@ -116,58 +96,19 @@ def load_generic(checkpoint: str | Path) -> ExportSource:
     )
 
 
-def load_dfc_converter(path: str | Path, embedding_dim: int) -> nn.Linear:
-    """The converter ``Linear(d, d)`` of a ``dfc.safetensors`` file (other tensors in it are ignored)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"DFC file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            names = set(f.keys())
-            missing = {"converter.weight", "converter.bias"} - names
-            if missing:
-                raise ExportError(
-                    f"{path} has no {', '.join(sorted(missing))} (tensors found: {', '.join(sorted(names))})"
-                )
-            weight = f.get_tensor("converter.weight")
-            bias = f.get_tensor("converter.bias")
-    except (SafetensorError, OSError) as exc:
-        raise ExportError(f"{path} is not a readable safetensors file: {exc}") from exc
-    d = int(embedding_dim)
-    if weight.shape != (d, d) or bias.shape != (d,):
-        raise ExportError(
-            f"{path}: converter has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}; the "
-            f"backbone's embedding dimension is {d}, so ({d}, {d}) and ({d},) are required"
-        )
-    converter = nn.Linear(d, d)
-    with torch.no_grad():
-        converter.weight.copy_(torch.from_numpy(weight.astype("float32")))
-        converter.bias.copy_(torch.from_numpy(bias.astype("float32")))
-    return converter.eval()
-
-
 def load_personalized(state_dir: str | Path) -> ExportSource:
     """The personalized model of a device state directory (see the module docstring for its files)."""
-    state_dir = Path(state_dir)
-    if not state_dir.is_dir():
-        raise ExportError(f"device state directory {state_dir} does not exist")
-    backbone_path = state_dir / PERSONALIZED_FILE
-    if not backbone_path.is_file():
-        raise ExportError(f"{state_dir} has no {PERSONALIZED_FILE} (the device's personalized backbone)")
-    backbone, preprocessing, architecture, dim = _load_backbone(backbone_path)
-    converter = load_dfc_converter(state_dir / DFC_FILE, dim)
-    digest = hashlib.sha256()
-    for part in (backbone_path, state_dir / DFC_FILE):
-        digest.update(sha256_file(part).encode())
+    try:
+        model = DeviceState(state_dir).personalized_model()
+    except DeviceStateError as exc:
+        raise ExportError(str(exc)) from exc
     return ExportSource(
-        module=EmbeddingGraph(backbone, converter).eval(),
-        preprocessing=preprocessing,
-        architecture=architecture,
-        embedding_dim=dim,
+        module=model.module,
+        preprocessing=model.preprocessing,
+        architecture=model.architecture,
+        embedding_dim=model.embedding_dim,
         kind="personalized",
-        metadata={SOURCE_SHA256_KEY: digest.hexdigest()},
+        metadata={SOURCE_SHA256_KEY: model.sha256},
     )
 
 

@@ -1,7 +1,8 @@
-"""One simulated device's round, run in a worker process: check in, download, train, upload.
+"""One simulated device's round, run in a worker process: check in, then the SDK's ``run_round``.
 
 Everything a job needs is in its :class:`DeviceJob` (picklable) or on disk under the device's directory
-(credentials and the local-head state), so any worker process can run any device in any round.
+(credentials and the local-head state), so any worker process can run any device in any round. The jobs
+of one worker process share one connection pool (:func:`shared_transport`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from device_sdk import (
     FederatedClient,
     LocalDataset,
     RoundClosed,
+    RoundHooks,
     ServerError,
+    SharedTransport,
     Trainer,
     TrainResult,
     TransportError,
-    fetch_round_inputs,
+    run_round,
 )
 
 from .faults import DeviceFault, corrupt_payload
@@ -41,6 +44,7 @@ __all__ = [
     "init_worker",
     "load_device_data",
     "run_device_job",
+    "shared_transport",
     "warm_up",
 ]
 
@@ -105,6 +109,7 @@ class JobResult:
 
 
 _DATA_CACHE: dict[DataSpec, LocalDataset] = {}
+_TRANSPORT: SharedTransport | None = None  # this worker process's connection pool (shared_transport)
 
 
 def init_worker() -> None:
@@ -145,7 +150,11 @@ def load_device_data(spec: DataSpec) -> LocalDataset:
 
 
 def run_device_job(job: DeviceJob) -> JobResult:
-    """Run one device for one round; never raises for protocol outcomes (they are the result's status)."""
+    """Run one device for one round; never raises for protocol outcomes (they are the result's status).
+
+    The round itself is the SDK's :func:`device_sdk.run_round`, from the assignment this job's check-in
+    got; the simulated faults and the outage retries step in through its :class:`~device_sdk.RoundHooks`.
+    """
     started = time.perf_counter()
     result = JobResult(device_index=job.device_index, status=FAILED)
     device_dir = Path(job.device_dir)
@@ -159,6 +168,7 @@ def run_device_job(job: DeviceJob) -> JobResult:
             token=creds.token,
             device_id=creds.device_id,
             timeout=job.http_timeout_s,
+            transport=shared_transport(),
             rng=rng,
             backoff_base_s=0.1,
             backoff_cap_s=2.0,
@@ -167,49 +177,21 @@ def run_device_job(job: DeviceJob) -> JobResult:
         )
         with client:
             try:
-                mark = time.perf_counter()
-
-                def phase(name: str) -> None:
-                    nonlocal mark
-                    now = time.perf_counter()
-                    result.phases[name] = now - mark
-                    mark = now
-
                 fault = job.fault or DeviceFault()
                 result.fault = fault.kind
+                checkin_started = time.perf_counter()
                 assignment = _checkin_for_round(client, job, rng, result)
-                phase("checkin")
+                result.phases["checkin"] = time.perf_counter() - checkin_started
                 if assignment is not None and fault.drop_after == "checkin":
                     result.status = DROPPED
                 elif assignment is not None:
-                    version = assignment.base_version
-                    base = _outage_retry(job, rng, lambda: client.download_model(version))
-                    inputs = _outage_retry(job, rng, lambda: fetch_round_inputs(client, assignment))
-                    phase("download")
-                    if fault.drop_after == "download":
-                        result.status = DROPPED
-                        return _finish(result, started)
-                    trained = Trainer().train(
-                        assignment, base, dataset, device_dir / "state", seed=job.seed, inputs=inputs
-                    )
-                    phase("train")
-                    result.train_seconds = trained.seconds
-                    result.metrics = trained.metrics
-                    if fault.slow_factor > 1.0:  # a straggler: training took slow_factor times longer
-                        time.sleep((fault.slow_factor - 1.0) * trained.seconds)
-                        phase("straggle")
-                    if job.drop_after_training or fault.drop_after == "train":
-                        result.status = DROPPED
-                    elif fault.corrupt is not None:
-                        body = corrupt_payload(fault.corrupt, trained.delta, job.seed)
-                        result.upload_status = _upload_raw(client, creds.token, assignment, body, job)
-                        phase("upload")
-                        ok = 400 <= result.upload_status < 500
-                        result.status = CORRUPT_REFUSED if ok else CORRUPT_ACCEPTED
-                    else:
-                        _upload_with_retries(client, job, rng, assignment, trained)
-                        phase("upload")
-                        result.status = UPLOADED
+                    hooks = _DeviceHooks(job, rng, result, fault, client)
+                    state, seed = device_dir / "state", job.seed
+                    trainer = Trainer()
+                    run_round(client, trainer, dataset, state, seed=seed, assignment=assignment, hooks=hooks)
+                    result.status = UPLOADED
+            except _RoundEnded as ended:
+                result.status = ended.status
             except RoundClosed as exc:
                 result.status = ROUND_CLOSED
                 result.error = str(exc)
@@ -222,12 +204,85 @@ def run_device_job(job: DeviceJob) -> JobResult:
     except Exception as exc:  # report, do not kill the pool: the main process decides what to do
         result.status = FAILED
         result.error = f"{type(exc).__name__}: {exc}"
-    return _finish(result, started)
-
-
-def _finish(result: JobResult, started: float) -> JobResult:
     result.seconds = time.perf_counter() - started
     return result
+
+
+def shared_transport() -> SharedTransport:
+    """This process's connection pool, shared by the clients of all the device jobs it runs: a client
+    per job is then cheap (building a transport costs an SSL context, about 20 ms of CPU)."""
+    global _TRANSPORT
+    if _TRANSPORT is None:
+        _TRANSPORT = SharedTransport()
+    return _TRANSPORT
+
+
+class _RoundEnded(Exception):
+    """A simulated device ends its round early (a fault, or an upload found already stored)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _DeviceHooks(RoundHooks):
+    """A simulated device's faults and outage retries, stepping into the SDK's round."""
+
+    def __init__(
+        self,
+        job: DeviceJob,
+        rng: random.Random,
+        result: JobResult,
+        fault: DeviceFault,
+        client: FederatedClient,
+    ) -> None:
+        self.job, self.rng, self.result, self.fault, self.client = job, rng, result, fault, client
+
+    def call(self, step: str, fn: Callable[[], _T]) -> _T:
+        if step != "upload":
+            return _outage_retry(self.job, self.rng, fn)
+        # after a transport failure (the server may have died mid-request) the upload is sent again: a
+        # 409 then means that the first attempt was committed, which is success
+        attempts = 0
+        started = time.perf_counter()
+
+        def once() -> _T:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return fn()
+            except DuplicateUpload:
+                if attempts == 1:
+                    raise
+                self.result.phases["upload"] = time.perf_counter() - started
+                raise _RoundEnded(UPLOADED) from None
+
+        return _outage_retry(self.job, self.rng, once)
+
+    def on_phase(self, phase: str, seconds: float) -> None:
+        if phase == "wait":  # the job checked in itself (phase "checkin")
+            return
+        self.result.phases[phase] = seconds
+        if phase == "download" and self.fault.drop_after == "download":
+            raise _RoundEnded(DROPPED)
+
+    def on_trained(self, assignment: Assignment, trained: TrainResult) -> None:
+        result, fault = self.result, self.fault
+        result.train_seconds = trained.seconds
+        result.metrics = trained.metrics
+        if fault.slow_factor > 1.0:  # a straggler: training took slow_factor times longer
+            straggle_started = time.perf_counter()
+            time.sleep((fault.slow_factor - 1.0) * trained.seconds)
+            result.phases["straggle"] = time.perf_counter() - straggle_started
+        if self.job.drop_after_training or fault.drop_after == "train":
+            raise _RoundEnded(DROPPED)
+        if fault.corrupt is not None:
+            upload_started = time.perf_counter()
+            body = corrupt_payload(fault.corrupt, trained.delta, self.job.seed)
+            result.upload_status = _upload_raw(self.client, assignment, body, self.job)
+            result.phases["upload"] = time.perf_counter() - upload_started
+            refused = 400 <= result.upload_status < 500
+            raise _RoundEnded(CORRUPT_REFUSED if refused else CORRUPT_ACCEPTED)
 
 
 def _outage_retry(job: DeviceJob, rng: random.Random, call: Callable[[], _T]) -> _T:
@@ -244,39 +299,18 @@ def _outage_retry(job: DeviceJob, rng: random.Random, call: Callable[[], _T]) ->
             delay = min(2.0 * delay, 2.0)
 
 
-def _upload_with_retries(
-    client: FederatedClient, job: DeviceJob, rng: random.Random, assignment: Assignment, trained: TrainResult
-) -> None:
-    """Upload; after a transport failure (the server may have died mid-request) send it again: a 409
-    then means the first attempt was committed, which is success."""
-    delta, num_samples, metrics = trained.delta, trained.num_samples, trained.metrics
-    attempts = 0
-
-    def once() -> None:
-        nonlocal attempts
-        attempts += 1
-        try:
-            client.upload_update(assignment, delta, num_samples, metrics)
-        except DuplicateUpload:
-            if attempts == 1:
-                raise
-
-    _outage_retry(job, rng, once)
-
-
-def _upload_raw(
-    client: FederatedClient, token: str, assignment: Assignment, body: bytes, job: DeviceJob
-) -> int:
+def _upload_raw(client: FederatedClient, assignment: Assignment, body: bytes, job: DeviceJob) -> int:
     """POST ``body`` as the update (a simulated corrupt upload); returns the HTTP status."""
-    url = f"{job.base_url.rstrip('/')}/v1/rounds/{assignment.round_id}/updates"
     headers = {
-        "Authorization": f"Bearer {token}",
+        "Authorization": f"Bearer {client.token}",
         "X-Upload-Token": assignment.upload_token,
         "Content-Type": "application/octet-stream",
     }
-    resp = httpx.post(
-        url, params={"num_samples": 1}, content=body, headers=headers, timeout=job.http_timeout_s
-    )
+    with httpx.Client(
+        base_url=job.base_url.rstrip("/"), transport=shared_transport(), timeout=job.http_timeout_s
+    ) as raw:
+        path = f"/v1/rounds/{assignment.round_id}/updates"
+        resp = raw.post(path, params={"num_samples": 1}, content=body, headers=headers)
     client.stats.bytes_sent += len(body)
     return resp.status_code
 

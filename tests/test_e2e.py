@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-from facefl import codec
+from device_sdk import AdminClient
 from simulator import SimulationConfig, simulate
 from tests.conftest import ADMIN, SECRET, LiveServer
 
@@ -38,21 +37,20 @@ def _run(tmp_path: Path, url: str | None) -> None:
         )
         assert [r.status for r in result.rounds] == ["aggregated", "aggregated"]
         assert all(r.reports == 8 for r in result.rounds)
-        headers = {"Authorization": f"Bearer {ADMIN}"}
-        with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as c:
-            versions = c.get("/v1/models", params={"task_id": result.task_id}).json()
+        with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+            versions = admin.list_models(task_id=result.task_id)
             # the initial version and exactly one new version per round, each the parent of the next
             assert len(versions) == 3
-            assert [v["parent_version"] for v in versions] == [
+            assert [v.parent_version for v in versions] == [
                 None,
-                versions[0]["version"],
-                versions[1]["version"],
+                versions[0].version,
+                versions[1].version,
             ]
-            first = codec.decode(c.get(f"/v1/models/{versions[0]['version']}").content)
-            last = codec.decode(c.get(f"/v1/models/{versions[-1]['version']}").content)
+            first = admin.download_model(versions[0].version)
+            last = admin.download_model(versions[-1].version)
         changed = sum(not np.array_equal(first[k], last[k]) for k in first)
         assert changed > len(first) // 2, "the global weights should change after two rounds of training"
-        assert result.rounds[-1].model_version == versions[-1]["version"]
+        assert result.rounds[-1].model_version == versions[-1].version
         assert result.rounds[-1].heldout_accuracy > 2 * result.chance_accuracy
     finally:
         server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,8 +16,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from device_sdk import FederatedClient, LocalDataset, Trainer, load_personalized_model, run_round
-from facefl import codec
+from device_sdk import (
+    AdminClient,
+    FederatedClient,
+    InvalidRequest,
+    LocalDataset,
+    NotFound,
+    TaskInfo,
+    Trainer,
+    load_personalized_model,
+    run_round,
+)
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY
 from facefl.data import write_image_folder
@@ -47,8 +57,8 @@ class RecordingTransport(httpx.BaseTransport):
         self.inner.close()
 
 
-def _admin(server: LiveServer) -> httpx.Client:
-    return httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+def _admin(server: LiveServer) -> AdminClient:
+    return AdminClient(server.base_url, ADMIN, timeout=60)
 
 
 def _register(server: LiveServer, transport: httpx.BaseTransport | None = None) -> FederatedClient:
@@ -62,25 +72,22 @@ def public_dir(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "public", range(500, 530), 3, image_size=64, seed=5)
 
 
-def _fedfr_task(admin: httpx.Client, **hp: object) -> dict:
-    body = {
-        "name": "fedfr",
-        "algorithm": "fedfr",
-        "rounds": 2,
-        "hyperparams": {"public_set": "pub", "lr": 0.01, "batch_size": 16, "max_hard_negatives": 16, **hp},
-        "policy": {"target_reports": 1, "min_reports": 1, "round_timeout_s": 120},
-    }
-    resp = admin.post("/v1/tasks", json=body)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
+def _fedfr_task(admin: AdminClient, **hp: object) -> TaskInfo:
+    return admin.create_task(
+        "fedfr",
+        algorithm="fedfr",
+        rounds=2,
+        hyperparams={"public_set": "pub", "lr": 0.01, "batch_size": 16, "max_hard_negatives": 16, **hp},
+        policy={"target_reports": 1, "min_reports": 1, "round_timeout_s": 120},
+    )
 
 
 def test_fedfr_task_validation(tmp_path: Path, public_dir: Path) -> None:
     server = LiveServer(tmp_path / "srv", FACEFL_PUBLIC_SETS=json.dumps({"pub": str(public_dir)})).start()
     try:
         with _admin(server) as admin:
-            before = admin.get("/v1/tasks").json()
-            cases = [
+            before = admin.list_tasks()
+            cases: list[tuple[dict[str, Any], str]] = [
                 ({"algorithm": "fedfr"}, "public_set"),
                 ({"algorithm": "fedfr", "hyperparams": {"public_set": "nope"}}, "unknown_public_set"),
                 ({"algorithm": "fedavg", "hyperparams": {"public_set": "pub"}}, "fedfr only"),
@@ -90,27 +97,35 @@ def test_fedfr_task_validation(tmp_path: Path, public_dir: Path) -> None:
                 ),
             ]
             for extra, needle in cases:
-                resp = admin.post("/v1/tasks", json={"name": "x", **extra})
-                assert resp.status_code == 422, resp.text
-                assert needle in resp.text
-            assert admin.get("/v1/tasks").json() == before  # refused requests created nothing
+                with pytest.raises(InvalidRequest) as refused:
+                    admin.create_task("x", **extra)
+                assert refused.value.status_code == 422, refused.value
+                assert needle in str(refused.value)  # the server's detail and code
+            assert admin.list_tasks() == before  # refused requests created nothing
             task = _fedfr_task(admin)
-            info = admin.get(f"/v1/models/{task['current_version']}/info").json()
-            weights = codec.decode(admin.get(f"/v1/models/{task['current_version']}").content)
+            assert task.current_version is not None
+            info = admin.model_info(task.current_version)
+            weights = admin.download_model(task.current_version)
             # the global model = backbone + one public-classifier row per public identity (unit rows)
-            assert weights[PUBLIC_HEAD_KEY].shape == (30, info["embedding_dim"])
+            assert weights[PUBLIC_HEAD_KEY].shape == (30, info.embedding_dim)
             assert np.allclose(np.linalg.norm(weights[PUBLIC_HEAD_KEY], axis=1), 1.0, atol=1e-5)
-            pack = admin.get(f"/v1/tasks/{task['id']}/public-pack")
+            # the wire: the pack is revalidated by its ETag (what the device's cache relies on)
+            pack_url = f"{server.base_url}/v1/tasks/{task.id}/public-pack"
+            headers = {"Authorization": f"Bearer {ADMIN}"}
+            pack = httpx.get(pack_url, headers=headers, timeout=60)
             assert pack.status_code == 200
-            again = admin.get(
-                f"/v1/tasks/{task['id']}/public-pack", headers={"If-None-Match": pack.headers["ETag"]}
+            again = httpx.get(
+                pack_url, headers={**headers, "If-None-Match": pack.headers["ETag"]}, timeout=60
             )
             assert again.status_code == 304
-            bank = codec.decode(admin.get(f"/v1/models/{task['current_version']}/public-bank").content)
-            assert bank["embeddings"].shape == (90, info["embedding_dim"]) and bank["labels"].shape == (90,)
-            fedavg = admin.post("/v1/tasks", json={"name": "plain"}).json()
-            assert admin.get(f"/v1/models/{fedavg['current_version']}/public-bank").status_code == 404
-            assert admin.get(f"/v1/tasks/{fedavg['id']}/public-pack").status_code == 404
+            bank = admin.download_public_bank(task.current_version)
+            assert bank["embeddings"].shape == (90, info.embedding_dim) and bank["labels"].shape == (90,)
+            fedavg = admin.create_task("plain")
+            assert fedavg.current_version is not None
+            with pytest.raises(NotFound):
+                admin.download_public_bank(fedavg.current_version)
+            with pytest.raises(NotFound):
+                admin.download_public_pack(fedavg.id)
     finally:
         server.stop()
 
@@ -126,7 +141,7 @@ def test_fedfr_round_sends_nothing_private(tmp_path: Path, public_dir: Path) -> 
         trainer = Trainer(num_threads=1)
         with _register(server, recorder) as client:
             for _ in range(2):  # the second round adds the contrastive term (previous local model)
-                report = run_round(client, trainer, dataset, state, task_id=task["id"], seed=0)
+                report = run_round(client, trainer, dataset, state, task_id=task.id, seed=0)
                 assert report.metrics["hard_negatives"] == 16.0
             assert report.metrics["contrastive_loss"] > 0.0
             base = client.download_model(report.assignment.base_version)
@@ -135,8 +150,8 @@ def test_fedfr_round_sends_nothing_private(tmp_path: Path, public_dir: Path) -> 
 
         # what leaves the device: the backbone + public-classifier delta, exactly those names
         with _admin(server) as admin:
-            rounds = admin.get(f"/v1/tasks/{task['id']}/rounds").json()
-            assert [r["status"] for r in rounds] == ["aggregated", "aggregated"]
+            rounds = admin.task_rounds(task.id)
+            assert [r.status for r in rounds] == ["aggregated", "aggregated"]
         assert b"converter" not in sent and b"local_head" not in sent and b"identities" not in sent
 
         def leaks(array: np.ndarray, what: str) -> None:
@@ -175,18 +190,13 @@ def test_fedface_rounds_spread_class_embeddings(tmp_path: Path) -> None:
     server = LiveServer(tmp_path / "srv").start()
     try:
         with _admin(server) as admin:
-            resp = admin.post(
-                "/v1/tasks",
-                json={
-                    "name": "fedface",
-                    "algorithm": "fedface",
-                    "rounds": 2,
-                    "hyperparams": {"lr": 0.01, "batch_size": 8, "spreadout_steps": 20},
-                    "policy": {"target_reports": 3, "min_reports": 3, "round_timeout_s": 120},
-                },
+            task = admin.create_task(
+                "fedface",
+                algorithm="fedface",
+                rounds=2,
+                hyperparams={"lr": 0.01, "batch_size": 8, "spreadout_steps": 20},
+                policy={"target_reports": 3, "min_reports": 3, "round_timeout_s": 120},
             )
-            assert resp.status_code == 201, resp.text
-            task = resp.json()
         clients = [_register(server) for _ in range(3)]
         trainer = Trainer(num_threads=1)
         sent_w: dict[str, np.ndarray] = {}
@@ -194,7 +204,7 @@ def test_fedface_rounds_spread_class_embeddings(tmp_path: Path) -> None:
             for round_no in range(2):
                 for i, client in enumerate(clients):
                     dataset = LocalDataset.synthetic([10 + i], 6, 64, seed=2)
-                    assignment = client.wait_for_assignment(task["id"], timeout_s=60)
+                    assignment = client.wait_for_assignment(task.id, timeout_s=60)
                     base = client.download_model(assignment.base_version)
                     received = client.download_class_embedding(assignment.base_version)
                     if round_no == 0:
@@ -211,9 +221,9 @@ def test_fedface_rounds_spread_class_embeddings(tmp_path: Path) -> None:
                     sent_w[str(client.device_id)] = result.delta[CLASS_EMBEDDING_KEY]
                     client.upload_update(assignment, result.delta, result.num_samples, result.metrics)
                 with _admin(server) as admin:
-                    assert _wait_aggregated(admin, task["id"], round_no)
+                    assert admin.wait_for_round(assignment.round_id, timeout_s=30).status == "aggregated"
             with _admin(server) as admin:
-                assert admin.get(f"/v1/tasks/{task['id']}").json()["status"] == "completed"
+                assert admin.get_task(task.id).status == "completed"
         finally:
             for c in clients:
                 c.close()
@@ -221,32 +231,15 @@ def test_fedface_rounds_spread_class_embeddings(tmp_path: Path) -> None:
         server.stop()
 
 
-def _wait_aggregated(admin: httpx.Client, task_id: int, index: int, timeout_s: float = 30.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        rounds = admin.get(f"/v1/tasks/{task_id}/rounds").json()
-        if len(rounds) > index and rounds[index]["status"] == "aggregated":
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_fedface_update_must_carry_a_normalized_class_embedding(tmp_path: Path) -> None:
     server = LiveServer(tmp_path / "srv").start()
     try:
         with _admin(server) as admin:
-            task = admin.post(
-                "/v1/tasks",
-                json={
-                    "name": "ff",
-                    "algorithm": "fedface",
-                    "policy": {"target_reports": 1, "min_reports": 1},
-                },
-            ).json()
+            task = admin.create_task(
+                "ff", algorithm="fedface", policy={"target_reports": 1, "min_reports": 1}
+            )
         with _register(server) as client:
-            assignment = client.wait_for_assignment(task["id"], timeout_s=30)
+            assignment = client.wait_for_assignment(task.id, timeout_s=30)
             base = client.download_model(assignment.base_version)
             zero = {k: np.zeros_like(v) for k, v in base.items()}
             from device_sdk import UpdateRejected
@@ -258,8 +251,7 @@ def test_fedface_update_must_carry_a_normalized_class_embedding(tmp_path: Path) 
                     assignment, {**zero, CLASS_EMBEDDING_KEY: np.full(128, 2.0, np.float32)}, 4, {}
                 )
             with _admin(server) as admin:
-                rnd = admin.get(f"/v1/rounds/{assignment.round_id}").json()
-                assert rnd["reported"] == 0  # refused uploads changed nothing
+                assert admin.get_round(assignment.round_id).reported == 0  # refused uploads changed nothing
             w = np.zeros(128, np.float32)
             w[0] = 1.0
             client.upload_update(assignment, {**zero, CLASS_EMBEDDING_KEY: w}, 4, {})

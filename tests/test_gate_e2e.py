@@ -5,15 +5,12 @@ update is held back, a real SDK device then trains on the served version, and `f
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-from device_sdk import FederatedClient, LocalDataset, Trainer, run_round
-from device_sdk.client import RoundInfo
+from device_sdk import AdminClient, FederatedClient, LocalDataset, RoundInfo, Trainer, run_round
 from facefl import codec
 from facefl.checkpoint import load_checkpoint
 from facefl.cli import main
@@ -24,14 +21,10 @@ from tests.conftest import ADMIN, SECRET, LiveServer
 pytestmark = pytest.mark.slow
 
 
-def _wait_aggregated(admin: FederatedClient, round_id: int) -> RoundInfo:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        info = admin.get_round(round_id)
-        if info.status == "aggregated":
-            return info
-        time.sleep(0.1)
-    raise AssertionError(f"round {round_id} did not aggregate")
+def _wait_aggregated(admin: AdminClient, round_id: int) -> RoundInfo:
+    info = admin.wait_for_round(round_id, timeout_s=180)
+    assert info.status == "aggregated", f"round {round_id} did not aggregate: {info}"
+    return info
 
 
 def _run(tmp_path: Path, url: str | None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,20 +33,16 @@ def _run(tmp_path: Path, url: str | None, capsys: pytest.CaptureFixture[str]) ->
         tmp_path / "srv", url, FACEFL_EVAL_SETS=json.dumps({"heldout": str(eval_dir)})
     ).start()
     try:
-        with FederatedClient(server.base_url, token=ADMIN, timeout=60) as admin:
-            body = {
-                "name": "gated",
-                "rounds": 2,
-                "trainable": ["embedding"],
-                "eval_set": "heldout",
-                "hyperparams": {"local_epochs": 1, "batch_size": 8, "lr": 1e-4, "momentum": 0.0},
+        with AdminClient(server.base_url, ADMIN, timeout=60) as admin:
+            task_id = admin.create_task(
+                "gated",
+                rounds=2,
+                trainable=["embedding"],
+                eval_set="heldout",
+                hyperparams={"local_epochs": 1, "batch_size": 8, "lr": 1e-4, "momentum": 0.0},
                 # a seed-0 model scores AUC ~0.66 on this set, the constant-embedding model below 0.5
-                "policy": {"target_reports": 1, "min_reports": 1, "gate": {"metric": "auc", "max_drop": 0.1}},
-            }
-            headers = {"Authorization": f"Bearer {ADMIN}"}
-            created = httpx.post(f"{server.base_url}/v1/tasks", json=body, headers=headers, timeout=60)
-            assert created.status_code == 201, created.text
-            task_id = int(created.json()["id"])
+                policy={"target_reports": 1, "min_reports": 1, "gate": {"metric": "auc", "max_drop": 0.1}},
+            ).id
             prefixes = resolve_trainable("small", ["embedding"])
 
             # round 1: a device uploads a hostile but valid update of the trainable tensors: every face
@@ -70,8 +59,8 @@ def _run(tmp_path: Path, url: str | None, capsys: pytest.CaptureFixture[str]) ->
                 hostile.upload_update(a, codec.delta(target, {k: base[k] for k in names}), num_samples=10)
             first = _wait_aggregated(admin, a.round_id)
             assert first.result_version == 2 and first.served_version == 1
-            held = admin.get_model_info(2)
-            assert held["served"] is False and held["held_back_reason"]
+            held = admin.model_info(2)
+            assert held.served is False and held.held_back_reason
             assert admin.get_task(task_id).current_version == 1
 
             # round 2: a real device checks in, gets the served version as its base, trains the
@@ -88,8 +77,8 @@ def _run(tmp_path: Path, url: str | None, capsys: pytest.CaptureFixture[str]) ->
             second = _wait_aggregated(admin, report.assignment.round_id)
             assert second.base_version == 1
             assert second.result_version == 3 and second.served_version == 3
-            served = admin.get_model_info(3)
-            assert served["served"] is True and served["parent_version"] == 1
+            served = admin.model_info(3)
+            assert served.served is True and served.parent_version == 1
             assert admin.get_task(task_id).current_version == 3
             new = admin.download_model(3)
             frozen = [k for k in base if k not in set(names)]

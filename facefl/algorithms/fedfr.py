@@ -20,23 +20,19 @@ the converter (see :meth:`DFC.convert`).
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors import safe_open
 from torch import nn
 
 from facefl import codec
 from facefl.algorithms.base import Algorithm, Hyperparams, InputsClient, RoundInputs, ServerEnv, TrainResult
 from facefl.algorithms.local import LocalJob, local_state, train_loop, trainable_parameters
-from facefl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from facefl.fileio import atomic_write_bytes
+from facefl.device_state import DFC_FILE, PERSONALIZED_FILE
 from facefl.models import ARCHITECTURES
 
 __all__ = [
@@ -55,11 +51,8 @@ __all__ = [
 
 # Name of the public classifier inside FedFR's global model (next to the backbone tensors).
 PUBLIC_HEAD_KEY = "public_head.weight"
-# FedFR's personal state in the device's state directory (``facefl export --personalized`` reads it):
-# the backbone after the last local training (a facefl checkpoint; the contrastive term's negative next
-# round, and the personalized model's trunk) and the DFC module
-PERSONALIZED_FILE = "personalized.safetensors"
-DFC_FILE = "dfc.safetensors"
+# FedFR's personal state in the device's state folder (facefl.device_state owns it; export reads it):
+# DFC_FILE, the DFC module, and PERSONALIZED_FILE, the backbone after the last local training
 
 
 def select_hard_negatives(
@@ -343,10 +336,11 @@ class FedFR(Algorithm):
         delta = job.delta(local_with_head, trained)
         emb_after = job.embed(model, x_local)
         loss_after, acc_after = job.score(head, emb_after, torch.from_numpy(dataset.labels).to(job.device))
-        if job.state_dir is not None:
+        state = job.state
+        if state is not None:
             job.save_head(head)
-            _save_dfc(job.state_dir, dfc, dataset.identities, arch)
-            save_checkpoint(job.state_dir / PERSONALIZED_FILE, local, arch, embedding_dim)
+            state.save_dfc(dfc.state_dict(), dataset.identities, arch)
+            state.save_personalized(local, arch, embedding_dim)
         metrics = {
             "train_loss": stats.mean("ce"),
             "dfc_loss": stats.mean("dfc"),
@@ -374,48 +368,32 @@ def public_head(embeddings: np.ndarray, public: Any) -> np.ndarray:
 
 def _load_personalized(job: LocalJob, embedding_dim: int) -> torch.nn.Module | None:
     """The previous round's local backbone, or None (first round, or state of another model)."""
-    if job.state_dir is None or not (job.state_dir / PERSONALIZED_FILE).exists():
+    state = job.state
+    ckpt = state.load_previous_backbone(job.architecture, embedding_dim) if state is not None else None
+    if ckpt is None:
         return None
     try:
-        ckpt = load_checkpoint(job.state_dir / PERSONALIZED_FILE)
-        if ckpt.architecture != job.architecture or ckpt.embedding_dim != embedding_dim:
-            return None
         return job.backbone(ckpt.tensors)
-    except (CheckpointError, ValueError, OSError):
-        return None  # unreadable state: leave the term out this round rather than fail
+    except ValueError:
+        return None  # unusable state: leave the term out this round rather than fail
 
 
 def _load_or_init_dfc(job: LocalJob, head_rows: torch.Tensor, embedding_dim: int) -> DFC:
+    """The stored DFC module (its converter, and the classifier rows of identities it knows), else a
+    fresh one (identity converter, classifiers from the local head's rows)."""
     dataset = job.dataset
     dfc = DFC(embedding_dim, dataset.num_identities)
     dfc.init_classifiers(head_rows)
-    path = job.state_dir / DFC_FILE if job.state_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            with safe_open(str(path), framework="numpy") as fh:
-                meta = fh.metadata() or {}
-                stored = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
-            names = json.loads(meta.get("identities", "[]"))
-            if meta.get("architecture") == job.architecture and stored["converter.weight"].shape == (
-                embedding_dim,
-                embedding_dim,
-            ):
-                with torch.no_grad():
-                    dfc.converter.weight.copy_(torch.from_numpy(stored["converter.weight"]))
-                    dfc.converter.bias.copy_(torch.from_numpy(stored["converter.bias"]))
-                    row_of = {str(name): i for i, name in enumerate(names)}
-                    for i, name in enumerate(dataset.identities):
-                        if name in row_of:
-                            dfc.weight[i] = torch.from_numpy(stored["weight"][row_of[name]])
-                            dfc.bias[i] = float(stored["bias"][row_of[name]])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            pass  # unreadable state: a fresh module (identity converter)
+    state = job.state
+    stored = state.load_dfc(job.architecture, embedding_dim) if state is not None else None
+    if stored is not None:
+        t = stored.tensors
+        with torch.no_grad():
+            dfc.converter.weight.copy_(torch.from_numpy(t["converter.weight"]))
+            dfc.converter.bias.copy_(torch.from_numpy(t["converter.bias"]))
+            row_of = {name: i for i, name in enumerate(stored.identities)}
+            for i, name in enumerate(dataset.identities):
+                if name in row_of:
+                    dfc.weight[i] = torch.from_numpy(t["weight"][row_of[name]])
+                    dfc.bias[i] = float(t["bias"][row_of[name]])
     return dfc.to(job.device)
-
-
-def _save_dfc(state_dir: Path, dfc: DFC, identities: tuple[str, ...], architecture: str) -> None:
-    tensors = {name: p.detach().cpu().float() for name, p in dfc.state_dict().items()}
-    data = codec.encode(
-        tensors, metadata={"identities": json.dumps(list(identities)), "architecture": architecture}
-    )
-    atomic_write_bytes(state_dir / DFC_FILE, data)

@@ -15,7 +15,6 @@ trainable tensors only (plus the global model's extras, e.g. FedFR's public clas
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +24,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from facefl import codec
 from facefl.algorithms.base import AssignmentLike, Hyperparams, RoundInputs
 from facefl.data import preprocessing_for
-from facefl.fileio import atomic_write_bytes
+from facefl.device_state import HEAD_FILE, DeviceState
 from facefl.models import CosFaceHead, backbone_from_weights, state_to_numpy, trainable_names
 
 __all__ = [
@@ -44,9 +42,6 @@ __all__ = [
     "train_mode",
     "trainable_parameters",
 ]
-
-# the device's private CosFace head, persisted in its state directory across rounds
-HEAD_FILE = "local_head.safetensors"
 
 # a batch's loss: (total to minimize, named terms to report)
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -87,6 +82,11 @@ class LocalJob:
     @property
     def architecture(self) -> str:
         return self.assignment.architecture
+
+    @property
+    def state(self) -> DeviceState | None:
+        """The device's state folder (None: train fresh and keep nothing)."""
+        return DeviceState(self.state_dir) if self.state_dir is not None else None
 
     def prepare(self) -> tuple[Any, torch.Generator]:
         """The validated hyper-parameters and the seeded generator of batch order and augmentation."""
@@ -172,9 +172,8 @@ class LocalJob:
         """The stored head for known identities; class-mean embeddings for identities new to it."""
         dataset = self.dataset
         head = CosFaceHead(embedding_dim, dataset.num_identities, scale=hp.scale, margin=hp.margin)
-        stored = (
-            read_head(self.state_dir, self.architecture, embedding_dim) if self.state_dir is not None else {}
-        )
+        state = self.state
+        stored = state.load_head(self.architecture, embedding_dim) if state is not None else {}
         missing = [i for i, name in enumerate(dataset.identities) if name not in stored]
         rows = head.weight.detach().clone()
         if missing:
@@ -192,17 +191,9 @@ class LocalJob:
 
     def save_head(self, head: CosFaceHead) -> None:
         """Persist the head in the state directory (no-op without one)."""
-        if self.state_dir is None:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        data = codec.encode(
-            {"weight": head.weight.detach().cpu().float()},
-            metadata={
-                "identities": json.dumps(list(self.dataset.identities)),
-                "architecture": self.architecture,
-            },
-        )
-        atomic_write_bytes(self.state_dir / HEAD_FILE, data)
+        state = self.state
+        if state is not None:
+            state.save_head(head.weight, self.dataset.identities, self.architecture)
 
 
 @dataclass
@@ -261,19 +252,7 @@ def train_loop(
 
 def read_head(state_dir: Path, architecture: str, embedding_dim: int) -> dict[str, np.ndarray]:
     """The stored class rows of the local head by identity name (empty if absent or for another model)."""
-    path = state_dir / HEAD_FILE
-    if not path.exists():
-        return {}
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            meta = fh.metadata() or {}
-            weight = fh.get_tensor("weight")
-        names = json.loads(meta.get("identities", "[]"))
-    except (OSError, ValueError, json.JSONDecodeError):
-        return {}  # unreadable state: start a fresh head
-    if meta.get("architecture") != architecture or weight.shape != (len(names), embedding_dim):
-        return {}
-    return {str(name): weight[i].astype(np.float32) for i, name in enumerate(names)}
+    return DeviceState(state_dir).load_head(architecture, embedding_dim)
 
 
 def embed_tensor(

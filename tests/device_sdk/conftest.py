@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import torch
 
+from device_sdk import AdminClient, TaskInfo
 from tests.conftest import ADMIN, SECRET, LiveServer
 
 
@@ -37,25 +37,19 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         server.stop()
 
 
-def create_task(base_url: str, admin_token: str, **overrides: Any) -> dict[str, Any]:
-    """POST /v1/tasks with the admin token; returns the TaskOut JSON."""
-    body: dict[str, Any] = {
-        "name": "sdk-test",
-        "algorithm": "fedavg",
-        "architecture": "small",
-        "seed": 0,
-        "rounds": 3,
-        "hyperparams": {"local_epochs": 1, "batch_size": 8, "lr": 0.05},
-        "policy": {"target_reports": 1, "min_reports": 1, "over_selection": 1.0, "round_timeout_s": 600},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(body.get(key), dict):
-            body[key] = {**body[key], **value}
-        else:
-            body[key] = value
-    resp = httpx.post(
-        f"{base_url}/v1/tasks", json=body, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
-    )
-    assert resp.status_code == 201, resp.text
-    data: dict[str, Any] = resp.json()
-    return data
+def create_task(
+    base_url: str, admin_token: str, *, rounds: int = 3, policy: dict[str, Any] | None = None
+) -> TaskInfo:
+    """A FedAvg task of the small model, created through the SDK's AdminClient; ``policy`` entries
+    replace the defaults."""
+    default_policy = {"target_reports": 1, "min_reports": 1, "over_selection": 1.0, "round_timeout_s": 600}
+    with AdminClient(base_url, admin_token, timeout=30) as admin:
+        return admin.create_task(
+            "sdk-test",
+            algorithm="fedavg",
+            architecture="small",
+            seed=0,
+            rounds=rounds,
+            hyperparams={"local_epochs": 1, "batch_size": 8, "lr": 0.05},
+            policy={**default_policy, **(policy or {})},
+        )

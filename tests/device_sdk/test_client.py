@@ -33,7 +33,7 @@ from device_sdk import (
     WaitInstruction,
     run_round,
 )
-from device_sdk.client import _error_for
+from device_sdk.transport import error_for
 from facefl import codec
 from tests.device_sdk.conftest import create_task
 
@@ -94,7 +94,7 @@ def scripted_client(script: Scripted, **kwargs: Any) -> tuple[FederatedClient, l
 
 def test_default_timeout_is_finite() -> None:
     with FederatedClient("http://sdk.invalid") as client:
-        timeout = client._http.timeout
+        timeout = client.timeout
         assert (
             timeout.connect == 5.0 and timeout.read == 30.0 and timeout.write == 30.0 and timeout.pool == 30.0
         )
@@ -203,7 +203,7 @@ def test_status_codes_map_to_typed_errors(code: int, upload: bool, expected: typ
     response = httpx.Response(
         code, json={"detail": "why", "code": "some_code"}, headers={"Retry-After": "3"}, request=request
     )
-    error = _error_for(response, upload=upload)
+    error = error_for(response, upload=upload)
     assert type(error) is expected
     assert error.status_code == code and error.detail == "why" and error.code == "some_code"  # type: ignore[attr-defined]
     if isinstance(error, RateLimited):
@@ -251,7 +251,7 @@ def test_forged_device_token_is_refused(live_server: tuple[str, str, str]) -> No
     base_url, admin, _ = live_server
     task = create_task(base_url, admin)
     with FederatedClient(base_url, token="forged-token") as client, pytest.raises(AuthError) as info:
-        client.checkin(task["id"])
+        client.checkin(task.id)
     assert info.value.status_code == 401
 
 
@@ -261,9 +261,9 @@ def test_checkin_download_upload_and_status(live_server: tuple[str, str, str], t
     recorder = Recorder()
     with new_device(base_url, secret, transport=recorder, cache_dir=tmp_path / "cache") as client:
         assert client.device_id and client.token
-        answer = client.checkin(task["id"])
+        answer = client.checkin(task.id)
         assert isinstance(answer, Assignment)
-        assert answer.task_id == task["id"] and answer.base_version == task["current_version"]
+        assert answer.task_id == task.id and answer.base_version == task.current_version
         assert answer.architecture == "small" and answer.image_size == 64 and answer.deadline is not None
 
         weights = client.download_model(answer.base_version)
@@ -285,7 +285,7 @@ def test_checkin_download_upload_and_status(live_server: tuple[str, str, str], t
 
         info = client.get_round(answer.round_id)
         assert info.status == "open" and info.reported == 1 and info.assigned == 1
-        task_info = client.get_task(task["id"])
+        task_info = client.get_task(task.id)
         assert task_info.current_round is not None and task_info.current_round.id == answer.round_id
         with pytest.raises(NotFound):
             client.get_round(10**9)
@@ -297,8 +297,8 @@ def test_refused_updates_raise_update_rejected(live_server: tuple[str, str, str]
     base_url, admin, secret = live_server
     task = create_task(base_url, admin, policy={"target_reports": 3, "min_reports": 1, "over_selection": 2.0})
     with new_device(base_url, secret) as client, new_device(base_url, secret) as other:
-        a = client.checkin(task["id"])
-        b = other.checkin(task["id"])
+        a = client.checkin(task.id)
+        b = other.checkin(task.id)
         assert isinstance(a, Assignment) and isinstance(b, Assignment)
         weights = client.download_model(a.base_version)
 
@@ -333,8 +333,8 @@ def test_late_upload_after_the_round_closed_is_round_closed(live_server: tuple[s
     base_url, admin, secret = live_server
     task = create_task(base_url, admin, policy={"target_reports": 1, "min_reports": 1, "over_selection": 2.0})
     with new_device(base_url, secret) as fast, new_device(base_url, secret) as slow:
-        a = fast.checkin(task["id"])
-        b = slow.checkin(task["id"])
+        a = fast.checkin(task.id)
+        b = slow.checkin(task.id)
         assert isinstance(a, Assignment) and isinstance(b, Assignment) and a.round_id == b.round_id
         weights = fast.download_model(a.base_version)
         fast.upload_update(a, zero_delta(weights, 0.001), num_samples=5)  # reaches the target: closes
@@ -354,13 +354,13 @@ def test_wait_for_assignment_honours_pace_steering_and_times_out(live_server: tu
         now[0] += seconds
 
     with new_device(base_url, secret, sleep=fake_sleep, clock=lambda: now[0]) as client:
-        a = client.wait_for_assignment(task["id"], timeout_s=5)
+        a = client.wait_for_assignment(task.id, timeout_s=5)
         assert sleeps == []  # an open round: assigned at once
         client.upload_update(a, zero_delta(client.download_model(a.base_version)), num_samples=3)
-        answer = client.checkin(task["id"])
+        answer = client.checkin(task.id)
         assert isinstance(answer, WaitInstruction) and answer.reason == "already_participated"
         with pytest.raises(AssignmentTimeout) as info:
-            client.wait_for_assignment(task["id"], timeout_s=100, rng=random.Random(1))
+            client.wait_for_assignment(task.id, timeout_s=100, rng=random.Random(1))
         assert info.value.last_reason == "already_participated"
         # never sooner than the server asked, at most 20 % later; the last sleep is cut at the budget
         assert answer.retry_after_s <= sleeps[0] <= 1.2 * answer.retry_after_s or sleeps[0] == 100
@@ -371,11 +371,11 @@ def test_wait_for_assignment_stops_when_the_task_is_completed(live_server: tuple
     base_url, admin, secret = live_server
     task = create_task(base_url, admin, rounds=1)
     with new_device(base_url, secret) as first, new_device(base_url, secret, sleep=lambda s: None) as second:
-        a = first.wait_for_assignment(task["id"], timeout_s=10)
+        a = first.wait_for_assignment(task.id, timeout_s=10)
         first.upload_update(a, zero_delta(first.download_model(a.base_version)), num_samples=3)
         with pytest.raises(TaskCompleted):
-            second.wait_for_assignment(task["id"], timeout_s=30)
-        assert first.get_task(task["id"]).status == "completed"
+            second.wait_for_assignment(task.id, timeout_s=30)
+        assert first.get_task(task.id).status == "completed"
 
 
 def test_a_round_sends_only_the_delta_and_never_the_images(
@@ -391,7 +391,7 @@ def test_a_round_sends_only_the_delta_and_never_the_images(
     with FederatedClient(
         base_url, token=creds.token, device_id=creds.device_id, transport=recorder
     ) as client:
-        report = run_round(client, Trainer(device="cpu"), dataset, tmp_path / "state", task["id"], seed=0)
+        report = run_round(client, Trainer(device="cpu"), dataset, tmp_path / "state", task.id, seed=0)
         assert report.receipt.reports == 1 and report.num_samples == len(dataset)
         deadline = time.monotonic() + 30
         while (

@@ -23,9 +23,9 @@ from device_sdk import (
     Verification,
 )
 from device_sdk.align import detection_available
-from device_sdk.personalize import refresh_recognizer
 from device_sdk.recognizer import CALIBRATION_MARGIN, DEFAULT_THRESHOLD, calibrate_threshold
 from export.onnx import export_onnx, load_generic
+from export.personalize import refresh_recognizer
 from facefl.embedders import OnnxEmbedder
 from tests.export.helpers import faces, write_checkpoint, write_device_state
 

@@ -76,10 +76,10 @@ def test_failed_parity_fails_the_command(
 
 @pytest.mark.slow
 def test_export_a_server_model_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import httpx
     import numpy as np
     import torch
 
+    from device_sdk import AdminClient
     from facefl.data import Preprocessing, synthetic_identity_images
     from facefl.embedders import load_embedder
     from facefl.models import build_backbone
@@ -87,10 +87,10 @@ def test_export_a_server_model_version(tmp_path: Path, capsys: pytest.CaptureFix
 
     server = LiveServer(tmp_path / "srv").start()
     try:
-        with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
-            task = c.post("/v1/tasks", json={"name": "t", "embedding_dim": 16, "seed": 4}).json()
+        with AdminClient(server.base_url, ADMIN) as admin:
+            task = admin.create_task("t", embedding_dim=16, seed=4)
         out = tmp_path / "v.onnx"
-        version = str(task["current_version"])
+        version = str(task.current_version)
         assert main(["export", "--server", server.base_url, "--version", version, "--out", str(out)]) == 1
         assert "token" in capsys.readouterr().err
         argv = [

@@ -8,15 +8,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from device_sdk import AdminClient
 from tests.conftest import ADMIN
 from tests.server_api.fleet import Fleet, check_every_ack_counted_once, rounds_of, stored_updates
 from tests.server_api.serve import ServeProcess
 
 pytestmark = pytest.mark.slow
-ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 ROUNDS = 2
 
 
@@ -46,33 +45,28 @@ def test_sigkill_during_concurrent_uploads(
     server = ServeProcess(tmp_path, url, workers=1).start()
     fleet: Fleet | None = None
     try:
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            r = c.post(
-                "/v1/tasks",
-                json={
-                    "name": "crash",
-                    "architecture": "small",
-                    "embedding_dim": 8,
-                    "rounds": ROUNDS,
-                    "policy": {
-                        "target_reports": 10,
-                        "min_reports": 10,
-                        "over_selection": 1.5,
-                        "round_timeout_s": 120,
-                    },
+        with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+            admin.create_task(
+                "crash",
+                architecture="small",
+                embedding_dim=8,
+                rounds=ROUNDS,
+                policy={
+                    "target_reports": 10,
+                    "min_reports": 10,
+                    "over_selection": 1.5,
+                    "round_timeout_s": 120,
                 },
-                headers=ADMIN_H,
             )
-            assert r.status_code == 201, r.text
         fleet = Fleet(server.base_url, n=16).start()
         _kill_during_uploads(server, fleet, 2, url)
         server.start(same_port=True)
         _kill_during_uploads(server, fleet, len(fleet.acks) + 3, url)
         server.start(same_port=True)
         fleet.join(timeout=120)
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            task = c.get("/v1/tasks/1", headers=ADMIN_H).json()
-        assert task["status"] == "completed" and task["aggregated_rounds"] == ROUNDS
+        with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+            task = admin.get_task(1)
+        assert task.status == "completed" and task.aggregated_rounds == ROUNDS
         check_every_ack_counted_once(url, fleet.acks, ROUNDS)
     finally:
         server.kill()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +9,15 @@ import httpx
 import numpy as np
 import pytest
 
+from device_sdk import AdminClient, RoundInfo
 from facefl import codec
 from tests.conftest import ADMIN, SECRET, LiveServer
 
 pytestmark = pytest.mark.slow
-ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def _admin(server: LiveServer) -> AdminClient:
+    return AdminClient(server.base_url, ADMIN, timeout=30)
 
 
 def _register(c: httpx.Client) -> dict[str, str]:
@@ -38,40 +41,36 @@ def _train_and_upload(c: httpx.Client, dev: dict[str, str], value: float) -> dic
     return a
 
 
-def _wait_status(c: httpx.Client, round_id: int, status: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rnd = c.get(f"/v1/rounds/{round_id}", headers=ADMIN_H).json()
-        if rnd["status"] == status:
-            return rnd  # type: ignore[no-any-return]
-        time.sleep(0.1)
-    raise AssertionError(f"round {round_id} never became {status}")
+def _wait_aggregated(admin: AdminClient, round_id: int) -> RoundInfo:
+    rnd = admin.wait_for_round(round_id, timeout_s=30)
+    assert rnd.status == "aggregated", f"round {round_id} closed as {rnd.status}"
+    return rnd
 
 
 def test_rounds_and_versions_survive_restart(tmp_path: Path) -> None:
     server = LiveServer(tmp_path).start()
     try:
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            c.post(
-                "/v1/tasks", json={"name": "r", "rounds": 3, "policy": {"target_reports": 2}}, headers=ADMIN_H
-            )
+        with httpx.Client(base_url=server.base_url, timeout=30) as c, _admin(server) as admin:
+            admin.create_task("r", rounds=3, policy={"target_reports": 2})
             devs = [_register(c), _register(c)]
             a = [_train_and_upload(c, d, 0.01) for d in devs]
-            _wait_status(c, a[0]["round_id"], "aggregated")
-            before = c.get("/v1/tasks/1/rounds", headers=ADMIN_H).json()
-            versions_before = c.get("/v1/models", headers=ADMIN_H).json()
+            _wait_aggregated(admin, a[0]["round_id"])
+            # every field the server sends (raw), timestamps included
+            before = [r.raw for r in admin.task_rounds(1)]
+            versions_before = [v.raw for v in admin.list_models()]
         server.stop()
         server.start()
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            assert c.get("/v1/tasks/1/rounds", headers=ADMIN_H).json() == before
-            assert c.get("/v1/models", headers=ADMIN_H).json() == versions_before
-            task = c.get("/v1/tasks/1", headers=ADMIN_H).json()
-            assert task["current_version"] == 2 and task["current_round"]["base_version"] == 2
+        with httpx.Client(base_url=server.base_url, timeout=30) as c, _admin(server) as admin:
+            assert [r.raw for r in admin.task_rounds(1)] == before
+            assert [v.raw for v in admin.list_models()] == versions_before
+            task = admin.get_task(1)
+            assert task.current_version == 2
+            assert task.current_round is not None and task.current_round.base_version == 2
             b = [_train_and_upload(c, d, 0.02) for d in devs]  # device tokens still valid
             assert b[0]["base_version"] == 2
-            rnd = _wait_status(c, b[0]["round_id"], "aggregated")
-            info = c.get(f"/v1/models/{rnd['result_version']}/info", headers=ADMIN_H).json()
-            assert info["parent_version"] == 2
+            rnd = _wait_aggregated(admin, b[0]["round_id"])
+            assert rnd.result_version is not None
+            assert admin.model_info(rnd.result_version).parent_version == 2
     finally:
         server.stop()
 
@@ -79,19 +78,17 @@ def test_rounds_and_versions_survive_restart(tmp_path: Path) -> None:
 def test_acknowledged_update_survives_sigkill(tmp_path: Path) -> None:
     server = LiveServer(tmp_path).start()
     try:
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            c.post(
-                "/v1/tasks", json={"name": "k", "rounds": 1, "policy": {"target_reports": 2}}, headers=ADMIN_H
-            )
+        with httpx.Client(base_url=server.base_url, timeout=30) as c, _admin(server) as admin:
+            admin.create_task("k", rounds=1, policy={"target_reports": 2})
             devs = [_register(c), _register(c)]
             first = _train_and_upload(c, devs[0], 0.01)  # 202 received ...
         server.kill()  # ... then SIGKILL, no graceful shutdown
         server.start()
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            assert c.get(f"/v1/rounds/{first['round_id']}", headers=ADMIN_H).json()["reported"] == 1
+        with httpx.Client(base_url=server.base_url, timeout=30) as c, _admin(server) as admin:
+            assert admin.get_round(first["round_id"]).reported == 1
             _train_and_upload(c, devs[1], 0.03)
-            rnd = _wait_status(c, first["round_id"], "aggregated")
-            assert rnd["metrics"]["reports"] == 2  # the pre-crash update counted exactly once
+            rnd = _wait_aggregated(admin, first["round_id"])
+            assert rnd.metrics["reports"] == 2  # the pre-crash update counted exactly once
             r = c.post("/v1/checkin", json={"task_id": 1}, headers=devs[0])
             assert r.json()["reason"] == "task_completed"
     finally:

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from device_sdk import AdminClient
 from tests.conftest import ADMIN
 from tests.server_api.fleet import Fleet, check_every_ack_counted_once
 from tests.server_api.serve import ServeProcess
 
 pytestmark = [pytest.mark.slow]
-ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 ROUNDS = 5
 
 
@@ -37,24 +37,22 @@ def test_four_workers_forty_devices_five_rounds(
     url = request.getfixturevalue("pg_url") if db == "postgres" else f"sqlite:///{tmp_path / 'facefl.db'}"
     server = ServeProcess(tmp_path, url, workers=4, FACEFL_AGGREGATION_LEASE_S="5").start()
     try:
-        with httpx.Client(base_url=server.base_url, timeout=30) as c:
-            r = c.post(
-                "/v1/tasks",
-                json={
-                    "name": "scale",
-                    "architecture": "small",
-                    "embedding_dim": 8,
-                    "rounds": ROUNDS,
-                    "policy": {
-                        "target_reports": 8,
-                        "min_reports": 8,
-                        "over_selection": 1.25,
-                        "round_timeout_s": 120,
-                    },
+        with (
+            httpx.Client(base_url=server.base_url, timeout=30) as c,
+            AdminClient(server.base_url, ADMIN, timeout=30) as admin,
+        ):
+            admin.create_task(
+                "scale",
+                architecture="small",
+                embedding_dim=8,
+                rounds=ROUNDS,
+                policy={
+                    "target_reports": 8,
+                    "min_reports": 8,
+                    "over_selection": 1.25,
+                    "round_timeout_s": 120,
                 },
-                headers=ADMIN_H,
             )
-            assert r.status_code == 201, r.text
             fleet = Fleet(server.base_url, n=40).start()
             # SIGKILL one worker while uploads are in flight (first round under way)
             deadline = time.monotonic() + 60
@@ -66,8 +64,8 @@ def test_four_workers_forty_devices_five_rounds(
             victim = server.worker_pids()[0]
             os.kill(victim, signal.SIGKILL)
             fleet.join(timeout=120)
-            task = c.get("/v1/tasks/1", headers=ADMIN_H).json()
-            assert task["status"] == "completed" and task["aggregated_rounds"] == ROUNDS
+            task = admin.get_task(1)
+            assert task.status == "completed" and task.aggregated_rounds == ROUNDS
             metrics = c.get("/metrics").text
         rounds = check_every_ack_counted_once(url, fleet.acks, ROUNDS)
         deadline = time.monotonic() + 30  # the supervisor notices the death between health pings

@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 
 from facefl.data.synthetic import write_image_folder
+from simulator.config import SimulationConfig
 from simulator.evaluation import rank1_identification
-from simulator.run import HELDOUT_OFFSET, SimulationConfig, _plan_data
+from simulator.plan import HELDOUT_OFFSET, plan_data
 from simulator.worker import load_device_data
 
 
 def test_synthetic_plan_is_disjoint_and_deterministic() -> None:
     cfg = SimulationConfig(devices=4, ids_per_device=3, images_per_id=4, heldout_ids=5).validate()
-    plan = _plan_data(cfg, image_size=64)
+    plan = plan_data(cfg, image_size=64)
     ids = [i for spec in plan.device_specs for i in spec.identities]
     assert len(ids) == len(set(ids)) == 12
     assert all(int(i) < HELDOUT_OFFSET for i in ids)
     assert plan.heldout.num_identities == 5 and len(plan.heldout) == 20
-    assert [s.identities for s in _plan_data(cfg, 64).device_specs] == [
+    assert [s.identities for s in plan_data(cfg, 64).device_specs] == [
         s.identities for s in plan.device_specs
     ]
     data = load_device_data(plan.device_specs[0])
@@ -30,7 +31,7 @@ def test_synthetic_plan_is_disjoint_and_deterministic() -> None:
 def test_folder_plan_keeps_heldout_identities_off_devices(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "faces", range(12), images_per_identity=3, image_size=72)
     cfg = SimulationConfig(devices=3, ids_per_device=2, heldout_ids=4, data=str(root)).validate()
-    plan = _plan_data(cfg, image_size=64)
+    plan = plan_data(cfg, image_size=64)
     device_names = {n for spec in plan.device_specs for n in spec.identities}
     assert len(device_names) == 6 and not device_names & set(plan.heldout.identities)
     assert plan.heldout.images.shape == (12, 64, 64, 3)
@@ -39,7 +40,7 @@ def test_folder_plan_keeps_heldout_identities_off_devices(tmp_path: Path) -> Non
 
     too_many = SimulationConfig(devices=5, ids_per_device=2, heldout_ids=4, data=str(root)).validate()
     with pytest.raises(ValueError, match="device identities"):
-        _plan_data(too_many, image_size=64)
+        plan_data(too_many, image_size=64)
 
 
 def test_rank1_identification() -> None:

@@ -1,11 +1,14 @@
 """Rebuild the on-device recognition model after a federated round, and swap it into a Recognizer.
 
 After each FedFR round the device holds its personalized backbone and its DFC converter in a state
-directory (``personalized.safetensors`` + ``dfc.safetensors``, see :mod:`export.onnx`).
+directory (``personalized.safetensors`` + ``dfc.safetensors``, see :mod:`facefl.device_state`).
 :func:`refresh_recognizer` exports them to ONNX on the device -- optionally int8, calibrated on the
 gallery's own crops -- checks parity against PyTorch on those crops, and swaps the model into the
 recognizer (which re-embeds its gallery). The personalized model, the crops and the gallery never leave
 the device.
+
+It lives in ``export`` (which may import ``device_sdk``; ``device_sdk`` never imports ``export``): the SDK
+trains and recognizes, the export package turns a model into ONNX, here on the device.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RecognizerError
-from .recognizer import Recognizer
+from device_sdk.errors import RecognizerError
+from device_sdk.recognizer import Recognizer
+from export.errors import ExportError
+from export.onnx import SOURCE_SHA256_KEY, export_onnx, load_personalized
+from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
+from export.quantize import quantize_static_int8
 
 __all__ = ["refresh_recognizer"]
 
@@ -39,11 +46,6 @@ def refresh_recognizer(
     embeddings of up to 32 gallery crops (cosine >= 0.9999 fp32, >= 0.998 int8), else RecognizerError and
     the recognizer keeps its current model.
     """
-    from export.errors import ExportError
-    from export.onnx import SOURCE_SHA256_KEY, export_onnx, load_personalized
-    from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
-    from export.quantize import quantize_static_int8
-
     work = Path(work_dir)
     try:
         source = load_personalized(state_dir)

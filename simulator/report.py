@@ -1,0 +1,158 @@
+"""What a simulation run reports: per-round results, the whole run's, its table and its JSON."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import SimulationConfig
+from .worker import CORRUPT_ACCEPTED, CORRUPT_REFUSED, DROPPED, NOT_SELECTED, ROUND_CLOSED, JobResult
+
+__all__ = ["RoundResult", "SimulationResult", "fault_counts", "job_outcomes", "mean_phases"]
+
+
+@dataclass
+class RoundResult:
+    round: int
+    round_id: int
+    status: str
+    reports: int
+    assigned: int
+    dropped: int
+    model_version: int  # the round's result (the base when it was abandoned)
+    wall_s: float
+    mb_uploaded: float
+    heldout_accuracy: float
+    generic: dict[str, float] | None = None  # server-side evaluation of the version (--eval-set)
+    train_loss: float | None = None
+    jobs: dict[str, int] = field(default_factory=dict)  # job outcome -> count
+    job_seconds: dict[str, float] = field(default_factory=dict)  # mean seconds per phase of a job
+    # simulated faults: devices that vanished after check-in (planned dropouts that got an assignment),
+    # stragglers and those of them refused as late (410), corrupt uploads and how many were refused (4xx)
+    vanished: int = 0
+    stragglers: int = 0
+    late: int = 0
+    corrupted: int = 0
+    refused: int = 0
+    server_kills: int = 0
+    # for overhead accounting: each job's pure local-training seconds, and when the last job finished
+    # (seconds from the round's start; wall_s - jobs_done_s is the wait for the round to close)
+    device_train_s: list[float] = field(default_factory=list)
+    jobs_done_s: float = 0.0
+    # what devices get after the round: model_version, or the previous served version when the task's
+    # release gate held model_version back (None: abandoned)
+    served_version: int | None = None
+
+
+@dataclass
+class SimulationResult:
+    config: SimulationConfig
+    rounds: list[RoundResult]
+    initial_heldout_accuracy: float
+    total_wall_s: float
+    task_id: int = 0
+    chance_accuracy: float = 0.0
+    initial_generic: dict[str, float] | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "task_id": self.task_id,
+            "initial_heldout_accuracy": self.initial_heldout_accuracy,
+            "chance_accuracy": self.chance_accuracy,
+            "initial_generic": self.initial_generic,
+            "total_wall_s": self.total_wall_s,
+            "rounds": [asdict(r) for r in self.rounds],
+            "errors": self.errors,
+        }
+
+    def table(self) -> str:
+        generic = self.initial_generic is not None
+        faults = self.config.faults_enabled
+        header = (
+            f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
+            f"{'served':>6} {'heldout acc':>11}"
+            + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
+        )
+        if faults:
+            header += f" {'selected':>8} {'vanished':>8} {'late/slow':>9} {'refused/bad':>11} {'kills':>5}"
+        lines = [
+            f"initial held-out rank-1 accuracy: {self.initial_heldout_accuracy:.3f} "
+            f"(chance {self.chance_accuracy:.3f})"
+            + (
+                f"; generic verification accuracy {_fmt(self.initial_generic, 'accuracy')}" if generic else ""
+            ),
+            header,
+            "-" * len(header),
+        ]
+        for r in self.rounds:
+            lines.append(
+                f"{r.round:>5}  {r.status:<10} {r.reports:>7} {r.dropped:>7} {r.wall_s:>7.1f} "
+                f"{r.mb_uploaded:>7.2f} {_served_cell(r):>6} {r.heldout_accuracy:>11.3f}"
+                + (
+                    f" {_fmt(r.generic, 'accuracy'):>11} {_fmt(r.generic, 'tar@far=1e-2'):>8}"
+                    if generic
+                    else ""
+                )
+                + (_fault_cells(r) if faults else "")
+            )
+        if any(r.served_version not in (None, r.model_version) for r in self.rounds):
+            lines.append(
+                "served: the version devices get after the round; *: the round's version (whose accuracy the "
+                "row shows) was held back by the release gate"
+            )
+        if faults:
+            lines.append(
+                "selected: assignments handed out; vanished: dropouts after check-in; late/slow: stragglers "
+                "refused with 410 / all stragglers; refused/bad: corrupt uploads refused with 4xx / all "
+                "corrupt uploads; an abandoned round is reopened on the same base model"
+            )
+        lines.append(f"total wall time: {self.total_wall_s:.1f} s")
+        return "\n".join(lines)
+
+
+def _served_cell(r: RoundResult) -> str:
+    if r.served_version is None:
+        return "-"
+    return f"v{r.served_version}" + ("*" if r.served_version != r.model_version else "")
+
+
+def _fault_cells(r: RoundResult) -> str:
+    return (
+        f" {r.assigned:>8} {r.vanished:>8} {f'{r.late}/{r.stragglers}':>9} "
+        f"{f'{r.refused}/{r.corrupted}':>11} {r.server_kills:>5}"
+    )
+
+
+def _fmt(report: dict[str, float] | None, key: str) -> str:
+    return f"{report[key]:.3f}" if report and key in report else "-"
+
+
+def fault_counts(results: Sequence[JobResult]) -> dict[str, int]:
+    stragglers = [jr for jr in results if jr.fault == "straggler" and jr.status != NOT_SELECTED]
+    corrupted = [jr for jr in results if jr.status in (CORRUPT_REFUSED, CORRUPT_ACCEPTED)]
+    return {
+        "vanished": sum(1 for jr in results if jr.fault == "dropout" and jr.status == DROPPED),
+        "stragglers": len(stragglers),
+        "late": sum(1 for jr in stragglers if jr.status == ROUND_CLOSED),
+        "corrupted": len(corrupted),
+        "refused": sum(1 for jr in corrupted if jr.status == CORRUPT_REFUSED),
+    }
+
+
+def mean_phases(results: Sequence[JobResult]) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for jr in results:
+        for name, seconds in {**jr.phases, "total": jr.seconds}.items():
+            totals.setdefault(name, []).append(seconds)
+    return {name: round(float(np.mean(v)), 4) for name, v in totals.items()}
+
+
+def job_outcomes(results: Sequence[JobResult]) -> dict[str, int]:
+    """Job status -> count."""
+    return dict(Counter(jr.status for jr in results))
