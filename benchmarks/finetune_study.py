@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "finetune_study_cache.npz")
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--configs", default=",".join(SETTINGS), help=f"comma-separated of {', '.join(SETTINGS)}")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--lfw", type=Path, default=SHARED / "lfw")
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(args.checkpoint, args.cache, args.devices_data, args.split)
     settings = [SETTINGS[c] for c in args.configs.split(",")]
     results: dict[str, list[dict[str, float]]] = {"pretrained": []}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         devices, _ = study.plan(seed)
         results["pretrained"].append(study.evaluate([study.base], devices))
         for s in settings:
@@ -359,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    out = args.json or REPO / "benchmarks" / "results" / f"finetune_study-{args.split}.json"
+    suffix = f"-seeds{args.first_seed}-{args.first_seed + args.seeds - 1}" if args.first_seed else ""
+    out = args.json or REPO / "benchmarks" / "results" / f"finetune_study-{args.split}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"split": args.split, "seeds": args.seeds, "settings": [asdict(s) for s in settings],
+            {"split": args.split, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+             "settings": [asdict(s) for s in settings],
              "results": results, "table": lines},
             indent=2,
         )
