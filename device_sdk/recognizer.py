@@ -62,6 +62,7 @@ import numpy as np
 from PIL import Image
 
 from facefl.fileio import sha256_file
+from facefl.vectors import l2_normalize
 
 from .errors import RecognizerError, UnknownPerson
 
@@ -163,11 +164,6 @@ def _png(image: np.ndarray) -> bytes:
 def _unpng(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def calibrate_threshold(
@@ -350,7 +346,7 @@ class Recognizer:
         parts = [
             embedder.embed_preprocessed(pre.batch(crops[lo : lo + step])) for lo in range(0, len(crops), step)
         ]
-        return _normalize(np.concatenate(parts))
+        return l2_normalize(np.concatenate(parts))
 
     def _reembed_stale(self, embedder: OnnxEmbedder, sha: str) -> None:
         """Re-embed rows made by another model (e.g. the store was last used with an older model)."""
@@ -391,9 +387,9 @@ class Recognizer:
         names = tuple(sorted({str(r[0]) for r in rows}))
         index = {name: k for k, name in enumerate(names)}
         if rows:
-            emb = _normalize(np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]))
+            emb = l2_normalize(np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]))
             labels = np.array([index[str(r[0])] for r in rows], dtype=np.int64)
-            templates = _normalize(np.stack([emb[labels == k].mean(axis=0) for k in range(len(names))]))
+            templates = l2_normalize(np.stack([emb[labels == k].mean(axis=0) for k in range(len(names))]))
         else:
             emb = np.zeros((0, 0), dtype=np.float32)
             labels = np.zeros(0, dtype=np.int64)
