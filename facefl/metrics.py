@@ -18,7 +18,8 @@ Conventions shared by every function here:
 Verification: :func:`roc_curve`, :func:`roc_auc`, :func:`tar_at_far`, :func:`threshold_at_far`,
 :func:`best_accuracy_threshold`, :func:`accuracy_at`, :func:`kfold_verification_accuracy`,
 :func:`verification_report`, :func:`cosine_scores`. Open-set identification: :func:`dir_at_far`,
-:func:`rank1_accuracy`. The personalized benchmark of DESIGN section 6: :func:`personalized_report`.
+:func:`rank1_accuracy`. The personalized benchmark (docs/architecture.md, "Evaluation protocol"):
+:func:`personalized_report`.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ def dir_at_far(similarities: ArrayLike, probe_gallery_index: ArrayLike, far: flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# personalized benchmark (DESIGN section 6)
+# personalized benchmark (docs/architecture.md, "Evaluation protocol")
 
 
 def personalized_report(

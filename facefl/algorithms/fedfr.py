@@ -181,7 +181,7 @@ class DFC(nn.Module):
 
 class FedFRHyperparams(Hyperparams):
     # the public set the server serves, hard-negative selection on the device, the weights of the DFC and
-    # contrastive terms (DESIGN section 4)
+    # contrastive terms (docs/architecture.md, "Algorithms")
     public_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
     hard_negative_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.4
     max_hard_negatives: Annotated[int, Field(ge=0, le=100_000)] = 512
@@ -223,8 +223,9 @@ class FedFR(Algorithm):
         return RoundInputs(public=client.download_public_pack(assignment.task_id), bank_embeddings=bank)
 
     def local_update(self, job: LocalJob) -> TrainResult:
-        """FedFR's local round (DESIGN section 4): union CosFace over local + public classes on the local
-        images and the hard negatives picked from the public bank, + DFC loss + contrastive term."""
+        """FedFR's local round (docs/architecture.md, "Algorithms"): union CosFace over local + public
+        classes on the local images and the hard negatives picked from the public bank, + DFC loss +
+        contrastive term."""
         started = time.perf_counter()
         inputs, base_weights, dataset = job.inputs, job.base_weights, job.dataset
         if inputs is None or inputs.public is None or inputs.bank_embeddings is None:
