@@ -1,4 +1,5 @@
-"""The accuracy table: pretrained only, local-only, FedAvg, FedProx, FedFace, FedFR (+ ablations).
+"""The accuracy table: pretrained only, local-only, FedAvg, FedProx, the server optimizers FedAvgM,
+FedAdam and FedYogi, FedFace, FedFR (+ ablations).
 
     python benchmarks/accuracy.py --profile cpu      # small model, 64x64, 2 CPU cores
     python benchmarks/accuracy.py --profile paper    # MobileFaceNet, 112x112 (for a GPU)
@@ -6,20 +7,22 @@
     python benchmarks/accuracy.py --profile strong         # dlib-resnet as imported, ~60 min on 2 CPU cores
     python benchmarks/accuracy.py --profile strong-smoke   # its plumbing end to end, a few minutes
 
-Protocol (DESIGN section 6): the model is pretrained on the LFW public split (identities of pair folds
-1-5 and of no fold); generic = LFW pair folds 6-10 (never trained on); devices = CelebA identities, each
-identity's images split into the device's training and test images (facefl.data.protocol, the same
-plan the simulator uses). Every row starts from the same pretrained checkpoint:
+Protocol (docs/architecture.md, "Evaluation protocol"): the model is pretrained on the LFW public split
+(identities of pair folds 1-5 and of no fold); generic = LFW pair folds 6-10 (never trained on); devices =
+CelebA identities, each identity's images split into the device's training and test images
+(facefl.data.protocol, the same plan the simulator uses). Every row starts from the same pretrained
+checkpoint:
 - pretrained only: the checkpoint as is, on every device;
 - local-only: each device fine-tunes the checkpoint alone on its own images, with the same total local
   compute as it gets in the federated run (rounds x local epochs), and is tested with its own model;
-- FedAvg, FedProx, FedFace, FedFR, FedFR without DFC, FedFR without the contrastive term: each a
-  `facefl simulate` run against a real uvicorn server (SQLite) that evaluates every new model version
-  on LFW folds 6-10 itself (generic columns: the final global model). Personalized columns: FedFR's
-  devices use their own personalized model (their backbone after local training + the DFC converter,
-  read from each simulated device's state directory); the other methods use the final global model on
-  every device. FedFace trains one identity per device: the same identities, each on its own device,
-  with the same train/test images (facefl.data.protocol.device_split is keyed on identity names).
+- FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedFace, FedFR, FedFR without DFC, FedFR without the
+  contrastive term: each a `facefl simulate` run against a real uvicorn server (SQLite) that evaluates
+  every new model version on LFW folds 6-10 itself (generic columns: the final global model).
+  Personalized columns: FedFR's devices use their own personalized model (their backbone after local
+  training + the DFC converter, read from each simulated device's state directory); the other methods
+  use the final global model on every device. FedFace trains one identity per device: the same
+  identities, each on its own device, with the same train/test images
+  (facefl.data.protocol.device_split is keyed on identity names).
 Hyper-parameters come from the profile and the papers; none is chosen by looking at folds 6-10.
 Writes a markdown table to stdout, JSON and per-round curves (PNG) to --out.
 
@@ -111,6 +114,10 @@ class Method:
 METHODS = (
     Method("FedAvg", "fedavg"),
     Method("FedProx", "fedprox", mu=0.01),
+    # server-side optimizers (Reddi et al., 2021) with their modules' defaults, FedAvg's local update
+    Method("FedAvgM", "fedavgm"),
+    Method("FedAdam", "fedadam"),
+    Method("FedYogi", "fedyogi"),
     Method("FedFace", "fedface"),
     Method("FedFR", "fedfr"),
     Method("FedFR w/o DFC", "fedfr", (("dfc_weight", 0.0),)),
@@ -118,8 +125,11 @@ METHODS = (
 )
 
 
+# the rows of the first table (the smoke profile's, which tests/benchmarks/test_accuracy.py runs)
+CLASSIC = ("FedAvg", "FedProx", "FedFace", "FedFR", "FedFR w/o DFC", "FedFR w/o contrastive")
+
 PROFILES = {
-    "smoke": Profile("small", 2, 4, 3, 2, 2, 1, 0.01, 16, 0.34),
+    "smoke": Profile("small", 2, 4, 3, 2, 2, 1, 0.01, 16, 0.34, methods=CLASSIC),
     "cpu": Profile("small", 0, 30, 8, 50, 5, 1, 0.01, 32, 0.3),  # 0 epochs: the pretrain CLI's default
     "paper": Profile("mobilefacenet", 0, 30, 8, 50, 10, 2, 0.01, 32, 0.3),
     # lr 1e-5: benchmarks/strong_lr.py on LFW validation folds 4-5 (benchmarks/results/strong_lr.json)
@@ -339,14 +349,18 @@ def run_federated(
     public: Path | None = None,
 ) -> tuple[tuple[dict[str, float], dict[str, float]], list[dict[str, Any]]]:
     from device_sdk import AdminClient, load_personalized_model
+    from facefl.algorithms import registry
     from facefl.embedders import TorchEmbedder
     from facefl.evaluation import evaluate_personalized
     from simulator import SimulationConfig, simulate
     from simulator.server import LocalServer
 
     admin = "bench-admin-token"
-    fedface = method.algorithm == "fedface"
-    fedfr = method.algorithm == "fedfr"
+    # what the algorithm declares in the registry, not its name: FedFace's one identity per device,
+    # FedFR's public face set (its devices also keep a personalized model)
+    algorithm = registry.get(method.algorithm)
+    fedface = algorithm.one_identity_per_device
+    fedfr = "public_set" in algorithm.hyperparams.model_fields
     slug = method.name.lower().replace(" ", "-").replace("/", "")
     hyperparams = dict(method.hyperparams)
     if fedfr:

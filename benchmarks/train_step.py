@@ -31,6 +31,7 @@ from facefl import codec  # noqa: E402
 from facefl.algorithms.fedfr import PUBLIC_HEAD_KEY  # noqa: E402
 from facefl.data.public import PublicSet  # noqa: E402
 from facefl.models import build_backbone, state_to_numpy  # noqa: E402
+from facefl.vectors import l2_normalize  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,8 @@ def run(model: str, images: int, ids: int, epochs: int, devices: list[str]) -> l
         trainer = Trainer(device=dev)
         dim = build_backbone(model).embedding_dim
         bank = trainer.embed(base, pub_images, architecture=model)
-        head = bank.reshape(64, 4, -1).mean(1)
-        head /= np.linalg.norm(head, axis=1, keepdims=True)
-        fedfr_base = {**base, PUBLIC_HEAD_KEY: head.astype(np.float32)}
+        head = l2_normalize(bank.reshape(64, 4, -1).mean(1))
+        fedfr_base = {**base, PUBLIC_HEAD_KEY: head}
         hp = {"local_epochs": epochs, "batch_size": 32, "lr": 0.01, "max_hard_negatives": len(data)}
         cases = [
             ("fedavg", base, data, None),

@@ -6,10 +6,11 @@ The exported graph maps float32 ``(N, 3, S, S)`` images, preprocessed by :class:
 external data), so the one file is the whole model.
 
 - generic: a facefl checkpoint (:func:`facefl.checkpoint.load_checkpoint`);
-- personalized (FedFR, DESIGN section 4): a device state directory holding ``personalized.safetensors``
-  (a facefl checkpoint of the device's backbone after local training) and ``dfc.safetensors`` (plain
-  safetensors with at least ``converter.weight`` (d, d) and ``converter.bias`` (d,); any other tensors,
-  such as the binary classifiers, are ignored), read by :class:`facefl.device_state.DeviceState`.
+- personalized (FedFR, docs/architecture.md "Algorithms"): a device state directory holding
+  ``personalized.safetensors`` (a facefl checkpoint of the device's backbone after local training) and
+  ``dfc.safetensors`` (plain safetensors with at least ``converter.weight`` (d, d) and
+  ``converter.bias`` (d,); any other tensors, such as the binary classifiers, are ignored), read by
+  :class:`facefl.device_state.DeviceState`.
   Embedding = L2-normalise(converter(backbone(x))).
 
 The personalized model (it embeds the DFC converter) is device-private: export it on the device and never

@@ -27,6 +27,7 @@ import numpy as np
 
 from facefl.data.folder import load_image
 from facefl.data.preprocess import Preprocessing
+from facefl.vectors import l2_normalize
 
 #: ONNX ``metadata_props`` key holding the JSON of :meth:`Preprocessing.to_dict` (written by facefl's export).
 PREPROCESSING_METADATA_KEY = "facefl.preprocessing"
@@ -41,12 +42,6 @@ class Embedder(Protocol):
     image_size: int
 
     def embed(self, images: Images) -> np.ndarray: ...
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    return x / np.maximum(norms, np.float32(1e-12))
 
 
 def iter_batches(images: Images, preprocessing: Preprocessing, batch_size: int) -> Iterator[np.ndarray]:
@@ -123,7 +118,7 @@ class TorchEmbedder:
             if self.flip:
                 emb = emb + self.model(torch.flip(x, dims=[3]))
             out = emb.float().cpu().numpy()
-        return _l2_normalize(out)
+        return l2_normalize(out)
 
     def embed(self, images: Images) -> np.ndarray:
         was_training = self.model.training
@@ -225,7 +220,7 @@ class OnnxEmbedder:
         emb = self._run(x)
         if self.flip:
             emb = emb + self._run(np.ascontiguousarray(x[..., ::-1]))
-        return _l2_normalize(emb)
+        return l2_normalize(emb)
 
     def embed(self, images: Images) -> np.ndarray:
         parts = [

@@ -18,7 +18,8 @@ Conventions shared by every function here:
 Verification: :func:`roc_curve`, :func:`roc_auc`, :func:`tar_at_far`, :func:`threshold_at_far`,
 :func:`best_accuracy_threshold`, :func:`accuracy_at`, :func:`kfold_verification_accuracy`,
 :func:`verification_report`, :func:`cosine_scores`. Open-set identification: :func:`dir_at_far`,
-:func:`rank1_accuracy`. The personalized benchmark of DESIGN section 6: :func:`personalized_report`.
+:func:`rank1_accuracy`. The personalized benchmark (docs/architecture.md, "Evaluation protocol"):
+:func:`personalized_report`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from facefl.vectors import l2_normalize
 
 __all__ = [
     "accuracy_at",
@@ -119,13 +122,12 @@ def _embeddings_2d(emb: ArrayLike, name: str) -> FloatArray:
     return out
 
 
-def _l2_normalize(emb: FloatArray, name: str) -> FloatArray:
-    norms = np.linalg.norm(emb, axis=1)
-    zero = np.flatnonzero(norms == 0.0)
+def _unit_rows(emb: FloatArray, name: str) -> FloatArray:
+    """``emb``'s rows L2-normalized (float64); ValueError naming ``name`` for a zero row."""
+    zero = np.flatnonzero(np.linalg.norm(emb, axis=1) == 0.0)
     if zero.size:
         raise ValueError(f"{name} has zero vectors (rows {zero[:5].tolist()}): cosine is undefined")
-    out: FloatArray = emb / norms[:, None]
-    return out
+    return l2_normalize(emb, dtype=np.float64)
 
 
 def _int_labels(values: ArrayLike, name: str, n: int) -> IntArray:
@@ -305,7 +307,7 @@ def cosine_scores(emb1: ArrayLike, emb2: ArrayLike) -> FloatArray:
     b = _embeddings_2d(emb2, "emb2")
     if a.shape != b.shape:
         raise ValueError(f"emb1 and emb2 must have the same shape, got {a.shape} and {b.shape}")
-    out: FloatArray = np.einsum("nd,nd->n", _l2_normalize(a, "emb1"), _l2_normalize(b, "emb2"))
+    out: FloatArray = np.einsum("nd,nd->n", _unit_rows(a, "emb1"), _unit_rows(b, "emb2"))
     return np.clip(out, -1.0, 1.0)
 
 
@@ -381,7 +383,7 @@ def dir_at_far(similarities: ArrayLike, probe_gallery_index: ArrayLike, far: flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# personalized benchmark (DESIGN section 6)
+# personalized benchmark (docs/architecture.md, "Evaluation protocol")
 
 
 def personalized_report(
@@ -413,8 +415,8 @@ def personalized_report(
     number of devices (float), "per_device": [{"device": id, "identities": gallery size, "test_images":
     n, <the same metric keys>}, ...]}`` with devices in increasing id order.
     """
-    tr = _l2_normalize(_embeddings_2d(train_emb, "train_emb"), "train_emb")
-    te = _l2_normalize(_embeddings_2d(test_emb, "test_emb"), "test_emb")
+    tr = _unit_rows(_embeddings_2d(train_emb, "train_emb"), "train_emb")
+    te = _unit_rows(_embeddings_2d(test_emb, "test_emb"), "test_emb")
     if tr.shape[1] != te.shape[1]:
         raise ValueError(f"train_emb has dimension {tr.shape[1]} but test_emb has {te.shape[1]}")
     tr_id = _int_labels(train_identity, "train_identity", tr.shape[0])
@@ -437,7 +439,7 @@ def personalized_report(
     gal_ids, inverse = np.unique(tr_id, return_inverse=True)
     sums = np.zeros((gal_ids.size, tr.shape[1]))
     np.add.at(sums, inverse, tr)
-    gallery = _l2_normalize(sums, "gallery (mean training embedding)")
+    gallery = _unit_rows(sums, "gallery (mean training embedding)")
     gal_dev = np.empty(gal_ids.size, dtype=np.int64)
     gal_dev[inverse] = tr_dev
 

@@ -6,7 +6,9 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from facefl.algorithms import registry
 
@@ -152,9 +154,35 @@ class TaskIn(Strict):
         list[Annotated[str, Field(min_length=1, max_length=64)]] | None, Field(min_length=1, max_length=64)
     ] = None
     # validated by the chosen algorithm's own model (facefl.algorithms), then stored as its full dump:
-    # a 422 names the field, and a field of another algorithm says which one it belongs to
-    hyperparams: dict[str, Any] = Field(default_factory=dict)
+    # a 422 names the field, and a field of another algorithm says which one it belongs to. The OpenAPI
+    # document gives each algorithm's model (see __get_pydantic_json_schema__)
+    hyperparams: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the chosen algorithm's hyper-parameters: one of the *Hyperparams schemas, by algorithm",
+    )
     policy: RoundPolicy = Field(default_factory=RoundPolicy)
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """TaskIn's schema plus one ``oneOf`` branch per registry algorithm: that ``algorithm`` with its
+        own hyper-parameter model (a component schema each). Only the default algorithm's branch
+        matches a body without ``algorithm``, so exactly one branch matches every valid body."""
+        schema = handler(core_schema)
+        branches = []
+        for algorithm in registry.ALGORITHMS.values():
+            ref = handler(algorithm.hyperparams.__pydantic_core_schema__)
+            _document_text(handler.resolve_ref_schema(ref))
+            branch: dict[str, Any] = {
+                "title": algorithm.name,
+                "properties": {"algorithm": {"const": algorithm.name}, "hyperparams": ref},
+            }
+            if algorithm.name != registry.DEFAULT:
+                branch["required"] = ["algorithm"]
+            branches.append(branch)
+        handler.resolve_ref_schema(schema)["oneOf"] = branches
+        return schema
 
     @model_validator(mode="after")
     def _check(self) -> TaskIn:

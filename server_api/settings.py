@@ -9,8 +9,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_ADMIN_TOKEN = "dev-admin-token"
-DEV_ENROLLMENT_SECRET = "dev-enrollment-secret"
+from facefl.devmode import DEV_ADMIN_TOKEN, DEV_ENROLLMENT_SECRET
+
+__all__ = ["DEV_ADMIN_TOKEN", "DEV_ENROLLMENT_SECRET", "Settings", "get_settings"]
 
 
 class Settings(BaseSettings):

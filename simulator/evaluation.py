@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from facefl.vectors import l2_normalize
+
 __all__ = ["rank1_identification"]
 
 
@@ -18,7 +20,7 @@ def rank1_identification(embeddings: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels)
     if emb.ndim != 2 or labels.shape != (emb.shape[0],):
         raise ValueError("embeddings must be (N, d) and labels (N,)")
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = l2_normalize(emb, dtype=np.float64)
     identities = np.unique(labels)
     templates = []
     probes: list[np.ndarray] = []
@@ -29,7 +31,7 @@ def rank1_identification(embeddings: np.ndarray, labels: np.ndarray) -> float:
             raise ValueError(f"identity {identity!r} has fewer than two images (gallery + probe needed)")
         half = max(1, len(idx) // 2)
         mean = emb[idx[:half]].mean(axis=0)
-        templates.append(mean / max(np.linalg.norm(mean), 1e-12))
+        templates.append(l2_normalize(mean, dtype=np.float64))
         probes.append(emb[idx[half:]])
         probe_labels.append(np.full(len(idx) - half, k))
     gallery = np.stack(templates)

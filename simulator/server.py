@@ -13,6 +13,8 @@ from typing import IO
 
 import httpx
 
+from facefl.devmode import DEV_ADMIN_TOKEN, DEV_ENROLLMENT_SECRET
+
 __all__ = ["LocalServer", "ServerStartError", "free_port"]
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +46,8 @@ class LocalServer:
         work_dir: str | Path,
         *,
         database_url: str | None = None,
-        admin_token: str = "dev-admin-token",
-        enrollment_secret: str = "dev-enrollment-secret",
+        admin_token: str = DEV_ADMIN_TOKEN,
+        enrollment_secret: str = DEV_ENROLLMENT_SECRET,
         min_retry_after_s: float = 0.2,
         startup_timeout_s: float = 60.0,
         extra_env: dict[str, str] | None = None,

@@ -2,10 +2,10 @@
 
 The device holds one identity. Its class embedding ``w`` starts as the mean normalized embedding of its
 images under the received model (or is the row the server last spread out for it); local training pulls
-the device's embeddings toward the fixed ``w`` with :func:`positive_loss`. The device uploads its backbone
-delta and ``w``. The server averages the backbones, then spreads the class embeddings of all devices
-apart with a few gradient steps of :func:`spreadout_loss` (:func:`spreadout`), since no device ever sees
-another identity to push away from.
+the device's embeddings toward the fixed ``w`` with :func:`~facefl.losses.positive_margin_loss`. The
+device uploads its backbone delta and ``w``. The server averages the backbones, then spreads the class
+embeddings of all devices apart with a few gradient steps of :func:`~facefl.losses.spreadout_loss`
+(:func:`spreadout`), since no device ever sees another identity to push away from.
 
 Privacy trade-off (the paper's): ``w`` is a template of the device's one person and leaves the device. The
 server keeps every device's row and sends each device only its own.
@@ -34,6 +34,7 @@ from facefl.algorithms.base import (
     TrainResult,
 )
 from facefl.algorithms.local import LocalJob, local_state, train_loop, trainable_parameters
+from facefl.losses import positive_margin_loss, spreadout_loss
 
 __all__ = [
     "CLASS_EMBEDDINGS",
@@ -47,6 +48,9 @@ __all__ = [
     "spreadout_loss",
 ]
 
+# FedFace's device loss is the positive-only margin loss of facefl.losses (its name here predates it)
+positive_loss = positive_margin_loss
+
 # Extra tensor in a FedFace update, next to the backbone delta.
 CLASS_EMBEDDING_KEY = "fedface.class_embedding"
 # The server state: every device's class embedding, one row per device (metadata "devices": their ids)
@@ -58,23 +62,6 @@ def class_embedding(embeddings: torch.Tensor) -> torch.Tensor:
     if embeddings.dim() != 2 or len(embeddings) == 0:
         raise ValueError("need a non-empty (n, d) batch of embeddings")
     return F.normalize(F.normalize(embeddings, dim=1).mean(0), dim=0)
-
-
-def positive_loss(embeddings: torch.Tensor, w: torch.Tensor, margin: float = 0.9) -> torch.Tensor:
-    """``mean(relu(margin - cos(f(x), w))^2)``: positives only, ``w`` fixed (no gradient to it here)."""
-    cos = F.normalize(embeddings, dim=1) @ F.normalize(w.detach(), dim=0)
-    return F.relu(margin - cos).pow(2).mean()
-
-
-def spreadout_loss(w: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Mean over ordered pairs i != j of ``relu(cos(w_i, w_j) - margin)^2`` for rows of ``w`` (M, d)."""
-    m = w.shape[0]
-    if m < 2:
-        return w.sum() * 0.0
-    wn = F.normalize(w, dim=1)
-    cos = wn @ wn.T
-    off = ~torch.eye(m, dtype=torch.bool, device=w.device)
-    return F.relu(cos[off] - margin).pow(2).mean()
 
 
 def spreadout(w: np.ndarray, *, margin: float = 0.0, steps: int = 10, lr: float = 1.0) -> np.ndarray:
@@ -179,10 +166,10 @@ class FedFace(Algorithm):
             w = F.normalize(torch.from_numpy(np.asarray(received, np.float32)), dim=0).to(job.device)
         else:  # first round: the mean embedding under the received model
             w = class_embedding(job.embed(model, x_all))
-        loss_before = float(positive_loss(job.embed(model, x_all), w, hp.fedface_margin))
+        loss_before = float(positive_margin_loss(job.embed(model, x_all), w, hp.fedface_margin))
 
         def step(_idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            loss = positive_loss(model(x), w, hp.fedface_margin)
+            loss = positive_margin_loss(model(x), w, hp.fedface_margin)
             return loss, {"loss": loss}
 
         stats = train_loop(job, model, trained, trainable_parameters(model), hp, gen, x_all, step)
@@ -190,7 +177,7 @@ class FedFace(Algorithm):
         metrics = {
             "train_loss": stats.mean("loss"),
             "loss_before": loss_before,
-            "loss_after": float(positive_loss(job.embed(model, x_all), w, hp.fedface_margin)),
+            "loss_after": float(positive_margin_loss(job.embed(model, x_all), w, hp.fedface_margin)),
             "steps": float(stats.steps),
             "epochs": float(hp.local_epochs),
             "delta_norm": codec.global_norm(delta),

@@ -5,13 +5,14 @@ The pieces the device runs each round, as pure functions and one small module:
 - :func:`select_hard_negatives`: public images whose cosine to any local image exceeds a threshold,
   picked on the device from a public feature bank it downloads whole (the server never learns which
   public faces resemble the device's people);
-- :func:`cosface_logits`: CosFace over the union of local classes (the device's own classifier) and
-  public classes (the global model's public classifier), so hard negatives push local identities away
-  from the public faces that resemble them;
+- :func:`~facefl.losses.cosface_logits`: CosFace over the union of local classes (the device's own
+  classifier) and public classes (the global model's public classifier), so hard negatives push local
+  identities away from the public faces that resemble them;
 - :func:`contrastive_loss`: the MOON-style regularizer (positive: the frozen global model of this round;
   negative: the device's previous local model; omitted in the device's first round);
 - :class:`DFC`: Decoupled Feature Customization, a converter ``Linear(d, d)`` initialized to identity
-  followed by one binary classifier per local identity, trained with :func:`dfc_binary_loss`.
+  followed by one binary classifier per local identity, trained with the binary CosFace of
+  :func:`facefl.losses.binary_cosface_loss`.
 
 The DFC module and the local classifier stay on the device; the device uploads backbone and public
 classifier deltas only. The personalized model is the device's backbone after local training followed by
@@ -33,7 +34,9 @@ from facefl import codec
 from facefl.algorithms.base import Algorithm, Hyperparams, InputsClient, RoundInputs, ServerEnv, TrainResult
 from facefl.algorithms.local import LocalJob, local_state, train_loop, trainable_parameters
 from facefl.device_state import DFC_FILE, PERSONALIZED_FILE
+from facefl.losses import binary_cosface_loss, cosface_logits, cosine_similarities, sharpen_cosine
 from facefl.models import ARCHITECTURES
+from facefl.vectors import l2_normalize
 
 __all__ = [
     "DFC",
@@ -48,6 +51,9 @@ __all__ = [
     "select_hard_negatives",
     "sharpen_cosine",
 ]
+
+# DFC's loss is the one-vs-rest binary CosFace of facefl.losses (its name here predates that module)
+dfc_binary_loss = binary_cosface_loss
 
 # Name of the public classifier inside FedFR's global model (next to the backbone tensors).
 PUBLIC_HEAD_KEY = "public_head.weight"
@@ -88,15 +94,6 @@ def select_hard_negatives(
     return picked.astype(np.int64)
 
 
-def cosface_logits(
-    embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, margin: float
-) -> torch.Tensor:
-    """``scale * (cos(emb, w_c) - margin * [c == label])`` over the rows of ``weight``."""
-    cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
-    onehot = F.one_hot(labels.long(), weight.shape[0]).to(cos.dtype)
-    return scale * (cos - margin * onehot)
-
-
 def contrastive_loss(
     z: torch.Tensor, z_global: torch.Tensor, z_previous: torch.Tensor, temperature: float = 0.5
 ) -> torch.Tensor:
@@ -112,38 +109,6 @@ def contrastive_loss(
     neg = F.cosine_similarity(z, z_previous, dim=1)
     logits = torch.stack([pos, neg], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device))
-
-
-def sharpen_cosine(cos: torch.Tensor, t: float) -> torch.Tensor:
-    """FedFR's mapping ``g(c) = 2((c + 1)/2)^t - 1``: keeps [-1, 1], sharpens toward -1 for t > 1."""
-    return 2.0 * ((cos + 1.0) / 2.0).clamp_min(0.0) ** t - 1.0
-
-
-def dfc_binary_loss(
-    cos: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    scale: float = 30.0,
-    margin: float = 0.4,
-    t: float = 3.0,
-    pos_weight: float = 0.7,
-    neg_weight: float = 0.3,
-) -> torch.Tensor:
-    """One-vs-rest binary CosFace loss of DFC, averaged over samples and classes.
-
-    ``cos`` (N, C) cosines to each local class, ``targets`` (N, C) in {0, 1}, ``bias`` (C,). A positive
-    pays ``pos_weight * softplus(-(s (g(c) - m) + b))``, a negative
-    ``neg_weight * softplus(s (g(c) + m) + b)``
-    (the margin asks positives to clear the boundary by m and negatives to stay m below it).
-    """
-    if cos.shape != targets.shape or cos.dim() != 2 or bias.shape != (cos.shape[1],):
-        raise ValueError("cos and targets must be (N, C) and bias (C,)")
-    g = sharpen_cosine(cos, t)
-    y = targets.to(cos.dtype)
-    pos = pos_weight * y * F.softplus(-(scale * (g - margin) + bias))
-    neg = neg_weight * (1.0 - y) * F.softplus(scale * (g + margin) + bias)
-    return (pos + neg).mean()
 
 
 class DFC(nn.Module):
@@ -191,11 +156,11 @@ class DFC(nn.Module):
         return F.normalize(self.converter(embeddings), dim=1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(self.convert(embeddings), F.normalize(self.weight, dim=1))
+        cos = cosine_similarities(self.convert(embeddings), self.weight)
         targets = torch.zeros_like(cos)
         local = labels >= 0
         targets[local.nonzero(as_tuple=True)[0], labels[local].long()] = 1.0
-        return dfc_binary_loss(
+        return binary_cosface_loss(
             cos,
             targets,
             self.bias,
@@ -209,7 +174,7 @@ class DFC(nn.Module):
 
 class FedFRHyperparams(Hyperparams):
     # the public set the server serves, hard-negative selection on the device, the weights of the DFC and
-    # contrastive terms (DESIGN section 4)
+    # contrastive terms (docs/architecture.md, "Algorithms")
     public_set: Annotated[str | None, Field(min_length=1, max_length=64)] = None
     hard_negative_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.4
     max_hard_negatives: Annotated[int, Field(ge=0, le=100_000)] = 512
@@ -251,8 +216,9 @@ class FedFR(Algorithm):
         return RoundInputs(public=client.download_public_pack(assignment.task_id), bank_embeddings=bank)
 
     def local_update(self, job: LocalJob) -> TrainResult:
-        """FedFR's local round (DESIGN section 4): union CosFace over local + public classes on the local
-        images and the hard negatives picked from the public bank, + DFC loss + contrastive term."""
+        """FedFR's local round (docs/architecture.md, "Algorithms"): union CosFace over local + public
+        classes on the local images and the hard negatives picked from the public bank, + DFC loss +
+        contrastive term."""
         started = time.perf_counter()
         inputs, base_weights, dataset = job.inputs, job.base_weights, job.dataset
         if inputs is None or inputs.public is None or inputs.bank_embeddings is None:
@@ -362,8 +328,7 @@ def public_head(embeddings: np.ndarray, public: Any) -> np.ndarray:
     """Each public identity's normalized mean of ``embeddings`` (one row per image of ``public``)."""
     sums = np.zeros((public.num_identities, embeddings.shape[1]), np.float64)
     np.add.at(sums, public.labels, embeddings)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+    return l2_normalize(sums)
 
 
 def _load_personalized(job: LocalJob, embedding_dim: int) -> torch.nn.Module | None:

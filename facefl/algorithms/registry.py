@@ -80,7 +80,11 @@ def global_extra_prefixes() -> tuple[str, ...]:
 
 def task_hyperparams(name: str, raw: Mapping[str, Any]) -> Hyperparams:
     """A new task's hyperparams validated by algorithm ``name``: ValueError with one line per problem,
-    each naming ``hyperparams.<field>`` (a field of another algorithm says which one it belongs to)."""
+    each naming ``hyperparams.<field>`` (a field of another algorithm says which one it belongs to).
+
+    Strict about JSON types, like every request body of the API and the schema the API documents for
+    them: ``true`` is not a learning rate and ``"5"`` not a batch size (an integer is a valid float).
+    Devices parse an assignment's hyperparams leniently instead (:meth:`Hyperparams.lenient`)."""
     algorithm = get(name)
     model = algorithm.hyperparams
     problems = []
@@ -95,7 +99,7 @@ def task_hyperparams(name: str, raw: Mapping[str, Any]) -> Hyperparams:
     if problems:
         raise ValueError("; ".join(problems))
     try:
-        hp = model.model_validate(dict(raw))
+        hp = model.model_validate(dict(raw), strict=True)
     except ValidationError as exc:
         raise ValueError(
             "; ".join(

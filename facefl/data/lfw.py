@@ -5,10 +5,10 @@ then for each fold ``n`` *same* lines ``name i j`` followed by ``n`` *different*
 ``name1 i name2 j`` (fields separated by tabs or spaces). Image ``i`` of ``name`` is
 ``<root>/<name>/<name>_<iiii>.jpg`` (1-based, four digits).
 
-The benchmark protocol (DESIGN.md section 6): the server's public set -- and centralized pretraining --
-uses the identities of pair folds 1-5 plus the identities that appear in no fold; folds 6-10 are the
-generic test set. LFW's folds are identity-disjoint, so no test identity is ever trained on;
-:meth:`LfwProtocol.from_root` checks that instead of assuming it.
+The benchmark protocol (docs/architecture.md, "Evaluation protocol"): the server's public set -- and
+centralized pretraining -- uses the identities of pair folds 1-5 plus the identities that appear in no
+fold; folds 6-10 are the generic test set. LFW's folds are identity-disjoint, so no test identity is
+ever trained on; :meth:`LfwProtocol.from_root` checks that instead of assuming it.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from facefl.data.preprocess import Preprocessing
+from facefl.losses import CosFaceHead
 from facefl.models import dlib_resnet
 from facefl.models.dlib_resnet import DlibResNet
-from facefl.models.heads import CosFaceHead
 from facefl.models.mobilefacenet import FastPReLU, MobileFaceNet
 from facefl.models.small import SmallFaceNet
 from facefl.models.tiny import TinyNet

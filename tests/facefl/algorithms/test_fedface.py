@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from facefl.algorithms.fedface import class_embedding, positive_loss, spreadout, spreadout_loss
+from facefl.algorithms.fedface import class_embedding, spreadout
 
 
 def test_class_embedding_is_normalized_mean() -> None:
@@ -10,29 +10,6 @@ def test_class_embedding_is_normalized_mean() -> None:
     assert torch.allclose(w, torch.tensor([0.5**0.5, 0.5**0.5]))
     with pytest.raises(ValueError):
         class_embedding(torch.zeros(0, 2))
-
-
-def test_positive_loss_hand_computed() -> None:
-    w = torch.tensor([1.0, 0.0])
-    assert float(positive_loss(torch.tensor([[3.0, 0.0]]), w)) == 0.0
-    assert float(positive_loss(torch.tensor([[0.0, 1.0]]), w)) == pytest.approx(0.81)
-    assert float(positive_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), w)) == pytest.approx(0.405)
-
-
-def test_positive_loss_does_not_move_w() -> None:
-    w = torch.tensor([1.0, 0.0], requires_grad=True)
-    positive_loss(torch.tensor([[0.0, 1.0]], requires_grad=True), w).backward()
-    assert w.grad is None
-
-
-def test_spreadout_loss_hand_computed() -> None:
-    assert float(spreadout_loss(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))) == pytest.approx(1.0)
-    assert float(spreadout_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))) == 0.0
-    assert float(spreadout_loss(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))) == 0.0
-    # three rows, one close pair (cos 0.8) and margin 0.5: 2 of 6 ordered pairs pay 0.3^2
-    w = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
-    assert float(spreadout_loss(w, margin=0.5)) == pytest.approx(2 * 0.09 / 6)
-    assert float(spreadout_loss(torch.tensor([[1.0, 0.0]]))) == 0.0
 
 
 def test_spreadout_pushes_close_rows_apart_and_keeps_norm() -> None:

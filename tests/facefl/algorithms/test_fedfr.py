@@ -7,10 +7,7 @@ import torch
 from facefl.algorithms.fedfr import (
     DFC,
     contrastive_loss,
-    cosface_logits,
-    dfc_binary_loss,
     select_hard_negatives,
-    sharpen_cosine,
 )
 
 
@@ -34,13 +31,6 @@ def test_hard_negatives_rejects_mismatched_dims() -> None:
         select_hard_negatives(np.zeros((1, 2)), np.zeros((3, 4)), 0.4)
 
 
-def test_cosface_logits_hand_computed() -> None:
-    logits = cosface_logits(
-        torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0]), 2.0, 0.5
-    )
-    assert torch.allclose(logits, torch.tensor([[1.0, 0.0]]))
-
-
 def test_contrastive_loss_hand_computed() -> None:
     z = torch.tensor([[1.0, 0.0]])
     loss = contrastive_loss(z, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), temperature=0.5)
@@ -48,21 +38,6 @@ def test_contrastive_loss_hand_computed() -> None:
     # equidistant positive and negative: log 2
     same = contrastive_loss(z, torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]))
     assert float(same) == pytest.approx(math.log(2.0), rel=1e-6)
-
-
-def test_sharpen_cosine() -> None:
-    out = sharpen_cosine(torch.tensor([-1.0, 0.0, 1.0]), 3.0)
-    assert torch.allclose(out, torch.tensor([-1.0, -0.75, 1.0]))
-
-
-def test_dfc_binary_loss_hand_computed() -> None:
-    cos = torch.tensor([[1.0]])
-    pos = dfc_binary_loss(cos, torch.tensor([[1.0]]), torch.zeros(1), scale=2.0, margin=0.5, t=1.0)
-    assert float(pos) == pytest.approx(0.7 * math.log(1 + math.exp(-1.0)), rel=1e-6)
-    neg = dfc_binary_loss(cos * 0, torch.tensor([[0.0]]), torch.zeros(1), scale=1.0, margin=0.0, t=1.0)
-    assert float(neg) == pytest.approx(0.3 * math.log(2.0), rel=1e-6)
-    with pytest.raises(ValueError):
-        dfc_binary_loss(cos, torch.zeros(1, 2), torch.zeros(1))
 
 
 def test_dfc_starts_as_identity_and_public_images_are_negatives() -> None:

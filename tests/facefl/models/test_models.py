@@ -178,34 +178,6 @@ def test_fast_prelu_matches_prelu() -> None:
     assert act.weight.shape == (4,)
 
 
-def test_cosface_hand_computed() -> None:
-    head = CosFaceHead(embedding_dim=2, num_classes=2, scale=10.0, margin=0.5)
-    with torch.no_grad():
-        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))  # rows normalise to e1, e2
-    emb = torch.tensor([[0.6, 0.8], [3.0, 4.0]])  # second row is re-normalised by the head
-    cos = head.cosine(emb)
-    torch.testing.assert_close(cos, torch.tensor([[0.6, 0.8], [0.6, 0.8]]))
-    logits = head(emb, torch.tensor([0, 1]))
-    # label 0: 10 * (0.6 - 0.5), 10 * 0.8 ; label 1: 10 * 0.6, 10 * (0.8 - 0.5)
-    torch.testing.assert_close(logits, torch.tensor([[1.0, 8.0], [6.0, 3.0]]))
-
-
-def test_cosface_init_from_embeddings_and_errors() -> None:
-    head = CosFaceHead(embedding_dim=3, num_classes=2)
-    means = torch.tensor([[0.0, 3.0, 4.0], [2.0, 0.0, 0.0]])
-    head.init_from_embeddings(means)
-    torch.testing.assert_close(head.weight.data, torch.tensor([[0.0, 0.6, 0.8], [1.0, 0.0, 0.0]]))
-    assert head.weight.requires_grad
-    with pytest.raises(ValueError, match="class_means"):
-        head.init_from_embeddings(torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="embeddings"):
-        head.cosine(torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="labels"):
-        head(torch.zeros(2, 3), torch.tensor([0]))
-    with pytest.raises(ValueError):
-        CosFaceHead(3, 0)
-
-
 def test_cosface_trains_backbone() -> None:
     """One optimiser step on the CosFace loss lowers it (the head and backbone are wired for training)."""
     torch.manual_seed(0)

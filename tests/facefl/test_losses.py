@@ -1,0 +1,141 @@
+"""The margin losses of facefl.losses on tiny tensors with hand-computed answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facefl import losses
+from facefl.algorithms import fedface, fedfr
+from facefl.losses import (
+    CosFaceHead,
+    binary_cosface_loss,
+    cosface_logits,
+    cosine_similarities,
+    margin_onehot,
+    positive_margin_loss,
+    sharpen_cosine,
+    spreadout_loss,
+)
+from facefl.models import CosFaceHead as ModelsCosFaceHead
+
+
+def test_cosine_similarities_normalize_both_sides() -> None:
+    emb = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    weight = torch.tensor([[2.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
+    r = 1 / math.sqrt(2)
+    expected = torch.tensor([[0.6, 0.8, 1.4 * r], [0.0, -1.0, -r]])
+    torch.testing.assert_close(cosine_similarities(emb, weight), expected)
+
+
+def test_margin_onehot_subtracts_the_margin_at_the_label_only() -> None:
+    cos = torch.tensor([[0.5, 0.25], [0.0, 1.0]])
+    # row 0, label 1: 4 * (0.5, 0.25 - 0.5); row 1, label 0: 4 * (0 - 0.5, 1)
+    expected = torch.tensor([[2.0, -1.0], [-2.0, 4.0]])
+    torch.testing.assert_close(margin_onehot(cos, torch.tensor([1, 0]), 4.0, 0.5), expected)
+
+
+def test_cosface_logits_hand_computed() -> None:
+    logits = cosface_logits(
+        torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0]), 2.0, 0.5
+    )
+    assert torch.allclose(logits, torch.tensor([[1.0, 0.0]]))
+
+
+def test_cosface_cross_entropy_hand_computed() -> None:
+    # cos = (1, 0), label 0, s = 1, m = 0.5: logits (0.5, 0); CE = log(1 + e^-0.5)
+    logits = cosface_logits(torch.tensor([[1.0, 0.0]]), torch.eye(2), torch.tensor([0]), 1.0, 0.5)
+    loss = F.cross_entropy(logits, torch.tensor([0]))
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-0.5)), rel=1e-6)
+
+
+def test_cosface_head_hand_computed() -> None:
+    head = CosFaceHead(embedding_dim=2, num_classes=2, scale=10.0, margin=0.5)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))  # rows normalise to e1, e2
+    emb = torch.tensor([[0.6, 0.8], [3.0, 4.0]])  # second row is re-normalised by the head
+    cos = head.cosine(emb)
+    torch.testing.assert_close(cos, torch.tensor([[0.6, 0.8], [0.6, 0.8]]))
+    logits = head(emb, torch.tensor([0, 1]))
+    # label 0: 10 * (0.6 - 0.5), 10 * 0.8 ; label 1: 10 * 0.6, 10 * (0.8 - 0.5)
+    torch.testing.assert_close(logits, torch.tensor([[1.0, 8.0], [6.0, 3.0]]))
+    # the head and the function are the one formula
+    torch.testing.assert_close(logits, cosface_logits(emb, head.weight, torch.tensor([0, 1]), 10.0, 0.5))
+
+
+def test_cosface_head_init_from_embeddings_and_errors() -> None:
+    head = CosFaceHead(embedding_dim=3, num_classes=2)
+    means = torch.tensor([[0.0, 3.0, 4.0], [2.0, 0.0, 0.0]])
+    head.init_from_embeddings(means)
+    torch.testing.assert_close(head.weight.data, torch.tensor([[0.0, 0.6, 0.8], [1.0, 0.0, 0.0]]))
+    assert head.weight.requires_grad
+    with pytest.raises(ValueError, match="class_means"):
+        head.init_from_embeddings(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="embeddings"):
+        head.cosine(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="labels"):
+        head(torch.zeros(2, 3), torch.tensor([0]))
+    with pytest.raises(ValueError):
+        CosFaceHead(3, 0)
+    with pytest.raises(ValueError, match="scale"):
+        CosFaceHead(3, 2, scale=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        CosFaceHead(3, 2, margin=-0.1)
+
+
+def test_sharpen_cosine() -> None:
+    out = sharpen_cosine(torch.tensor([-1.0, 0.0, 1.0]), 3.0)
+    assert torch.allclose(out, torch.tensor([-1.0, -0.75, 1.0]))
+    # t = 1 is the identity on [-1, 1]
+    assert torch.allclose(sharpen_cosine(torch.tensor([-0.5, 0.25]), 1.0), torch.tensor([-0.5, 0.25]))
+
+
+def test_binary_cosface_loss_hand_computed() -> None:
+    cos = torch.tensor([[1.0]])
+    pos = binary_cosface_loss(cos, torch.tensor([[1.0]]), torch.zeros(1), scale=2.0, margin=0.5, t=1.0)
+    assert float(pos) == pytest.approx(0.7 * math.log(1 + math.exp(-1.0)), rel=1e-6)
+    neg = binary_cosface_loss(cos * 0, torch.tensor([[0.0]]), torch.zeros(1), scale=1.0, margin=0.0, t=1.0)
+    assert float(neg) == pytest.approx(0.3 * math.log(2.0), rel=1e-6)
+    # a bias shifts the boundary: a negative at cos 0 with bias -1 pays 0.3 * softplus(-1)
+    shifted = binary_cosface_loss(
+        torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([-1.0]), scale=1.0, margin=0.0, t=1.0
+    )
+    assert float(shifted) == pytest.approx(0.3 * math.log(1 + math.exp(-1.0)), rel=1e-6)
+    with pytest.raises(ValueError):
+        binary_cosface_loss(cos, torch.zeros(1, 2), torch.zeros(1))
+
+
+def test_positive_margin_loss_hand_computed() -> None:
+    w = torch.tensor([1.0, 0.0])
+    assert float(positive_margin_loss(torch.tensor([[3.0, 0.0]]), w)) == 0.0
+    assert float(positive_margin_loss(torch.tensor([[0.0, 1.0]]), w)) == pytest.approx(0.81)
+    assert float(positive_margin_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), w)) == pytest.approx(0.405)
+
+
+def test_positive_margin_loss_does_not_move_w() -> None:
+    w = torch.tensor([1.0, 0.0], requires_grad=True)
+    positive_margin_loss(torch.tensor([[0.0, 1.0]], requires_grad=True), w).backward()
+    assert w.grad is None
+
+
+def test_spreadout_loss_hand_computed() -> None:
+    assert float(spreadout_loss(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))) == pytest.approx(1.0)
+    assert float(spreadout_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))) == 0.0
+    assert float(spreadout_loss(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))) == 0.0
+    # three rows, one close pair (cos 0.8) and margin 0.5: 2 of 6 ordered pairs pay 0.3^2
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    assert float(spreadout_loss(w, margin=0.5)) == pytest.approx(2 * 0.09 / 6)
+    assert float(spreadout_loss(torch.tensor([[1.0, 0.0]]))) == 0.0
+
+
+def test_the_algorithms_use_these_losses() -> None:
+    """One formula: the algorithm modules' names are the functions of facefl.losses, not copies."""
+    assert fedfr.cosface_logits is losses.cosface_logits
+    assert fedfr.sharpen_cosine is losses.sharpen_cosine
+    assert fedfr.dfc_binary_loss is losses.binary_cosface_loss
+    assert fedface.positive_loss is losses.positive_margin_loss
+    assert fedface.spreadout_loss is losses.spreadout_loss
+    assert ModelsCosFaceHead is losses.CosFaceHead
