@@ -27,7 +27,8 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 
 DEFAULT_OUT = REPO / "docs" / "console-task.png"
-ADMIN, SECRET = "dev-admin-token", "dev-enrollment-secret"
+from facefl.devmode import DEV_ADMIN_TOKEN as ADMIN  # noqa: E402
+from facefl.devmode import DEV_ENROLLMENT_SECRET as SECRET  # noqa: E402
 
 
 def screenshot(base_url: str, token: str, task_id: int, out: Path, width: int, height: int) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from device_sdk import AdminClient, FaceflError, RoundInfo, Trainer, WaitTimeout
+from facefl.devmode import DEV_ADMIN_TOKEN, DEV_ENROLLMENT_SECRET
 from facefl.models import ARCHITECTURES
 
 from .backends import make_backend
@@ -68,8 +69,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.perf_counter()
     arch = ARCHITECTURES[cfg.model]
-    admin_token = cfg.admin_token or os.environ.get("FACEFL_ADMIN_TOKEN") or "dev-admin-token"
-    secret = cfg.enrollment_secret or os.environ.get("FACEFL_ENROLLMENT_SECRET") or "dev-enrollment-secret"
+    admin_token = cfg.admin_token or os.environ.get("FACEFL_ADMIN_TOKEN") or DEV_ADMIN_TOKEN
+    secret = cfg.enrollment_secret or os.environ.get("FACEFL_ENROLLMENT_SECRET") or DEV_ENROLLMENT_SECRET
     plan = plan_data(cfg, arch.image_size)  # before anything is created: bad data fails fast
     if len(plan.device_specs) < cfg.devices:
         left_out = cfg.devices - len(plan.device_specs)
