@@ -1,17 +1,36 @@
-"""Every query of the service layer, in one place."""
+"""Every query of the service layer, in one place.
+
+The hot paths (authentication, check-in, upload intake) use Core statements built once at import and
+executed on a Connection with bound parameters: no ORM object loading, no statement construction and
+no cache-key generation per request (SQLAlchemy memoizes the key of a statement object).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from server_api.orm import (
     ROUND_AGGREGATING,
     ROUND_OPEN,
     Assignment,
+    Device,
     ModelVersion,
     Round,
     Task,
@@ -19,6 +38,113 @@ from server_api.orm import (
 )
 
 ACTIVE = (ROUND_OPEN, ROUND_AGGREGATING)
+
+_devices = cast(Table, Device.__table__)
+_tasks = cast(Table, Task.__table__)
+_rounds = cast(Table, Round.__table__)
+_assignments = cast(Table, Assignment.__table__)
+
+# ------------------------------------------------------------------------------- hot path (Core)
+
+_TOKEN_HASH = select(_devices.c.token_hash).where(_devices.c.id == bindparam("device_id"))
+_TOUCH = update(_devices).where(_devices.c.id == bindparam("device_id"))
+_SEEN = _TOUCH.values(last_seen_at=bindparam("now"))
+_SEEN_WITH_CAPABILITIES = _TOUCH.values(last_seen_at=bindparam("now"), capabilities=bindparam("caps"))
+
+
+def device_token_hash(conn: Connection, device_id: str) -> str | None:
+    """The stored hash of a device's bearer secret (None: no such device)."""
+    return cast(str | None, conn.scalar(_TOKEN_HASH, {"device_id": device_id}))
+
+
+def touch_device(
+    conn: Connection, device_id: str, now: datetime, capabilities: dict[str, Any] | None
+) -> None:
+    """last_seen_at (and the capabilities when sent). On PostgreSQL the row lock it takes serializes the
+    check-ins of one device, so two concurrent ones cannot both take a slot in the same round."""
+    if capabilities is None:
+        conn.execute(_SEEN, {"device_id": device_id, "now": now})
+    else:
+        conn.execute(_SEEN_WITH_CAPABILITIES, {"device_id": device_id, "now": now, "caps": capabilities})
+
+
+# the predicate of the partial index uq_rounds_one_active_per_task, as literal SQL: SQLite uses a partial
+# index only when the query holds its WHERE term (bound parameters would not do), and a literal IN needs
+# no per-execution expansion of the statement either
+_ROUND_IS_ACTIVE = text(f"rounds.status IN ({', '.join(repr(s) for s in ACTIVE)})")
+
+
+def _checkin_view(task_id: ColumnElement[Any]) -> Any:
+    """One row: the task, its active round (if any) and this device's assignment in it (if any)."""
+    r, a, t = _rounds, _assignments, _tasks
+    columns = (
+        t.c.id.label("task_id"), t.c.status.label("task_status"), t.c.algorithm, t.c.architecture,
+        t.c.embedding_dim, t.c.image_size, t.c.hyperparams, t.c.trainable,
+        r.c.id.label("round_id"), r.c.number.label("round_number"), r.c.status.label("round_status"),
+        r.c.base_version, r.c.deadline,
+        a.c.id.label("assignment_id"), a.c.reported.label("assignment_reported"),
+    )  # fmt: skip
+    return (
+        select(*columns)
+        # the partial unique index uq_rounds_one_active_per_task and uq_assignments_round_device
+        .outerjoin(r, and_(r.c.task_id == t.c.id, _ROUND_IS_ACTIVE))
+        .outerjoin(a, and_(a.c.round_id == r.c.id, a.c.device_id == bindparam("device_id")))
+        .where(t.c.id == task_id)
+    )
+
+
+# without a task id: the oldest running task that has an open round, else the oldest running task
+_DEFAULT_TASK = func.coalesce(
+    select(func.min(_tasks.c.id))
+    .join(_rounds, _rounds.c.task_id == _tasks.c.id)
+    .where(_tasks.c.status == "running", _rounds.c.status == ROUND_OPEN)
+    .scalar_subquery(),
+    select(func.min(_tasks.c.id)).where(_tasks.c.status == "running").scalar_subquery(),
+)
+_CHECKIN_VIEW_OF_TASK = _checkin_view(bindparam("task_id"))
+_CHECKIN_VIEW_DEFAULT = _checkin_view(_DEFAULT_TASK)
+
+
+def checkin_view(conn: Connection, task_id: int | None, device_id: str) -> Row[Any] | None:
+    """The task a check-in is for (``task_id``, or the default task), its active round and this device's
+    assignment in that round, in one indexed statement; None when there is no such task."""
+    if task_id is None:
+        return conn.execute(_CHECKIN_VIEW_DEFAULT, {"device_id": device_id}).first()
+    return conn.execute(_CHECKIN_VIEW_OF_TASK, {"task_id": task_id, "device_id": device_id}).first()
+
+
+_CLAIM_SLOT = (
+    update(_rounds)
+    .where(
+        _rounds.c.id == bindparam("round_id"),
+        _rounds.c.status == ROUND_OPEN,
+        _rounds.c.assigned < _rounds.c.max_assignments,
+    )
+    .values(assigned=_rounds.c.assigned + 1)
+)
+_INSERT_ASSIGNMENT = insert(_assignments)
+_NEW_UPLOAD_TOKEN = (
+    update(_assignments)
+    .where(_assignments.c.id == bindparam("assignment_id"))
+    .values(upload_token_hash=bindparam("token_hash"))
+)
+
+
+def take_assignment(conn: Connection, round_id: int, device_id: str, token_hash: str, now: datetime) -> bool:
+    """Compare-and-set one of the round's slots (open and not full), then the device's assignment row;
+    False (and nothing written) when the round is full or no longer open."""
+    if conn.execute(_CLAIM_SLOT, {"round_id": round_id}).rowcount != 1:
+        return False
+    row = {"round_id": round_id, "device_id": device_id, "upload_token_hash": token_hash}
+    conn.execute(_INSERT_ASSIGNMENT, {**row, "issued_at": now, "reported": False})
+    return True
+
+
+def replace_upload_token(conn: Connection, assignment_id: int, token_hash: str) -> None:
+    conn.execute(_NEW_UPLOAD_TOKEN, {"assignment_id": assignment_id, "token_hash": token_hash})
+
+
+# ----------------------------------------------------------------------------------------- ORM
 
 
 def active_round(s: Session, task_id: int) -> Round | None:
