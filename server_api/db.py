@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from server_api.driver import DriverTransaction, driver_transaction
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 _READONLY = "facefl_readonly"
@@ -87,8 +89,7 @@ class Database:
         self.url = normalize_url(url)
         self.engine = create_db_engine(self.url)
         self._rw = sessionmaker(self.engine, expire_on_commit=False)
-        self._ro_engine = self.engine.execution_options(**{_READONLY: True})
-        self._ro = sessionmaker(self._ro_engine, expire_on_commit=False)
+        self._ro = sessionmaker(self.engine.execution_options(**{_READONLY: True}), expire_on_commit=False)
         event.listen(self._rw, "after_commit", _run_after_commit)
         event.listen(self._rw, "after_rollback", _drop_after_commit)
         # SQLite has one writer: queueing writers on a lock here is fairer and faster than SQLite's
@@ -112,21 +113,18 @@ class Database:
         with self._ro() as session, session.begin():
             yield session
 
-    # Core connections for the hot paths (check-in, authentication, upload intake): statements on a
-    # Connection skip the ORM's identity map, unit of work and object loading, which cost several times
-    # the SQL itself per request. Same transactions and locks as write()/read().
+    # The hot paths (check-in, authentication, upload intake) run prepared Core statements on the
+    # driver's connection (server_api.driver): same transactions and locks as write()/read().
 
-    @contextmanager
-    def write_connection(self) -> Iterator[Connection]:
-        """A Core write transaction (BEGIN IMMEDIATE on SQLite) that commits on success."""
-        with self._write_lock, self.engine.begin() as conn:
-            yield conn
+    def driver_write(self) -> AbstractContextManager[DriverTransaction]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite) that commits on success."""
+        begin = ("BEGIN IMMEDIATE",) if self.is_sqlite else ()
+        return driver_transaction(self.engine, self._write_lock, begin)
 
-    @contextmanager
-    def read_connection(self) -> Iterator[Connection]:
-        """A Core read-only transaction (plain BEGIN: readers never queue behind writers)."""
-        with self._ro_engine.connect() as conn, conn.begin():
-            yield conn
+    def driver_read(self) -> AbstractContextManager[DriverTransaction]:
+        """A read transaction (plain BEGIN on SQLite: readers never queue behind writers)."""
+        begin = ("BEGIN",) if self.is_sqlite else ()
+        return driver_transaction(self.engine, contextlib.nullcontext(), begin)
 
     def dispose(self) -> None:
         self.engine.dispose()

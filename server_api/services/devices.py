@@ -21,15 +21,9 @@ def register(ctx: ServiceContext, body: RegisterIn) -> RegisterOut:
     device_id = uuid.uuid4().hex
     secret = security.new_secret()
     token_hash = security.hash_secret(secret)
-    with ctx.db.write() as s:
-        s.add(
-            Device(
-                id=device_id,
-                name=body.name,
-                token_hash=token_hash,
-                capabilities=body.capabilities.model_dump() if body.capabilities else {},
-            )
-        )
+    capabilities = body.capabilities.model_dump() if body.capabilities else {}
+    with ctx.db.driver_write() as tx:
+        queries.insert_device(tx, device_id, body.name, token_hash, capabilities, utcnow())
     ctx.device_tokens.put(device_id, token_hash)  # committed: the device's first request needs no query
     return RegisterOut(device_id=device_id, token=security.make_device_token(device_id, secret))
 
@@ -56,8 +50,8 @@ def authenticate(ctx: ServiceContext, token: str) -> str:
     if parts is None:
         raise unauthorized()
     device_id, secret = parts
-    with ctx.db.read_connection() as conn:
-        found = queries.device_token_hash(conn, device_id)
+    with ctx.db.driver_read() as tx:
+        found = queries.device_token_hash(tx, device_id)
     ok = security.matches(secret, found if found is not None else _NO_HASH)
     if found is None or not ok:
         raise unauthorized()

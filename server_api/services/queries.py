@@ -1,31 +1,21 @@
 """Every query of the service layer, in one place.
 
-The hot paths (authentication, check-in, upload intake) use Core statements built once at import and
-executed on a Connection with bound parameters: no ORM object loading, no statement construction and
-no cache-key generation per request (SQLAlchemy memoizes the key of a statement object).
+The hot paths (authentication, check-in, upload intake) are Core statements built once at import and
+run as :class:`server_api.driver.Prepared` statements on the driver's connection: no ORM object loading,
+no statement construction, and none of SQLAlchemy's per-execution machinery per request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Row,
-    Table,
-    and_,
-    bindparam,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import ColumnElement, Table, and_, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
+from server_api.driver import DriverTransaction, Prepared
 from server_api.orm import (
     ROUND_AGGREGATING,
     ROUND_OPEN,
@@ -44,49 +34,109 @@ _tasks = cast(Table, Task.__table__)
 _rounds = cast(Table, Round.__table__)
 _assignments = cast(Table, Assignment.__table__)
 
-# ------------------------------------------------------------------------------- hot path (Core)
+# ------------------------------------------------------------------------------- hot path (driver)
 
-_TOKEN_HASH = select(_devices.c.token_hash).where(_devices.c.id == bindparam("device_id"))
+_TOKEN_HASH = Prepared(select(_devices.c.token_hash).where(_devices.c.id == bindparam("device_id")))
+_INSERT_DEVICE = Prepared(
+    insert(_devices).values(
+        id=bindparam("device_id"),
+        name=bindparam("name"),
+        token_hash=bindparam("token_hash"),
+        capabilities=bindparam("capabilities"),
+        created_at=bindparam("now"),
+    )
+)
 _TOUCH = update(_devices).where(_devices.c.id == bindparam("device_id"))
-_SEEN = _TOUCH.values(last_seen_at=bindparam("now"))
-_SEEN_WITH_CAPABILITIES = _TOUCH.values(last_seen_at=bindparam("now"), capabilities=bindparam("caps"))
+_SEEN = Prepared(_TOUCH.values(last_seen_at=bindparam("now")))
+_SEEN_WITH_CAPABILITIES = Prepared(
+    _TOUCH.values(last_seen_at=bindparam("now"), capabilities=bindparam("caps"))
+)
 
 
-def device_token_hash(conn: Connection, device_id: str) -> str | None:
+def insert_device(
+    tx: DriverTransaction,
+    device_id: str,
+    name: str | None,
+    token_hash: str,
+    capabilities: dict[str, Any],
+    now: datetime,
+) -> None:
+    params = {"device_id": device_id, "name": name, "token_hash": token_hash, "capabilities": capabilities}
+    tx.execute(_INSERT_DEVICE, {**params, "now": now})
+
+
+def device_token_hash(tx: DriverTransaction, device_id: str) -> str | None:
     """The stored hash of a device's bearer secret (None: no such device)."""
-    return cast(str | None, conn.scalar(_TOKEN_HASH, {"device_id": device_id}))
+    return cast(str | None, tx.scalar(_TOKEN_HASH, {"device_id": device_id}))
 
 
 def touch_device(
-    conn: Connection, device_id: str, now: datetime, capabilities: dict[str, Any] | None
+    tx: DriverTransaction, device_id: str, now: datetime, capabilities: dict[str, Any] | None
 ) -> None:
     """last_seen_at (and the capabilities when sent). On PostgreSQL the row lock it takes serializes the
     check-ins of one device, so two concurrent ones cannot both take a slot in the same round."""
     if capabilities is None:
-        conn.execute(_SEEN, {"device_id": device_id, "now": now})
+        tx.execute(_SEEN, {"device_id": device_id, "now": now})
     else:
-        conn.execute(_SEEN_WITH_CAPABILITIES, {"device_id": device_id, "now": now, "caps": capabilities})
+        tx.execute(_SEEN_WITH_CAPABILITIES, {"device_id": device_id, "now": now, "caps": capabilities})
+
+
+@dataclass(frozen=True)
+class ActiveRound:
+    """A task's active round, and this device's assignment in it (if any)."""
+
+    id: int
+    number: int
+    status: str
+    base_version: int
+    deadline: datetime
+    assignment_id: int | None
+    assignment_reported: bool | None
+
+
+@dataclass(frozen=True)
+class CheckinView:
+    """What a check-in reads: the task and its active round (None: it has none)."""
+
+    task_id: int
+    task_status: str
+    algorithm: str
+    architecture: str
+    embedding_dim: int
+    image_size: int
+    hyperparams: dict[str, Any]
+    trainable: list[str] | None
+    round: ActiveRound | None
 
 
 # the predicate of the partial index uq_rounds_one_active_per_task, as literal SQL: SQLite uses a partial
-# index only when the query holds its WHERE term (bound parameters would not do), and a literal IN needs
-# no per-execution expansion of the statement either
+# index only when the query holds its WHERE term (bound parameters would not do)
 _ROUND_IS_ACTIVE = text(f"rounds.status IN ({', '.join(repr(s) for s in ACTIVE)})")
 
 
-def _checkin_view(task_id: ColumnElement[Any]) -> Any:
-    """One row: the task, its active round (if any) and this device's assignment in it (if any)."""
+def _checkin_view(task_id: ColumnElement[Any]) -> Prepared:
     r, a, t = _rounds, _assignments, _tasks
     columns = (
-        t.c.id.label("task_id"), t.c.status.label("task_status"), t.c.algorithm, t.c.architecture,
-        t.c.embedding_dim, t.c.image_size, t.c.hyperparams, t.c.trainable,
-        r.c.id.label("round_id"), r.c.number.label("round_number"), r.c.status.label("round_status"),
-        r.c.base_version, r.c.deadline,
-        a.c.id.label("assignment_id"), a.c.reported.label("assignment_reported"),
-    )  # fmt: skip
-    return (
+        t.c.id,
+        t.c.status,
+        t.c.algorithm,
+        t.c.architecture,
+        t.c.embedding_dim,
+        t.c.image_size,
+        t.c.hyperparams,
+        t.c.trainable,
+        r.c.id,
+        r.c.number,
+        r.c.status,
+        r.c.base_version,
+        r.c.deadline,
+        a.c.id,
+        a.c.reported,
+    )  # fmt: skip  (the order of CheckinView's fields, then ActiveRound's)
+    return Prepared(
         select(*columns)
-        # the partial unique index uq_rounds_one_active_per_task and uq_assignments_round_device
+        # primary key, then the partial unique index uq_rounds_one_active_per_task, then
+        # uq_assignments_round_device: one row, three index look-ups
         .outerjoin(r, and_(r.c.task_id == t.c.id, _ROUND_IS_ACTIVE))
         .outerjoin(a, and_(a.c.round_id == r.c.id, a.c.device_id == bindparam("device_id")))
         .where(t.c.id == task_id)
@@ -105,15 +155,23 @@ _CHECKIN_VIEW_OF_TASK = _checkin_view(bindparam("task_id"))
 _CHECKIN_VIEW_DEFAULT = _checkin_view(_DEFAULT_TASK)
 
 
-def checkin_view(conn: Connection, task_id: int | None, device_id: str) -> Row[Any] | None:
+def checkin_view(tx: DriverTransaction, task_id: int | None, device_id: str) -> CheckinView | None:
     """The task a check-in is for (``task_id``, or the default task), its active round and this device's
     assignment in that round, in one indexed statement; None when there is no such task."""
     if task_id is None:
-        return conn.execute(_CHECKIN_VIEW_DEFAULT, {"device_id": device_id}).first()
-    return conn.execute(_CHECKIN_VIEW_OF_TASK, {"task_id": task_id, "device_id": device_id}).first()
+        row = tx.first(_CHECKIN_VIEW_DEFAULT, {"device_id": device_id})
+    else:
+        row = tx.first(_CHECKIN_VIEW_OF_TASK, {"task_id": task_id, "device_id": device_id})
+    if row is None:
+        return None
+    active = ActiveRound(*row[8:]) if row[8] is not None else None
+    task_id, status, algorithm, architecture, embedding_dim, image_size, hyperparams, trainable = row[:8]
+    return CheckinView(
+        task_id, status, algorithm, architecture, embedding_dim, image_size, hyperparams, trainable, active
+    )
 
 
-_CLAIM_SLOT = (
+_CLAIM_SLOT = Prepared(
     update(_rounds)
     .where(
         _rounds.c.id == bindparam("round_id"),
@@ -122,26 +180,36 @@ _CLAIM_SLOT = (
     )
     .values(assigned=_rounds.c.assigned + 1)
 )
-_INSERT_ASSIGNMENT = insert(_assignments)
-_NEW_UPLOAD_TOKEN = (
+_INSERT_ASSIGNMENT = Prepared(
+    insert(_assignments).values(
+        round_id=bindparam("round_id"),
+        device_id=bindparam("device_id"),
+        upload_token_hash=bindparam("token_hash"),
+        issued_at=bindparam("now"),
+        reported=False,
+    )
+)
+_NEW_UPLOAD_TOKEN = Prepared(
     update(_assignments)
     .where(_assignments.c.id == bindparam("assignment_id"))
     .values(upload_token_hash=bindparam("token_hash"))
 )
 
 
-def take_assignment(conn: Connection, round_id: int, device_id: str, token_hash: str, now: datetime) -> bool:
+def take_assignment(
+    tx: DriverTransaction, round_id: int, device_id: str, token_hash: str, now: datetime
+) -> bool:
     """Compare-and-set one of the round's slots (open and not full), then the device's assignment row;
     False (and nothing written) when the round is full or no longer open."""
-    if conn.execute(_CLAIM_SLOT, {"round_id": round_id}).rowcount != 1:
+    if tx.execute(_CLAIM_SLOT, {"round_id": round_id}) != 1:
         return False
-    row = {"round_id": round_id, "device_id": device_id, "upload_token_hash": token_hash}
-    conn.execute(_INSERT_ASSIGNMENT, {**row, "issued_at": now, "reported": False})
+    params = {"round_id": round_id, "device_id": device_id, "token_hash": token_hash, "now": now}
+    tx.execute(_INSERT_ASSIGNMENT, params)
     return True
 
 
-def replace_upload_token(conn: Connection, assignment_id: int, token_hash: str) -> None:
-    conn.execute(_NEW_UPLOAD_TOKEN, {"assignment_id": assignment_id, "token_hash": token_hash})
+def replace_upload_token(tx: DriverTransaction, assignment_id: int, token_hash: str) -> None:
+    tx.execute(_NEW_UPLOAD_TOKEN, {"assignment_id": assignment_id, "token_hash": token_hash})
 
 
 # ----------------------------------------------------------------------------------------- ORM

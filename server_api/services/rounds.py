@@ -56,7 +56,7 @@ def get(ctx: ServiceContext, round_id: int) -> RoundOut:
 
 def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:
     """An assignment in the task's open round (a new one if a slot is free, or the device's own one with
-    a fresh upload token), else a wait. One Core transaction of three or four indexed statements."""
+    a fresh upload token), else a wait: one transaction of three or four indexed statements."""
     st = ctx.settings
     now = utcnow()
 
@@ -68,29 +68,30 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
     token = security.new_secret()
     token_hash = security.hash_secret(token)
     capabilities = body.capabilities.model_dump() if body.capabilities is not None else None
-    with ctx.db.write_connection() as conn:
-        queries.touch_device(conn, device_id, now, capabilities)  # first: see touch_device
-        view = queries.checkin_view(conn, body.task_id, device_id)
+    with ctx.db.driver_write() as tx:
+        queries.touch_device(tx, device_id, now, capabilities)  # first: see touch_device
+        view = queries.checkin_view(tx, body.task_id, device_id)
         if view is None:
             return wait(st.max_retry_after_s, "no_task")
         if view.task_status != "running":
             return wait(st.max_retry_after_s, "task_completed")
-        if view.round_id is None or view.round_status != ROUND_OPEN or view.deadline <= now:
+        rnd = view.round
+        if rnd is None or rnd.status != ROUND_OPEN or rnd.deadline <= now:
             return wait(st.tick_interval_s, "no_open_round")
-        until_deadline = (view.deadline - now).total_seconds()
-        if view.assignment_id is not None:
-            if view.assignment_reported:
+        until_deadline = (rnd.deadline - now).total_seconds()
+        if rnd.assignment_id is not None:
+            if rnd.assignment_reported:
                 return wait(until_deadline, "already_participated")
             # the device lost its token (crash, reinstall): a fresh one replaces it, the old one dies
-            queries.replace_upload_token(conn, view.assignment_id, token_hash)
-        elif not queries.take_assignment(conn, view.round_id, device_id, token_hash, now):
+            queries.replace_upload_token(tx, rnd.assignment_id, token_hash)
+        elif not queries.take_assignment(tx, rnd.id, device_id, token_hash, now):
             return wait(until_deadline, "round_full")
     return TrainAction(
         assignment=AssignmentOut(
-            round_id=view.round_id,
+            round_id=rnd.id,
             task_id=view.task_id,
-            round_number=view.round_number,
-            base_version=view.base_version,
+            round_number=rnd.number,
+            base_version=rnd.base_version,
             # the local update devices run: a server-side optimizer's task trains with fedavg's, so
             # devices built before the algorithm was added take part
             algorithm=registry.get(view.algorithm).wire_name,
@@ -98,7 +99,7 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             embedding_dim=view.embedding_dim,
             image_size=view.image_size,
             hyperparams=view.hyperparams,
-            deadline=view.deadline,
+            deadline=rnd.deadline,
             upload_token=token,
             trainable=view.trainable,
             trainable_prefixes=_list_or_none(resolve_trainable(view.architecture, view.trainable)),
