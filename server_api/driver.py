@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.sql.expression import ClauseElement, Select
+from sqlalchemy.sql.expression import ClauseElement
 
 _Processor = Callable[[Any], Any] | None
 
@@ -69,12 +69,9 @@ class Prepared:
             )
             for param, name in compiled.bind_names.items()
         )
-        result: tuple[_Processor, ...] = ()
-        if isinstance(self.statement, Select):
-            result = tuple(
-                col.type.dialect_impl(dialect).result_processor(dialect, None)
-                for col in self.statement.selected_columns
-            )
+        # a SELECT's columns, or a DML statement's RETURNING columns (none without RETURNING)
+        columns = getattr(self.statement, "exported_columns", ())
+        result = tuple(col.type.dialect_impl(dialect).result_processor(dialect, None) for col in columns)
         positional = tuple(compiled.positiontup) if compiled.positional else None
         return _Plan(compiled.string, positional, binds, result)
 
@@ -104,7 +101,8 @@ class DriverTransaction:
         return int(self._cursor.rowcount)
 
     def first(self, statement: Prepared, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        """The first row of a SELECT (values converted as SQLAlchemy would), or None."""
+        """The first row of a SELECT, or of a DML statement's RETURNING (values converted as SQLAlchemy
+        would), or None."""
         plan = self._run(statement, params)
         row = self._cursor.fetchone()
         self._cursor.fetchall()  # drain: the statement is finished before the next one
