@@ -212,6 +212,109 @@ def replace_upload_token(tx: DriverTransaction, assignment_id: int, token_hash: 
     tx.execute(_NEW_UPLOAD_TOKEN, {"assignment_id": assignment_id, "token_hash": token_hash})
 
 
+_updates = cast(Table, Update.__table__)
+_versions = cast(Table, ModelVersion.__table__)
+
+
+@dataclass(frozen=True)
+class UploadView:
+    """What an upload is checked against before its body is read: the round, its task and base model,
+    and the device's assignment in it (None: none)."""
+
+    round_status: str
+    deadline: datetime
+    base_version: int
+    base_blob_key: str
+    policy: dict[str, Any]
+    algorithm: str
+    embedding_dim: int
+    architecture: str
+    trainable: list[str] | None
+    assignment_id: int | None
+    reported: bool | None
+    upload_token_hash: str | None
+
+
+_UPLOAD_VIEW = Prepared(
+    select(
+        _rounds.c.status,
+        _rounds.c.deadline,
+        _rounds.c.base_version,
+        _versions.c.blob_key,
+        _tasks.c.policy,
+        _tasks.c.algorithm,
+        _tasks.c.embedding_dim,
+        _tasks.c.architecture,
+        _tasks.c.trainable,
+        _assignments.c.id,
+        _assignments.c.reported,
+        _assignments.c.upload_token_hash,
+    )  # fmt: skip  (the order of UploadView's fields)
+    .join(_tasks, _tasks.c.id == _rounds.c.task_id)
+    .join(_versions, _versions.c.version == _rounds.c.base_version)
+    .outerjoin(
+        _assignments,
+        and_(_assignments.c.round_id == _rounds.c.id, _assignments.c.device_id == bindparam("device_id")),
+    )
+    .where(_rounds.c.id == bindparam("round_id"))
+)
+
+
+def upload_view(tx: DriverTransaction, round_id: int, device_id: str) -> UploadView | None:
+    """One indexed statement (primary keys and uq_assignments_round_device); None: no such round."""
+    row = tx.first(_UPLOAD_VIEW, {"round_id": round_id, "device_id": device_id})
+    return None if row is None else UploadView(*row)
+
+
+_MARK_REPORTED = Prepared(
+    update(_assignments)
+    .where(
+        _assignments.c.id == bindparam("assignment_id"),
+        _assignments.c.reported.is_(False),
+        _assignments.c.upload_token_hash == bindparam("token_hash"),
+    )
+    .values(reported=True)
+)
+_COUNT_REPORT = Prepared(
+    update(_rounds)
+    .where(
+        _rounds.c.id == bindparam("round_id"),
+        _rounds.c.status == ROUND_OPEN,
+        _rounds.c.deadline > bindparam("now"),
+    )
+    .values(reported=_rounds.c.reported + 1)
+    .returning(_rounds.c.reported, _rounds.c.target_reports)
+)
+_INSERT_UPDATE = Prepared(
+    insert(_updates)
+    .values(
+        round_id=bindparam("round_id"),
+        device_id=bindparam("device_id"),
+        assignment_id=bindparam("assignment_id"),
+        blob_key=bindparam("blob_key"),
+        size_bytes=bindparam("size_bytes"),
+        num_samples=bindparam("num_samples"),
+        norm=bindparam("norm"),
+        metrics=bindparam("metrics"),
+        created_at=bindparam("now"),
+    )
+    .returning(_updates.c.id)
+)
+
+
+def record_update(tx: DriverTransaction, row: dict[str, Any]) -> tuple[int, int, int] | None:
+    """Compare-and-set the assignment (not reported yet, and this upload token) and the round (open,
+    before its deadline), then the update row: (update id, reports, target reports), or None when
+    either compare-and-set failed (the caller rolls back and says why)."""
+    if tx.execute(_MARK_REPORTED, row) != 1:
+        return None
+    counted = tx.first(_COUNT_REPORT, row)
+    if counted is None:
+        return None
+    update_id = tx.scalar(_INSERT_UPDATE, row)
+    return int(update_id), int(counted[0]), int(counted[1])
+
+
 # ----------------------------------------------------------------------------------------- ORM
 
 
