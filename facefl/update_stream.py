@@ -11,6 +11,8 @@ algorithm's small extras) are held in memory.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import struct
 from collections.abc import Mapping
@@ -50,6 +52,21 @@ class _Region:
     done: int = 0  # elements seen
     parts: list[np.ndarray] = field(default_factory=list)
     sumsq: Any = 0.0  # float tensors: sum of squares; int8: per channel (or one) sums of q^2
+    # adjacent float tensors that are neither kept nor scales are checked as one run (a model has
+    # hundreds of small tensors): (byte offset, name) of each, to name the one holding a NaN
+    members: list[tuple[int, str]] = field(default_factory=list)
+
+    def name_at(self, element: int) -> str:
+        offset = self.start + element * self.dtype.itemsize
+        return self.members[bisect.bisect_right([m[0] for m in self.members], offset) - 1][1]
+
+
+@functools.lru_cache(maxsize=64)
+def parsed_header(
+    raw: bytes,
+) -> tuple[dict[str, codec.TensorSpec], dict[str, str], dict[str, tuple[int, int]], int]:
+    """Devices of one task send byte-identical headers: each is parsed once (read-only results)."""
+    return codec.parse_header(raw, None, UPDATE_DTYPES)
 
 
 class UpdateScanner:
@@ -109,7 +126,7 @@ class UpdateScanner:
         return view[take:]
 
     def _open(self, raw: bytes) -> None:
-        specs, meta, offsets, body_len = codec.parse_header(raw, None, UPDATE_DTYPES)
+        specs, meta, offsets, body_len = parsed_header(raw)
         self._layout = compression.wire_layout(specs, self._expected)
         scales = {s: n for n, s in self._layout.items() if s is not None}
         for name, (start, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
@@ -118,10 +135,24 @@ class UpdateScanner:
             per_channel = scale is not None and specs[scale].shape != (1,)
             hold = name in scales or name in self._keep
             dtype = UPDATE_DTYPES[spec.dtype]
+            last = self._regions[-1] if self._regions else None
+            if (
+                last is not None
+                and last.members
+                and not hold
+                and dtype == last.dtype
+                and dtype.kind == "f"
+                and start == last.end
+            ):
+                last.end = end
+                last.members.append((start, name))
+                continue
             row = math.prod(spec.shape[1:])
             region = _Region(name, start, end, dtype, spec.shape, hold, per_channel, row)
             if spec.dtype == "I8":
                 region.sumsq = np.zeros(spec.shape[0] if per_channel else 1, np.float64)
+            elif not hold:
+                region.members.append((start, name))
             self._regions.append(region)
         self._body_len = body_len
         assert self._header_len is not None
@@ -159,14 +190,22 @@ class UpdateScanner:
         if region.hold:
             region.parts.append(arr.copy())
         if region.dtype.kind == "f":
+            if arr.dtype.itemsize < 4:
+                arr = arr.astype(np.float32)  # NumPy's float16 arithmetic is emulated: slow
             if not np.isfinite(arr).all():
-                raise codec.CodecError(f"tensor {region.name!r} contains NaN or Inf")
+                bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+                name = region.name_at(region.done + bad) if region.members else region.name
+                raise codec.CodecError(f"tensor {name!r} contains NaN or Inf")
             if not region.hold:
                 region.sumsq += float(np.einsum("i,i->", arr, arr, dtype=np.float64))
         elif not region.hold:
             squares = np.square(arr, dtype=np.float32)  # exact: |q| <= 128
             if not region.per_channel:
                 region.sumsq[0] += float(squares.sum(dtype=np.float64))
+            elif region.done % region.row == 0 and arr.size % region.row == 0:  # whole channels
+                first = region.done // region.row
+                rows = squares.reshape(-1, region.row).sum(axis=1, dtype=np.float64)
+                region.sumsq[first : first + rows.size] += rows
             else:
                 first = region.done
                 # the chunk's start, then every channel boundary inside it
