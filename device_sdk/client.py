@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from facefl import codec
+from facefl import codec, compression
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from facefl.data.public import PublicSet, decode_pack
 from facefl.fileio import atomic_write_bytes
@@ -115,6 +115,9 @@ class Assignment:
     # partial training: the task's parameter groups and their name prefixes (None: the whole model)
     trainable: tuple[str, ...] | None = None
     trainable_prefixes: tuple[str, ...] | None = None
+    # how the delta is encoded for upload, and whether training adds back what encoding dropped
+    update_encoding: str = compression.DEFAULT_ENCODING
+    update_error_feedback: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Assignment:
@@ -133,6 +136,8 @@ class Assignment:
                 upload_token=str(data["upload_token"]),
                 trainable=_opt_strings(data.get("trainable")),
                 trainable_prefixes=_opt_strings(data.get("trainable_prefixes")),
+                update_encoding=compression.known_or_default(data.get("update_encoding")),
+                update_error_feedback=bool(data.get("update_error_feedback", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed assignment: {exc!r}") from exc
@@ -547,7 +552,7 @@ class FederatedClient:
         """
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
-        body = codec.encode(delta)
+        body = compression.encode_payload(delta, assignment.update_encoding)
         headers = {
             "X-Upload-Token": assignment.upload_token,
             "Content-Type": "application/octet-stream",

@@ -68,6 +68,12 @@ def check_encoding(encoding: str) -> UpdateEncoding:
     return encoding  # type: ignore[return-value]
 
 
+def known_or_default(encoding: object) -> UpdateEncoding:
+    """An encoding a server asked for, or float32 when this code does not know it (a newer server):
+    float32 is accepted by every server."""
+    return encoding if encoding in ENCODINGS else DEFAULT_ENCODING  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------------ int8 math
 
 

@@ -106,6 +106,7 @@ class CheckinView:
     image_size: int
     hyperparams: dict[str, Any]
     trainable: list[str] | None
+    policy: dict[str, Any]
     round: ActiveRound | None
 
 
@@ -125,6 +126,7 @@ def _checkin_view(task_id: ColumnElement[Any]) -> Prepared:
         t.c.image_size,
         t.c.hyperparams,
         t.c.trainable,
+        t.c.policy,
         r.c.id,
         r.c.number,
         r.c.status,
@@ -132,7 +134,7 @@ def _checkin_view(task_id: ColumnElement[Any]) -> Prepared:
         r.c.deadline,
         a.c.id,
         a.c.reported,
-    )  # fmt: skip  (the order of CheckinView's fields, then ActiveRound's)
+    )  # the order of CheckinView's fields, then ActiveRound's
     return Prepared(
         select(*columns)
         # primary key, then the partial unique index uq_rounds_one_active_per_task, then
@@ -164,10 +166,10 @@ def checkin_view(tx: DriverTransaction, task_id: int | None, device_id: str) -> 
         row = tx.first(_CHECKIN_VIEW_OF_TASK, {"task_id": task_id, "device_id": device_id})
     if row is None:
         return None
-    active = ActiveRound(*row[8:]) if row[8] is not None else None
-    task_id, status, algorithm, architecture, embedding_dim, image_size, hyperparams, trainable = row[:8]
+    active = ActiveRound(*row[9:]) if row[9] is not None else None
+    task_id, status, algorithm, architecture, dim, size, hyperparams, trainable, policy = row[:9]
     return CheckinView(
-        task_id, status, algorithm, architecture, embedding_dim, image_size, hyperparams, trainable, active
+        task_id, status, algorithm, architecture, dim, size, hyperparams, trainable, policy, active
     )
 
 
@@ -249,7 +251,7 @@ _UPLOAD_VIEW = Prepared(
         _assignments.c.id,
         _assignments.c.reported,
         _assignments.c.upload_token_hash,
-    )  # fmt: skip  (the order of UploadView's fields)
+    )  # the order of UploadView's fields
     .join(_tasks, _tasks.c.id == _rounds.c.task_id)
     .join(_versions, _versions.c.version == _rounds.c.base_version)
     .outerjoin(

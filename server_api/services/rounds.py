@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from facefl.algorithms import registry
+from facefl.compression import DEFAULT_ENCODING
 from facefl.models import resolve_trainable
 from server_api import metrics, security
 from server_api.db import after_commit
@@ -103,6 +104,9 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             upload_token=token,
             trainable=view.trainable,
             trainable_prefixes=_list_or_none(resolve_trainable(view.architecture, view.trainable)),
+            # absent from the policy of a task created before compressed updates: float32
+            update_encoding=view.policy.get("update_encoding", DEFAULT_ENCODING),
+            update_error_feedback=bool(view.policy.get("update_error_feedback", False)),
         )
     )
 
