@@ -43,14 +43,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from simulator.server import LocalServer
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
+    # first: an installed (editable) facefl elsewhere must not shadow this checkout, whose server_api the
+    # server subprocess runs (LocalServer puts its own checkout on the server's PYTHONPATH)
     sys.path.insert(0, str(REPO))
 
 from facefl import codec, update_files  # noqa: E402
 from facefl.algorithms.fedavg import WeightedMean  # noqa: E402
+from simulator.server import LocalServer  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789"
 SECRET = "bench-enrollment-secret-0123456789"
