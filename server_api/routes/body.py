@@ -44,7 +44,7 @@ async def receive_body(request: Request, ctx: ServiceContext) -> Path:
 
 
 async def stream_body(
-    request: Request, ctx: ServiceContext, write: Callable[[bytes], None], failed: Callable[[], bool]
+    request: Request, ctx: ServiceContext, write: Callable[[bytearray], None], failed: Callable[[], bool]
 ) -> int:
     """Hand the body to ``write`` in batches of about 1 MiB, each in a worker thread while the event loop
     receives the next (one write in flight at a time, in order); 413 as soon as the body exceeds the
@@ -68,13 +68,13 @@ async def stream_body(
             if len(buffer) >= _FLUSH_BYTES:
                 if pending is not None:
                     await pending
-                batch, buffer = bytes(buffer), bytearray()
+                batch, buffer = buffer, bytearray()  # handed over, not copied
                 pending = asyncio.ensure_future(run_in_threadpool(write, batch))
         if pending is not None:
             await pending
             pending = None
         if buffer and not failed():
-            await run_in_threadpool(write, bytes(buffer))
+            await run_in_threadpool(write, buffer)
     finally:
         if pending is not None:  # an error or a disconnect: the write in flight ends before the caller
             with contextlib.suppress(Exception):  # discards the staging file
