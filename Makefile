@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-EXTRAS := dev,postgres,ray,pretrained
+EXTRAS := dev,postgres,ray,pretrained,profile
 
 # torch is pinned and installed first: a plain `torch` would pull several GB of CUDA wheels.
 # constraints.txt pins every package (direct and transitive), so a new release elsewhere cannot change

@@ -8,9 +8,10 @@
    answers a small JSON (benchmarks/_bare_app.py), both served by the same uvicorn command line.
 2. Uploads/s of a real, valid ~4 MB delta (mobilefacenet) to `POST /v1/rounds/{id}/updates` against a bare
    endpoint that streams the body to a file (with and without fsync).
-3. FedAvg aggregation in GB/s: `WeightedMean` fed from safetensors files (the server's path) and from
-   in-memory arrays, against in-place `numpy.add(acc, x, out=acc)` over the same arrays (the memory-bandwidth
-   floor); and the server's real end-to-end aggregation of the upload round (last 202 -> `aggregated`).
+3. FedAvg aggregation in GB/s: the server's mean of update blob files (`facefl.update_files.mean_of_files`:
+   memory-mapped, one pass) and `WeightedMean` over in-memory arrays, against in-place
+   `numpy.add(acc, x, out=acc)` over the same arrays (the memory-bandwidth floor); and the server's real
+   end-to-end aggregation of the upload round (last 202 -> `aggregated`).
 
 The load generator is threads with one keep-alive `http.client` connection each: httpx costs ~0.5 ms of
 client CPU per request, which on a 2-core machine caps the bare baseline well below what it can serve.
@@ -41,15 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from simulator.server import LocalServer
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
+    # first: an installed (editable) facefl elsewhere must not shadow this checkout, whose server_api the
+    # server subprocess runs (LocalServer puts its own checkout on the server's PYTHONPATH)
     sys.path.insert(0, str(REPO))
 
 from device_sdk import AdminClient  # noqa: E402
-from facefl import codec  # noqa: E402
+from facefl import codec, update_files  # noqa: E402
 from facefl.algorithms.fedavg import WeightedMean  # noqa: E402
+from simulator.server import LocalServer  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789"
 SECRET = "bench-enrollment-secret-0123456789"
@@ -432,10 +434,8 @@ def bench_aggregation(
     update_bytes = sum(v.nbytes for v in arrays[0].values())
     weights = [float(50 + i) for i in range(k)]
 
-    def from_files() -> None:
-        mean = WeightedMean()
-        for p, wt in zip(paths, weights, strict=True):
-            mean.add(codec.load_file(p), wt)
+    def from_files() -> None:  # the server's path: each blob memory-mapped, accumulated in one pass
+        update_files.mean_of_files(paths, weights)
 
     def in_memory() -> None:
         mean = WeightedMean()
@@ -531,7 +531,7 @@ def build_table(ck: dict, up: dict, agg: dict) -> list[dict[str, Any]]:
     floor = agg["numpy_add_floor"]["gb_per_s"]
     k = agg["updates"]
     row(
-        f"FedAvg WeightedMean from files (K={k}): GB/s",
+        f"FedAvg mean from blob files (K={k}): GB/s",
         agg["weighted_mean_files"]["gb_per_s"],
         floor,
         "numpy.add in place",

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from facefl import codec
+from facefl import codec, compression
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from facefl.data.public import PublicSet, decode_pack
 
@@ -354,7 +354,7 @@ class FederatedClient:
         """
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
-        body = codec.encode(delta)
+        body = compression.encode_payload(delta, assignment.update_encoding)
         headers = {
             "X-Upload-Token": assignment.upload_token,
             "Content-Type": "application/octet-stream",

@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from facefl import compression
+
 from .errors import ProtocolError
 
 __all__ = [
@@ -69,6 +71,9 @@ class Assignment:
     # partial training: the task's parameter groups and their name prefixes (None: the whole model)
     trainable: tuple[str, ...] | None = None
     trainable_prefixes: tuple[str, ...] | None = None
+    # how the delta is encoded for upload, and whether training adds back what encoding dropped
+    update_encoding: str = compression.DEFAULT_ENCODING
+    update_error_feedback: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Assignment:
@@ -87,6 +92,8 @@ class Assignment:
                 upload_token=str(data["upload_token"]),
                 trainable=_opt_strings(data.get("trainable")),
                 trainable_prefixes=_opt_strings(data.get("trainable_prefixes")),
+                update_encoding=compression.known_or_default(data.get("update_encoding")),
+                update_error_feedback=bool(data.get("update_error_feedback", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed assignment: {exc!r}") from exc

@@ -66,10 +66,15 @@ def encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
     return _st_save(arrays, metadata=dict(metadata) if metadata else None)
 
 
-def decode(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> TensorDict:
+def decode(
+    data: bytes,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    dtypes: Mapping[str, np.dtype[Any]] = _WIRE_DTYPES,
+) -> TensorDict:
     """Parse safetensors bytes into NumPy arrays; raises CodecError on malformed input."""
     # validates the structure before safetensors allocates anything
-    read_header(data, max_header_bytes=max_header_bytes)
+    read_header(data, max_header_bytes=max_header_bytes, dtypes=dtypes)
     try:
         return dict(_st_load(data))
     except (SafetensorError, ValueError, TypeError) as exc:
@@ -99,6 +104,16 @@ def _parse_header(
     raw: bytes, body_len: int
 ) -> tuple[dict[str, TensorSpec], dict[str, str], dict[str, tuple[int, int]]]:
     """Strictly typed checks of every header field; offsets must tile ``body_len`` bytes exactly."""
+    specs, meta, spans, _ = parse_header(raw, body_len)
+    return specs, meta, spans
+
+
+def parse_header(
+    raw: bytes, body_len: int | None, dtypes: Mapping[str, np.dtype[Any]] = _WIRE_DTYPES
+) -> tuple[dict[str, TensorSpec], dict[str, str], dict[str, tuple[int, int]], int]:
+    """Strictly typed checks of every header field, dtypes among ``dtypes``; the offsets must tile the
+    data section exactly. ``body_len=None``: the length is not known yet (a body still streaming), the
+    tiling defines it; returns (specs, metadata, offsets, data section length)."""
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except RecursionError as exc:  # a deeply nested header
@@ -118,8 +133,9 @@ def _parse_header(
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise CodecError(f"tensor {name!r}: header entry lacks dtype/shape/data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _WIRE_DTYPES:
-            raise CodecError(f"tensor {name!r}: dtype {str(dtype)[:16]!r} not accepted (use F32 or F16)")
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            accepted = " or ".join(dtypes)
+            raise CodecError(f"tensor {name!r}: dtype {str(dtype)[:16]!r} not accepted (use {accepted})")
         if not (
             isinstance(shape, list)
             and len(shape) <= MAX_NDIM
@@ -130,8 +146,8 @@ def _parse_header(
             raise CodecError(f"tensor {name!r}: bad data_offsets {str(offsets)[:64]}")
         start, end = offsets
         # Python integers: a shape such as [2**70] cannot overflow, it just does not match the offsets
-        expected = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
-        if start < 0 or end > body_len or end - start != expected:
+        expected = math.prod(shape) * dtypes[dtype].itemsize
+        if start < 0 or (body_len is not None and end > body_len) or end - start != expected:
             raise CodecError(f"tensor {name!r}: data_offsets do not match its shape and dtype")
         spans[name] = (start, end)
         specs[name] = TensorSpec(shape=tuple(shape), dtype=dtype)
@@ -140,9 +156,9 @@ def _parse_header(
         if start != cursor:
             raise CodecError("tensor buffers overlap or leave gaps")
         cursor = end
-    if cursor != body_len:
+    if body_len is not None and cursor != body_len:
         raise CodecError("payload length does not match the tensors in its header")
-    return specs, dict(meta), spans
+    return specs, dict(meta), spans, cursor
 
 
 def _header_length(prefix: bytes, total: int, max_header_bytes: int) -> int:
@@ -157,7 +173,10 @@ def _header_length(prefix: bytes, total: int, max_header_bytes: int) -> int:
 
 
 def read_header(
-    data: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+    data: bytes | memoryview,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    dtypes: Mapping[str, np.dtype[Any]] = _WIRE_DTYPES,
 ) -> dict[str, TensorSpec]:
     """Read and check the safetensors header only: names, dtypes, shapes and offsets.
 
@@ -167,7 +186,7 @@ def read_header(
     anything else.
     """
     header_len = _header_length(bytes(data[:8]), len(data), max_header_bytes)
-    specs, _, _ = _parse_header(bytes(data[8 : 8 + header_len]), len(data) - 8 - header_len)
+    specs, _, _, _ = parse_header(bytes(data[8 : 8 + header_len]), len(data) - 8 - header_len, dtypes)
     return specs
 
 
@@ -186,13 +205,18 @@ class FileHeader:
     offsets: dict[str, tuple[int, int]]  # per tensor, relative to data_start
 
 
-def read_file_header(path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -> FileHeader:
+def read_file_header(
+    path: str | Path,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    dtypes: Mapping[str, np.dtype[Any]] = _WIRE_DTYPES,
+) -> FileHeader:
     """:func:`read_header` for a file, reading the header only (memory independent of the file size)."""
     with Path(path).open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         header_len = _header_length(f.read(8), size, max_header_bytes)
         raw = f.read(header_len)
-    specs, meta, offsets = _parse_header(raw, size - 8 - header_len)
+    specs, meta, offsets, _ = parse_header(raw, size - 8 - header_len, dtypes)
     return FileHeader(specs, meta, 8 + header_len, offsets)
 
 

@@ -16,6 +16,7 @@ from facefl.fileio import sha256_file
 class BlobStore(Protocol):
     def staging_file(self) -> Path: ...
     def put_file(self, staged: Path) -> tuple[str, int]: ...
+    def adopt(self, staged: Path, key: str) -> None: ...
     def put_bytes(self, data: bytes) -> tuple[str, int]: ...
     def path(self, key: str) -> Path: ...
     def read(self, key: str) -> bytes: ...
@@ -108,11 +109,16 @@ class FileBlobStore:
             os.fsync(f.fileno())
         key = sha256_file(staged)
         size = staged.stat().st_size
+        self.adopt(staged, key)
+        return key, size
+
+    def adopt(self, staged: Path, key: str) -> None:
+        """Rename a staged file whose bytes are already fsynced and whose sha256 is ``key`` into place,
+        and fsync its folder: durable when this returns (the caller hashed it while writing it)."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, dest)  # atomic: readers see the whole blob or none
         _fsync_dir(dest.parent)
-        return key, size
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         staged = self.staging_file()

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from server_api.driver import DriverTransaction, driver_transaction
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 _READONLY = "facefl_readonly"
@@ -56,7 +58,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READONLY) else "BEGIN IMMEDIATE")
+        # on the driver's connection: exec_driver_sql would run SQLAlchemy's whole execution path (events,
+        # result set-up), which costs more than BEGIN itself on every transaction
+        begin = "BEGIN" if conn.get_execution_options().get(_READONLY) else "BEGIN IMMEDIATE"
+        conn.connection.driver_connection.execute(begin)
 
 
 _AFTER_COMMIT = "facefl_after_commit"
@@ -107,6 +112,19 @@ class Database:
     def read(self) -> Iterator[Session]:
         with self._ro() as session, session.begin():
             yield session
+
+    # The hot paths (check-in, authentication, upload intake) run prepared Core statements on the
+    # driver's connection (server_api.driver): same transactions and locks as write()/read().
+
+    def driver_write(self) -> AbstractContextManager[DriverTransaction]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite) that commits on success."""
+        begin = ("BEGIN IMMEDIATE",) if self.is_sqlite else ()
+        return driver_transaction(self.engine, self._write_lock, begin)
+
+    def driver_read(self) -> AbstractContextManager[DriverTransaction]:
+        """A read transaction (plain BEGIN on SQLite: readers never queue behind writers)."""
+        begin = ("BEGIN",) if self.is_sqlite else ()
+        return driver_transaction(self.engine, contextlib.nullcontext(), begin)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -6,6 +6,7 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BeforeValidator
 
@@ -19,7 +20,11 @@ from server_api.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="device token, or the admin token for admin endpoints")
 
 
-def get_context(request: Request) -> ServiceContext:
+# Dependencies that do no I/O are coroutines: FastAPI runs a plain ``def`` dependency in the thread pool,
+# and each such hop costs more CPU than the check-in's own SQL.
+
+
+async def get_context(request: Request) -> ServiceContext:
     ctx: ServiceContext = request.app.state.ctx
     return ctx
 
@@ -27,7 +32,7 @@ def get_context(request: Request) -> ServiceContext:
 Context = Annotated[ServiceContext, Depends(get_context)]
 
 
-def get_settings(ctx: Context) -> Settings:
+async def get_settings(ctx: Context) -> Settings:
     return ctx.settings
 
 
@@ -45,29 +50,38 @@ def _admit(ctx: ServiceContext, request: Request, device_id: str) -> str:
     return device_id
 
 
-def current_device(ctx: Context, creds: Bearer, request: Request) -> str:
+async def _device_of(ctx: ServiceContext, token: str) -> str:
+    """Authenticate a device token: from the per-process hash cache, else (first request of a device in
+    this process) by a query off the event loop."""
+    device_id = devices.authenticate_cached(ctx, token)
+    if device_id is None:
+        device_id = await run_in_threadpool(devices.authenticate, ctx, token)
+    return device_id
+
+
+async def current_device(ctx: Context, creds: Bearer, request: Request) -> str:
     if creds is None:
         raise unauthorized()
-    return _admit(ctx, request, devices.authenticate(ctx, creds.credentials))
+    return _admit(ctx, request, await _device_of(ctx, creds.credentials))
 
 
-def require_admin(ctx: Context, creds: Bearer) -> None:
+async def require_admin(ctx: Context, creds: Bearer) -> None:
     if creds is None:
         raise unauthorized()
     if not security.constant_time_equals(creds.credentials, ctx.settings.admin_token_value):
         raise forbidden("admin token required") if "." in creds.credentials else unauthorized()
 
 
-def any_principal(ctx: Context, creds: Bearer, request: Request) -> str:
+async def any_principal(ctx: Context, creds: Bearer, request: Request) -> str:
     """Admin or a registered device (read-only status endpoints); devices are rate limited."""
     if creds is None:
         raise unauthorized()
     if security.constant_time_equals(creds.credentials, ctx.settings.admin_token_value):
         return "admin"
-    return _admit(ctx, request, devices.authenticate(ctx, creds.credentials))
+    return _admit(ctx, request, await _device_of(ctx, creds.credentials))
 
 
-def registration_slot(ctx: Context, request: Request) -> None:
+async def registration_slot(ctx: Context, request: Request) -> None:
     """Registrations are rate limited per client address and in all (429 + Retry-After), before the
     enrollment secret is checked: guessing the secret is limited too."""
     address = request.client.host if request.client is not None else "unknown"

@@ -11,6 +11,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from facefl.algorithms import registry
+from facefl.compression import UpdateEncoding
 
 # ids are INTEGER columns (int4 on PostgreSQL): larger numbers are refused with 422 before any query
 MAX_ID = 2**31 - 1
@@ -126,6 +127,11 @@ class RoundPolicy(Strict):
     max_sample_weight: Annotated[int, Field(ge=1, le=1_000_000_000)] = DEFAULT_MAX_SAMPLE_WEIGHT
     robust: RobustAggregation | None = None
     gate: ReleaseGate | None = None
+    # how devices encode their delta (facefl.compression): float32, float16, or int8 with a scale per
+    # tensor ("int8") or per output channel ("int8_channel"); the server accepts every encoding whatever
+    # the task asks. error feedback: devices add what quantization dropped to their next delta
+    update_encoding: UpdateEncoding = "float32"
+    update_error_feedback: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> RoundPolicy:
@@ -305,6 +311,9 @@ class AssignmentOut(BaseModel):
     # trainable_names); the update carries exactly those tensors. None: the whole model
     trainable: list[str] | None
     trainable_prefixes: list[str] | None
+    # the task's update encoding and error feedback (policy): devices built before them send float32
+    update_encoding: UpdateEncoding = "float32"
+    update_error_feedback: bool = False
 
 
 class TrainAction(BaseModel):

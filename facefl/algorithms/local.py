@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facefl import codec
+from facefl import codec, compression
 from facefl.algorithms.base import AssignmentLike, Hyperparams, RoundInputs
 from facefl.data import preprocessing_for
 from facefl.device_state import HEAD_FILE, DeviceState
@@ -42,6 +42,9 @@ __all__ = [
     "train_mode",
     "trainable_parameters",
 ]
+
+# what update encoding dropped so far (error feedback, facefl.compression)
+FEEDBACK_FILE = "update_residual.safetensors"
 
 # a batch's loss: (total to minimize, named terms to report)
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -119,8 +122,24 @@ class LocalJob:
         return freeze_outside(model, self.base_weights, trainable_prefixes(self.assignment))
 
     def delta(self, local: Mapping[str, np.ndarray], trained: Sequence[str]) -> dict[str, np.ndarray]:
-        """``local - base`` for the uploaded names."""
-        return codec.delta({k: local[k] for k in trained}, {k: self.base_weights[k] for k in trained})
+        """``local - base`` for the uploaded names (plus, under the task's error feedback, what encoding
+        dropped from the previous rounds' deltas)."""
+        delta = codec.delta({k: local[k] for k in trained}, {k: self.base_weights[k] for k in trained})
+        return self.error_feedback(delta)
+
+    def error_feedback(self, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """With the assignment's ``update_error_feedback`` (and a state folder): the delta plus the saved
+        residual, and the new residual saved (facefl.compression.ErrorFeedback). Encoding is
+        deterministic, so the residual is known before the upload encodes the returned delta."""
+        encoding = getattr(self.assignment, "update_encoding", compression.DEFAULT_ENCODING)
+        if not getattr(self.assignment, "update_error_feedback", False) or self.state_dir is None:
+            return delta
+        path = self.state_dir / FEEDBACK_FILE
+        feedback = compression.ErrorFeedback.load(path)
+        corrected = feedback.correct(delta, encoding)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        feedback.save(path)
+        return corrected
 
     @staticmethod
     def embedding_dim(model: torch.nn.Module) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -38,3 +41,42 @@ async def receive_body(request: Request, ctx: ServiceContext) -> Path:
         staged.unlink(missing_ok=True)
         raise
     return staged
+
+
+async def stream_body(
+    request: Request, ctx: ServiceContext, write: Callable[[bytearray], None], failed: Callable[[], bool]
+) -> int:
+    """Hand the body to ``write`` in batches of about 1 MiB, each in a worker thread while the event loop
+    receives the next (one write in flight at a time, in order); 413 as soon as the body exceeds the
+    limit. Once ``failed()`` the rest of the body is read and dropped, so that the client gets the
+    answer rather than a reset connection. Returns the body's size."""
+    limit = ctx.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    received = 0
+    buffer = bytearray()
+    pending: asyncio.Task[None] | None = None
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:  # refused while streaming
+                raise too_large(limit)
+            if failed():
+                continue
+            buffer += chunk
+            if len(buffer) >= _FLUSH_BYTES:
+                if pending is not None:
+                    await pending
+                batch, buffer = buffer, bytearray()  # handed over, not copied
+                pending = asyncio.ensure_future(run_in_threadpool(write, batch))
+        if pending is not None:
+            await pending
+            pending = None
+        if buffer and not failed():
+            await run_in_threadpool(write, buffer)
+    finally:
+        if pending is not None:  # an error or a disconnect: the write in flight ends before the caller
+            with contextlib.suppress(Exception):  # discards the staging file
+                await pending
+    return received

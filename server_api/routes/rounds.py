@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from server_api.deps import Admin, Context, CurrentDevice, Decimal, IdPath, Principal
-from server_api.routes.body import receive_body
+from server_api.routes.body import stream_body
 from server_api.routes.responses import ADMIN, AUTHENTICATED, COMMON, JSON_BODY, UPLOAD, errors
 from server_api.schemas import (
     CheckinIn,
@@ -75,21 +75,15 @@ async def upload_update(
 ) -> UpdateAccepted:
     """Upload this device's model delta (safetensors body). Durable before 202."""
     metrics = updates.parse_metrics(x_metrics)
-    await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
+    target = await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
     # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
     with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
-        staged = await receive_body(request, ctx)
+        staged = await run_in_threadpool(updates.staged_update, ctx, target)
         try:
+            # validated, hashed and staged in one pass while it streams in
+            await stream_body(request, ctx, staged.write, lambda: staged.failed)
             return await run_in_threadpool(
-                lambda: updates.accept(
-                    ctx,
-                    round_id=round_id,
-                    device_id=device_id,
-                    upload_token=x_upload_token,
-                    staged=staged,
-                    num_samples=num_samples,
-                    metrics=metrics,
-                )
+                lambda: updates.accept(ctx, target, staged, num_samples=num_samples, metrics=metrics)
             )
         finally:
-            staged.unlink(missing_ok=True)
+            staged.discard()

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from facefl import codec
+from facefl import codec, update_files
 from facefl.algorithms import registry
 from facefl.algorithms.base import ServerStepInputs
-from facefl.algorithms.fedavg import WeightedMean
 from server_api import metrics as prom
 from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
 from server_api.services import evaluation, gate, models, public, queries, rounds, server_state
@@ -29,8 +28,9 @@ from server_api.services.robust import robust_delta
 def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     """Aggregate the round if this caller wins the compare-and-set; returns the new version or None.
 
-    Memory is O(model): updates are read from the blob store one at a time into a running weighted
-    mean; the algorithm's server step turns it into the new version's delta. The new version, the
+    Memory is O(model): updates are memory-mapped from the blob store one at a time into a running
+    weighted mean (facefl.update_files); the algorithm's server step turns it into the new version's
+    delta. The new version, the
     round's closure and the next round are committed in one transaction, fenced by the lease timestamp
     we set when we took the round.
     """
@@ -64,18 +64,15 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
     # a takeover can never produce a second version
     with _Heartbeat(ctx, round_id, lease):
         t0 = time.perf_counter()
-        mean = WeightedMean()
         metric_sums: dict[str, float] = defaultdict(float)
         extra_names = set(algorithm.update_extras(embedding_dim or 0))  # not part of the mean
         extras: dict[str, dict[str, np.ndarray]] = {}
-        for blob_key, num_samples, metrics, device_id in updates:
-            if not robust_config or extra_names:
-                tensors = codec.load_file(ctx.blobs.path(blob_key))
-                own = {name: tensors.pop(name) for name in extra_names if name in tensors}
+        paths = [ctx.blobs.path(blob_key) for blob_key, _, _, _ in updates]
+        for (_, num_samples, metrics, device_id), path in zip(updates, paths, strict=True):
+            if extra_names:
+                own = update_files.read_tensors(path, extra_names)
                 if own:
                     extras[device_id] = own
-                if not robust_config:
-                    mean.add(tensors, float(num_samples))
             for name, value in metrics.items():
                 metric_sums[name] += float(value) * num_samples
         total = sum(n for _, n, _, _ in updates)
@@ -83,7 +80,9 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
             delta = robust_delta(ctx, reports, robust_config, exclude=extra_names)
         else:
-            delta = mean.result()
+            # the blobs memory-mapped (any update encoding), accumulated in one pass each: O(model)
+            weights = [float(n) for _, n, _, _ in updates]
+            delta = update_files.mean_of_files(paths, weights, exclude=extra_names)
         base_weights = codec.load_file(ctx.blobs.path(base_key))
         step = algorithm.server_step(
             ServerStepInputs(

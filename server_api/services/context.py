@@ -14,6 +14,7 @@ from server_api.blobstore import FileBlobStore
 from server_api.db import Database
 from server_api.errors import conflict
 from server_api.ratelimit import RateLimiter
+from server_api.services.token_cache import TokenHashes
 from server_api.settings import Settings
 
 log = logging.getLogger("facefl.server")
@@ -64,6 +65,8 @@ class ServiceContext:
     register_global: RateLimiter | None = None
     # (round, device) pairs with an upload in progress in this process: one at a time per assignment
     uploads: InFlight = field(default_factory=InFlight)
+    # device id -> token hash of devices seen by this process (immutable values: see TokenHashes)
+    device_tokens: TokenHashes = field(default_factory=TokenHashes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:

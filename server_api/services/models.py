@@ -105,6 +105,11 @@ def expected_specs(ctx: ServiceContext, version: int) -> dict[str, codec.TensorS
     return _specs_cached(str(path))
 
 
+def specs_of_blob(ctx: ServiceContext, blob_key: str) -> dict[str, codec.TensorSpec]:
+    """:func:`expected_specs` of a model version whose blob key is known (no query)."""
+    return _specs_cached(str(ctx.blobs.path(blob_key)))
+
+
 @lru_cache(maxsize=256)
 def _specs_cached(path: str) -> dict[str, codec.TensorSpec]:
     # model blobs are immutable and content-addressed, so a cached header never goes stale

@@ -7,11 +7,9 @@ from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
-from facefl import codec
+from facefl import update_files
 from facefl.algorithms import robust
-from facefl.algorithms.fedavg import WeightedMean
 from server_api.services.context import ServiceContext
 
 
@@ -26,26 +24,19 @@ def robust_delta(
 
     Clipping factors come from the norms stored at intake (no extra pass over the blobs). Without
     trimming: a clipped weighted mean, streamed, O(model). With trimming: every report's blob is opened
-    (memory-mapped) and the trimmed mean runs tensor by tensor, O(reports x largest tensor).
+    (memory-mapped, any update encoding) and the trimmed mean runs tensor by tensor, O(reports x largest
+    tensor).
     """
     clip = config.get("clip_norm")
     scales = [robust.clip_scale(norm, float(clip)) if clip else 1.0 for _, _, norm in reports]
     trim = robust.trim_count(len(reports), float(config.get("trim_fraction") or 0.0))
+    paths = [ctx.blobs.path(key) for key, _, _ in reports]
     if trim == 0:
-        mean = WeightedMean()
-        for (key, num_samples, _), scale in zip(reports, scales, strict=True):
-            tensors = codec.load_file(ctx.blobs.path(key))
-            for name in exclude:  # not averaged
-                tensors.pop(name, None)
-            if scale != 1.0:
-                tensors = {k: np.asarray(v, np.float32) * np.float32(scale) for k, v in tensors.items()}
-            mean.add(tensors, float(num_samples))
-        return mean.result()
+        weights = [float(num_samples) for _, num_samples, _ in reports]
+        return update_files.mean_of_files(paths, weights, factors=scales, exclude=exclude)
     with ExitStack() as stack:
-        files = [
-            stack.enter_context(safe_open(str(ctx.blobs.path(key)), framework="np")) for key, _, _ in reports
-        ]
-        names = [name for name in files[0].keys() if name not in exclude]  # noqa: SIM118
+        files = [stack.enter_context(update_files.UpdateFile(path)) for path in paths]
+        names = [name for name in files[0].names if name not in exclude]
         return robust.trimmed_mean_tensors(
-            names, lambda i, name: files[i].get_tensor(name), len(files), trim, scales
+            names, lambda i, name: files[i].read(name), len(files), trim, scales
         )

@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from facefl.algorithms import registry
+from facefl.compression import DEFAULT_ENCODING
 from facefl.models import resolve_trainable
 from server_api import metrics, security
 from server_api.db import after_commit
@@ -18,8 +19,6 @@ from server_api.orm import (
     ROUND_OPEN,
     TASK_PAUSED,
     TASK_RUNNING,
-    Assignment,
-    Device,
     Round,
     Task,
     utcnow,
@@ -69,6 +68,8 @@ def get(ctx: ServiceContext, round_id: int) -> RoundOut:
 
 
 def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:
+    """An assignment in the task's open round (a new one if a slot is free, or the device's own one with
+    a fresh upload token), else a wait: one transaction of three or four indexed statements."""
     st = ctx.settings
     now = utcnow()
 
@@ -77,57 +78,51 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             retry_after_s=retry_after(seconds, st.min_retry_after_s, st.max_retry_after_s), reason=reason
         )
 
-    with ctx.db.write() as s:
-        device = s.get(Device, device_id)
-        if device is not None:
-            device.last_seen_at = now
-            if body.capabilities is not None:
-                device.capabilities = body.capabilities.model_dump()
-        task = queries.pick_task(s, body.task_id)
-        if task is None:
+    token = security.new_secret()
+    token_hash = security.hash_secret(token)
+    capabilities = body.capabilities.model_dump() if body.capabilities is not None else None
+    with ctx.db.driver_write() as tx:
+        queries.touch_device(tx, device_id, now, capabilities)  # first: see touch_device
+        view = queries.checkin_view(tx, body.task_id, device_id)
+        if view is None:
             return wait(st.max_retry_after_s, "no_task")
-        if task.status == TASK_PAUSED:
+        if view.task_status == TASK_PAUSED:
             return wait(st.max_retry_after_s, "task_paused")
-        if task.status != TASK_RUNNING:
+        if view.task_status != TASK_RUNNING:
             return wait(st.max_retry_after_s, "task_completed")
-        rnd = queries.active_round(s, task.id)
+        rnd = view.round
         if rnd is None or rnd.status != ROUND_OPEN or rnd.deadline <= now:
             return wait(st.tick_interval_s, "no_open_round")
         until_deadline = (rnd.deadline - now).total_seconds()
-        token = security.new_secret()
-        assignment = queries.assignment_of(s, rnd.id, device_id)
-        if assignment is not None:
-            if assignment.reported:
+        if rnd.assignment_id is not None:
+            if rnd.assignment_reported:
                 return wait(until_deadline, "already_participated")
             # the device lost its token (crash, reinstall): a fresh one replaces it, the old one dies
-            assignment.upload_token_hash = security.hash_secret(token)
-        else:
-            if not queries.claim_assignment_slot(s, rnd.id):
-                return wait(until_deadline, "round_full")
-            s.add(
-                Assignment(
-                    round_id=rnd.id, device_id=device_id, upload_token_hash=security.hash_secret(token)
-                )
-            )
-        return TrainAction(
-            assignment=AssignmentOut(
-                round_id=rnd.id,
-                task_id=task.id,
-                round_number=rnd.number,
-                base_version=rnd.base_version,
-                # the local update devices run: a server-side optimizer's task trains with fedavg's, so
-                # devices built before the algorithm was added take part
-                algorithm=registry.get(task.algorithm).wire_name,
-                architecture=task.architecture,
-                embedding_dim=task.embedding_dim,
-                image_size=task.image_size,
-                hyperparams=task.hyperparams,
-                deadline=rnd.deadline,
-                upload_token=token,
-                trainable=task.trainable,
-                trainable_prefixes=_list_or_none(resolve_trainable(task.architecture, task.trainable)),
-            )
+            queries.replace_upload_token(tx, rnd.assignment_id, token_hash)
+        elif not queries.take_assignment(tx, rnd.id, device_id, token_hash, now):
+            return wait(until_deadline, "round_full")
+    return TrainAction(
+        assignment=AssignmentOut(
+            round_id=rnd.id,
+            task_id=view.task_id,
+            round_number=rnd.number,
+            base_version=rnd.base_version,
+            # the local update devices run: a server-side optimizer's task trains with fedavg's, so
+            # devices built before the algorithm was added take part
+            algorithm=registry.get(view.algorithm).wire_name,
+            architecture=view.architecture,
+            embedding_dim=view.embedding_dim,
+            image_size=view.image_size,
+            hyperparams=view.hyperparams,
+            deadline=rnd.deadline,
+            upload_token=token,
+            trainable=view.trainable,
+            trainable_prefixes=_list_or_none(resolve_trainable(view.architecture, view.trainable)),
+            # absent from the policy of a task created before compressed updates: float32
+            update_encoding=view.policy.get("update_encoding", DEFAULT_ENCODING),
+            update_error_feedback=bool(view.policy.get("update_error_feedback", False)),
         )
+    )
 
 
 def _list_or_none(values: tuple[str, ...] | None) -> list[str] | None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from sqlalchemy.orm import Session
 
 from facefl import codec
 from facefl.algorithms import registry
@@ -16,24 +14,31 @@ from facefl.models import resolve_trainable, trainable_names
 from server_api import metrics as prom
 from server_api import security
 from server_api.errors import conflict, forbidden, gone, invalid, not_found
-from server_api.orm import ROUND_OPEN, Assignment, Round, Task, Update, utcnow
+from server_api.orm import ROUND_OPEN, utcnow
 from server_api.schemas import UpdateAccepted, has_control_chars
 from server_api.services import aggregation, models, queries
 from server_api.services.context import ServiceContext, log
+from server_api.services.intake import StagedUpdate
 
 MAX_METRICS = 32
+_NO_HASH = "0" * 64  # compared against when there is no assignment: timing does not tell
 
 
 @dataclass(frozen=True)
 class UploadTarget:
+    """What an upload is validated against, read (and authorized) before its body is."""
+
     round_id: int
+    device_id: str
+    assignment_id: int
+    token_hash: str  # of the upload token presented: the commit compares it again
     base_version: int
     norm_bound: float | None
-    algorithm: str = registry.DEFAULT
-    embedding_dim: int | None = None
+    algorithm: str
+    # the tensors the update must hold (the base model's trainable ones, plus the algorithm's extras)
+    expected: dict[str, codec.TensorSpec]
+    extras: frozenset[str]  # the algorithm's extras (not in the norm, checked by the algorithm)
     max_sample_weight: int | None = None
-    # partial training: the name prefixes of the task's trainable groups (None: every tensor)
-    trainable_prefixes: tuple[str, ...] | None = None
 
 
 def _no_constant(name: str) -> Any:
@@ -71,123 +76,126 @@ def parse_metrics(raw: str | None) -> dict[str, float]:
     return out
 
 
-def _check_assignment(
-    s: Session, round_id: int, device_id: str, upload_token: str
-) -> tuple[Round, Assignment]:
+def _check(view: queries.UploadView | None, round_id: int, token_hash: str) -> queries.UploadView:
     """The checks that need no payload: 404 round, 403 token, 409 already used, 410 closed."""
-    rnd = s.get(Round, round_id)
-    if rnd is None:
+    if view is None:
         raise not_found(f"round {round_id}")
-    assignment = queries.assignment_of(s, round_id, device_id)
-    stored = assignment.upload_token_hash if assignment is not None else "0" * 64
-    if not security.matches(upload_token, stored) or assignment is None:
+    stored = view.upload_token_hash if view.upload_token_hash is not None else _NO_HASH
+    if not hmac.compare_digest(token_hash, stored) or view.assignment_id is None:
         raise forbidden("upload token is not valid for this device and round")
-    if assignment.reported:
+    if view.reported:
         raise conflict("this assignment's update was already accepted")
-    if rnd.status != ROUND_OPEN or rnd.deadline <= utcnow():
+    if view.round_status != ROUND_OPEN or view.deadline <= utcnow():
         raise gone(f"round {round_id} is closed")
-    return rnd, assignment
+    return view
 
 
 def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) -> UploadTarget:
     """Run before the body is read: a request that will be refused anyway is not streamed to disk."""
-    with ctx.db.read() as s:
-        rnd, _ = _check_assignment(s, round_id, device_id, upload_token)
-        task = s.get(Task, rnd.task_id)
-        assert task is not None
-        bound = task.policy.get("update_norm_bound")
-        return UploadTarget(
-            round_id,
-            rnd.base_version,
-            None if bound in (None, "off") else float(bound),  # None: a task created before the default
-            task.algorithm,
-            task.embedding_dim,
-            task.policy.get("max_sample_weight"),
-            resolve_trainable(task.architecture, task.trainable),
-        )
+    token_hash = security.hash_secret(upload_token)
+    with ctx.db.driver_read() as tx:
+        view = _check(queries.upload_view(tx, round_id, device_id), round_id, token_hash)
+    assert view.assignment_id is not None  # _check
+    policy = view.policy
+    bound = policy.get("update_norm_bound")
+    algorithm = registry.get(view.algorithm)
+    extras = algorithm.update_extras(int(view.embedding_dim or 0))
+    specs_of_base = models.specs_of_blob(ctx, view.base_blob_key)
+    trainable = resolve_trainable(view.architecture, view.trainable)
+    expected = {n: specs_of_base[n] for n in trainable_names(specs_of_base, trainable)}
+    return UploadTarget(
+        round_id=round_id,
+        device_id=device_id,
+        assignment_id=view.assignment_id,
+        token_hash=token_hash,
+        base_version=view.base_version,
+        norm_bound=None
+        if bound in (None, "off")
+        else float(bound),  # None: a task created before the default
+        algorithm=view.algorithm,
+        expected={**expected, **extras},
+        extras=frozenset(extras),
+        max_sample_weight=policy.get("max_sample_weight"),
+    )
 
 
-def validate_payload(ctx: ServiceContext, target: UploadTarget, staged: Path) -> float:
-    """Names, shapes, dtypes, finite values and the norm bound; returns the update's L2 norm.
+def staged_update(ctx: ServiceContext, target: UploadTarget) -> StagedUpdate:
+    """The staging file the body streams into, validated on the way (server_api.services.intake)."""
+    return StagedUpdate(ctx.blobs, target.expected, target.extras)
 
-    The names are exactly the base model's trainable tensors (all of them without ``trainable``), plus
-    the algorithm's update extras (FedFace's class embedding), which do not count in the norm. The staged
-    file is read in chunks (codec.scan_file), never whole: memory per upload stays small whatever the
-    body size.
-    """
-    specs_of_base = models.expected_specs(ctx, target.base_version)
-    expected = {n: specs_of_base[n] for n in trainable_names(specs_of_base, target.trainable_prefixes)}
-    # the task's embedding size was read with the round in preflight: no extra query per upload
-    algorithm = registry.get(target.algorithm)
-    extra_specs = algorithm.update_extras(int(target.embedding_dim or 0))
-    expected = {**expected, **extra_specs}
+
+def validate(target: UploadTarget, staged: StagedUpdate) -> float:
+    """The checks that need the whole payload (its names, shapes, dtypes and finite values were checked
+    while it streamed): the algorithm's extras and the norm bound on the decoded values; the norm."""
+    result = staged.finish()
     try:
-        header = codec.read_file_header(staged)
-        codec.check_compatible(header.specs, expected)
-        norm, kept = codec.scan_file(staged, header, keep=frozenset(extra_specs))
-    except codec.CodecError as exc:
-        raise invalid("bad_update", str(exc)) from exc
-    extras = {name: kept[name] for name in extra_specs if name in kept}
-    try:
-        algorithm.check_update_extras(extras)
+        registry.get(target.algorithm).check_update_extras(result.kept)
     except ValueError as exc:
         raise invalid("bad_update", str(exc)) from exc
-    if target.norm_bound is not None and norm > target.norm_bound:
+    if target.norm_bound is not None and result.norm > target.norm_bound:
         raise invalid(
-            "norm_too_large", f"update norm {norm:.4g} exceeds the task's bound {target.norm_bound:.4g}"
+            "norm_too_large",
+            f"update norm {result.norm:.4g} exceeds the task's bound {target.norm_bound:.4g}",
         )
-    return norm
+    return result.norm
+
+
+class _Refused(Exception):
+    """A compare-and-set of the commit failed: the transaction rolls back, then we say why."""
 
 
 def accept(
     ctx: ServiceContext,
+    target: UploadTarget,
+    staged: StagedUpdate,
     *,
-    round_id: int,
-    device_id: str,
-    upload_token: str,
-    staged: Path,
     num_samples: int,
     metrics: dict[str, float],
 ) -> UpdateAccepted:
     """Validate, then make the update durable (blob fsynced, row committed) before answering 202."""
+    norm = validate(target, staged)
+    key, size = staged.store()
+    row = {
+        "round_id": target.round_id,
+        "device_id": target.device_id,
+        "assignment_id": target.assignment_id,
+        "token_hash": target.token_hash,
+        "blob_key": key,
+        "size_bytes": size,
+        # the weight this update gets in the mean: the task caps what a device may claim
+        "num_samples": min(num_samples, target.max_sample_weight or num_samples),
+        "norm": norm,
+        "metrics": metrics,
+        "now": utcnow(),
+    }
     try:
-        target = preflight(ctx, round_id, device_id, upload_token)
-        norm = validate_payload(ctx, target, staged)
-        key, size = ctx.blobs.put_file(staged)
-    finally:
-        staged.unlink(missing_ok=True)
-    try:
-        with ctx.db.write() as s:
-            # re-check under the write lock: the round may have closed while we validated
-            rnd, assignment = _check_assignment(s, round_id, device_id, upload_token)
-            if not queries.count_report(s, round_id, utcnow()):
-                raise gone(f"round {round_id} is closed")
-            assignment.reported = True
-            update = Update(
-                round_id=round_id,
-                device_id=device_id,
-                assignment_id=assignment.id,
-                blob_key=key,
-                size_bytes=size,
-                # the weight this update gets in the mean: the task caps what a device may claim
-                num_samples=min(num_samples, target.max_sample_weight or num_samples),
-                norm=norm,
-                metrics=metrics,
-            )
-            s.add(update)
-            s.flush()
-            s.refresh(rnd)
-            accepted = UpdateAccepted(update_id=update.id, round_id=round_id, reports=rnd.reported)
-            target_reached = rnd.reported >= rnd.target_reports
+        try:
+            # the same checks again under the write lock, as compare-and-sets: the round may have closed,
+            # or the device may have checked in again (a new upload token) while the body streamed
+            with ctx.db.driver_write() as tx:
+                recorded = queries.record_update(tx, row)
+                if recorded is None:
+                    raise _Refused
+        except _Refused:
+            with ctx.db.driver_read() as tx:
+                _check(
+                    queries.upload_view(tx, target.round_id, target.device_id),
+                    target.round_id,
+                    target.token_hash,
+                )
+            raise gone(f"round {target.round_id} is closed") from None
     except BaseException:
         _drop_unreferenced(ctx, key)
         raise
+    update_id, reports, target_reports = recorded
     prom.REPORTS_ACCEPTED.inc()
     prom.UPLOAD_BYTES.inc(size)
-    log.info("update accepted", extra={"round_id": round_id, "device_id": device_id, "bytes": size})
-    if target_reached:
-        ctx.submit(aggregation.aggregate_round, ctx, round_id)
-    return accepted
+    log.info(
+        "update accepted", extra={"round_id": target.round_id, "device_id": target.device_id, "bytes": size}
+    )
+    if reports >= target_reports:
+        ctx.submit(aggregation.aggregate_round, ctx, target.round_id)
+    return UpdateAccepted(update_id=update_id, round_id=target.round_id, reports=reports)
 
 
 def _drop_unreferenced(ctx: ServiceContext, key: str) -> None:
@@ -201,4 +209,4 @@ def _drop_unreferenced(ctx: ServiceContext, key: str) -> None:
         log.exception("could not clean up blob %s", key)
 
 
-__all__ = ["UploadTarget", "accept", "parse_metrics", "preflight"]
+__all__ = ["UploadTarget", "accept", "parse_metrics", "preflight", "staged_update", "validate"]
