@@ -99,7 +99,7 @@ def test_nan_in_the_data_is_refused_while_streaming() -> None:
     payload = codec.encode(delta)
     scanner = UpdateScanner(EXPECTED, frozenset({"extra"}))
     nan_at = payload.index(np.float32(np.nan).tobytes())
-    with pytest.raises(CodecError, match="'fc.weight' contains NaN or Inf"):
+    with pytest.raises(CodecError, match=r"'fc\.weight' contains NaN or Inf"):
         scanner.feed(payload[: nan_at + 4])  # refused before the rest arrives, naming the tensor
 
 
