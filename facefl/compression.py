@@ -128,7 +128,9 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, name: str = "tensor") -> 
 def encode_update(delta: Mapping[str, Any], encoding: str) -> TensorDict:
     """The wire tensors of ``delta`` (NumPy arrays or torch tensors) under ``encoding``.
 
-    Raises CompressionError for a NaN/Inf value, or a value beyond float16's range under float16.
+    Encoding never turns a finite value into a non-finite one: CompressionError for a value beyond
+    float16's range under float16, and for NaN/Inf under int8 (no int8 holds them). Under float32 and
+    float16 a NaN/Inf is sent as it is, and the server refuses the update (422), as it always did.
     """
     encoding = check_encoding(encoding)
     out: TensorDict = {}
@@ -136,10 +138,8 @@ def encode_update(delta: Mapping[str, Any], encoding: str) -> TensorDict:
         if name.endswith(SCALE_SUFFIX):
             raise CompressionError(f"tensor name {name!r} ends with the reserved {SCALE_SUFFIX!r}")
         x = np.asarray(codec._to_numpy(value), np.float32)
-        if not np.isfinite(x).all():
-            raise CompressionError(f"tensor {name!r} contains NaN or Inf")
         if encoding == "float16":
-            if x.size and float(np.abs(x).max()) > _FLOAT16_MAX:
+            if x.size and float(np.nanmax(np.abs(np.where(np.isinf(x), 0, x)), initial=0.0)) > _FLOAT16_MAX:
                 raise CompressionError(f"tensor {name!r} exceeds float16's range ({_FLOAT16_MAX:g})")
             out[name] = x.astype(np.float16)
         elif is_quantized(encoding) and x.ndim >= 2 and x.size:
@@ -151,7 +151,10 @@ def encode_update(delta: Mapping[str, Any], encoding: str) -> TensorDict:
 
 
 def encode_payload(delta: Mapping[str, Any], encoding: str = DEFAULT_ENCODING) -> bytes:
-    """The upload body: safetensors bytes of :func:`encode_update` (float32: exactly ``codec.encode``)."""
+    """The upload body: safetensors bytes of :func:`encode_update` (float32: exactly what
+    ``codec.encode(delta)`` always sent)."""
+    if check_encoding(encoding) == "float32":
+        return codec.encode(delta)
     return codec.encode(encode_update(delta, encoding))
 
 

@@ -74,7 +74,7 @@ def test_encode_update_layout_and_bytes() -> None:
     ("delta", "encoding", "match"),
     [
         ({"w": np.array([[1.0, np.nan]], np.float32)}, "int8", "NaN or Inf"),
-        ({"w": np.array([[1.0, np.inf]], np.float32)}, "float32", "NaN or Inf"),
+        ({"w": np.array([[1.0, np.inf]], np.float32)}, "int8_channel", "NaN or Inf"),
         ({"w": np.array([[1e5, 0.0]], np.float32)}, "float16", "float16's range"),
         ({"w#scale": np.zeros((2, 2), np.float32)}, "float32", "reserved"),
         ({"w": np.zeros((2, 2), np.float32)}, "int4", "unknown update encoding"),
@@ -83,6 +83,14 @@ def test_encode_update_layout_and_bytes() -> None:
 def test_encode_refuses(delta: dict[str, np.ndarray], encoding: str, match: str) -> None:
     with pytest.raises(CompressionError, match=match):
         compression.encode_update(delta, encoding)
+
+
+def test_float_encodings_pass_nan_through_for_the_server_to_refuse() -> None:
+    delta = {"w": np.array([[np.nan, np.inf]], np.float32)}
+    assert compression.encode_payload(delta) == codec.encode(delta)
+    assert np.isnan(compression.encode_update(delta, "float16")["w"][0, 0])
+    with pytest.raises(CompressionError, match="NaN or Inf"):
+        compression.decode_update(compression.encode_update(delta, "float16"))
 
 
 def _wire(scales: np.ndarray, q: np.ndarray | None = None) -> dict[str, np.ndarray]:
