@@ -493,7 +493,7 @@ def test_openapi_declares_error_out_and_every_refusal(api: Api) -> None:
     [
         ("PUT", "/v1/models", {"GET", "POST"}),
         ("DELETE", "/v1/tasks", {"GET", "POST"}),
-        ("GET", "/v1/devices", {"POST"}),
+        ("DELETE", "/v1/devices", {"GET", "POST"}),  # GET: the operator's device roster
     ],
 )
 def test_405_lists_every_allowed_method(api: Api, method: str, path: str, allowed: set[str]) -> None:

@@ -98,18 +98,17 @@ def _report(
     assert isinstance(action, TrainAction), action
     a = action.assignment
     delta = {k: np.full_like(v, value) for k, v in _weights(ctx, a.base_version).items()}
-    staged = tmp / f"{device_id}-{a.round_id}.safetensors"
-    staged.write_bytes(codec.encode({**delta, **(extras or {})}))
-    accepted = updates.accept(
-        ctx,
-        round_id=a.round_id,
-        device_id=device_id,
-        upload_token=a.upload_token,
-        staged=staged,
-        num_samples=num_samples,
-        metrics={"train_loss": value * 100},
-    )
-    assert accepted.round_id == a.round_id and not staged.exists()
+    # the route's three steps: preflight, the body streamed into a validating staging file, accept
+    target = updates.preflight(ctx, a.round_id, device_id, a.upload_token)
+    staged = updates.staged_update(ctx, target)
+    try:
+        staged.write(codec.encode({**delta, **(extras or {})}))
+        accepted = updates.accept(
+            ctx, target, staged, num_samples=num_samples, metrics={"train_loss": value * 100}
+        )
+    finally:
+        staged.discard()
+    assert accepted.round_id == a.round_id
     return device_id, a.round_id
 
 
