@@ -43,6 +43,7 @@ from facefl.models.embedding_graph import EmbeddingGraph
 
 __all__ = [
     "DFC_FILE",
+    "FEEDBACK_FILE",
     "HEAD_FILE",
     "PERSONALIZED_FILE",
     "DeviceState",
@@ -54,6 +55,8 @@ __all__ = [
 HEAD_FILE = "local_head.safetensors"
 DFC_FILE = "dfc.safetensors"
 PERSONALIZED_FILE = "personalized.safetensors"
+# what update encoding dropped so far (error feedback, facefl.compression.ErrorFeedback)
+FEEDBACK_FILE = "update_residual.safetensors"
 
 
 class DeviceStateError(ValueError):
@@ -96,6 +99,10 @@ class DeviceState:
     @property
     def personalized_path(self) -> Path:
         return self.root / PERSONALIZED_FILE
+
+    @property
+    def feedback_path(self) -> Path:
+        return self.root / FEEDBACK_FILE
 
     # ----------------------------------------------------------------------------- the local head
 

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from facefl import codec, compression
 from facefl.algorithms.base import AssignmentLike, Hyperparams, RoundInputs
 from facefl.data import preprocessing_for
-from facefl.device_state import HEAD_FILE, DeviceState
+from facefl.device_state import FEEDBACK_FILE, HEAD_FILE, DeviceState
 from facefl.models import CosFaceHead, backbone_from_weights, state_to_numpy, trainable_names
 
 __all__ = [
+    "FEEDBACK_FILE",
     "HEAD_FILE",
     "LocalData",
     "LocalJob",
@@ -42,9 +43,6 @@ __all__ = [
     "train_mode",
     "trainable_parameters",
 ]
-
-# what update encoding dropped so far (error feedback, facefl.compression)
-FEEDBACK_FILE = "update_residual.safetensors"
 
 # a batch's loss: (total to minimize, named terms to report)
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -132,13 +130,13 @@ class LocalJob:
         residual, and the new residual saved (facefl.compression.ErrorFeedback). Encoding is
         deterministic, so the residual is known before the upload encodes the returned delta."""
         encoding = getattr(self.assignment, "update_encoding", compression.DEFAULT_ENCODING)
-        if not getattr(self.assignment, "update_error_feedback", False) or self.state_dir is None:
+        state = self.state
+        if not getattr(self.assignment, "update_error_feedback", False) or state is None:
             return delta
-        path = self.state_dir / FEEDBACK_FILE
-        feedback = compression.ErrorFeedback.load(path)
+        feedback = compression.ErrorFeedback.load(state.feedback_path)
         corrected = feedback.correct(delta, encoding)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        feedback.save(path)
+        state.root.mkdir(parents=True, exist_ok=True)
+        feedback.save(state.feedback_path)
         return corrected
 
     @staticmethod

@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 
 from device_sdk.client import Assignment
 from facefl import codec, compression
-from facefl.algorithms.local import FEEDBACK_FILE, LocalJob
+from facefl.algorithms.local import LocalJob
+from facefl.device_state import FEEDBACK_FILE
 from server_api.app import create_app
 from server_api.orm import Assignment as AssignmentRow
 from server_api.orm import Update
