@@ -199,6 +199,9 @@ class Algorithm:
     device_algorithm: ClassVar[str | None] = None
     # the local update trains one identity per device (FedFace)
     one_identity_per_device: ClassVar[bool] = False
+    # the server needs only the weighted sum of the round's updates (no per-device tensor such as
+    # FedFace's class embedding): what secure aggregation and differential privacy require
+    updates_only_summed: ClassVar[bool] = True
     # values a driver (the simulator) suggests when the user gives none, e.g. FedProx's mu
     suggested: ClassVar[dict[str, Any]] = {}
 

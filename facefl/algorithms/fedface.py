@@ -123,6 +123,7 @@ class FedFace(Algorithm):
     title = "FedFace (Aggarwal et al., 2021): one identity per device, server-side spreadout"
     hyperparams = FedFaceHyperparams
     one_identity_per_device = True
+    updates_only_summed = False  # each device's class embedding goes to the server on its own
 
     def update_extras(self, embedding_dim: int) -> dict[str, codec.TensorSpec]:
         return {CLASS_EMBEDDING_KEY: codec.TensorSpec(shape=(int(embedding_dim),), dtype="F32")}
