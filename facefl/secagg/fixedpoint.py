@@ -32,6 +32,7 @@ __all__ = [
     "clip",
     "coordinate_bound",
     "dequantize",
+    "encode_update",
     "quantization_scale",
     "quantize",
     "sum_error_bound",
@@ -76,3 +77,24 @@ def dequantize(total: np.ndarray, *, scale: float) -> np.ndarray:
     """The signed reading of a wrap-free sum modulo 2^32, divided by ``scale`` (float64)."""
     signed = np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64)
     return signed / scale
+
+
+def encode_update(
+    values: np.ndarray,
+    *,
+    weight: int,
+    clip_norm: float,
+    noise_stddev: float,
+    scale: float,
+    bound: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A device's vector before masking: ``values`` clipped to ``clip_norm``, times ``weight``, plus
+    N(0, noise_stddev^2) per coordinate, quantized; the weight appended as the last (exact) element."""
+    if weight < 1:
+        raise ValueError("weight must be at least 1")
+    scaled = clip(values, clip_norm) * weight
+    if noise_stddev > 0:
+        scaled = scaled + rng.normal(0.0, noise_stddev, size=scaled.shape)
+    quantized = quantize(scaled, scale=scale, bound=bound)
+    return np.concatenate([quantized, np.array([weight], dtype=np.uint32)])

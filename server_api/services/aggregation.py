@@ -20,7 +20,7 @@ from facefl.algorithms import registry
 from facefl.algorithms.base import ServerStepInputs
 from server_api import metrics as prom
 from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
-from server_api.services import evaluation, gate, models, public, queries, rounds, server_state
+from server_api.services import evaluation, gate, models, public, queries, rounds, secagg_sum, server_state
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
 
@@ -58,6 +58,9 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         gate_config = task.policy.get("gate")  # None: every new version is served
         first_version = queries.first_base_version(s, task_id) if gate_config else None
         norms = [u.norm for u in rows] if robust_config else []
+        masked = secagg_sum.inputs_of(s, round_id)  # None: a plain round
+        if masked is not None:
+            layout = secagg_sum.layout(models.specs_of_blob(ctx, base_key), architecture, task.trainable)
 
     # the heartbeat renews our lease while we work (a gated round evaluates two models), so another worker
     # takes the round over within aggregation_lease_s of our death; the commit is fenced by the lease, so
@@ -76,7 +79,14 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             for name, value in metrics.items():
                 metric_sums[name] += float(value) * num_samples
         total = sum(n for _, n, _, _ in updates)
-        if robust_config:
+        if masked is not None:
+            # only the sum is known: the masks removed with the revealed shares, then the weighted mean
+            try:
+                delta, total = secagg_sum.weighted_mean(masked, paths, layout)
+            except (secagg_sum.SecAggFailure, codec.CodecError) as exc:
+                _abandon_aggregation(ctx, round_id, lease, f"secure aggregation: {exc}")
+                return None
+        elif robust_config:
             reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
             delta = robust_delta(ctx, reports, robust_config, exclude=extra_names)
         else:
