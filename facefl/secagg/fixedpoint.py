@@ -33,6 +33,7 @@ __all__ = [
     "coordinate_bound",
     "dequantize",
     "encode_update",
+    "plausible_sum",
     "quantization_scale",
     "quantize",
     "sum_error_bound",
@@ -98,3 +99,16 @@ def encode_update(
         scaled = scaled + rng.normal(0.0, noise_stddev, size=scaled.shape)
     quantized = quantize(scaled, scale=scale, bound=bound)
     return np.concatenate([quantized, np.array([weight], dtype=np.uint32)])
+
+
+def plausible_sum(total: np.ndarray, *, devices: int, max_weight: int, scale: float, bound: float) -> bool:
+    """Whether an unmasked vector (values, then the total weight) is what ``devices`` honest encodings sum
+    to: each value within ``devices * (bound * scale + 1/2)`` and the weight in ``[devices, devices *
+    max_weight]``. A mask removed with a wrong share leaves uniform noise, which fails this with
+    overwhelming probability (the weight alone: ``devices * max_weight / 2^32``)."""
+    signed = np.asarray(total, dtype=np.uint32).view(np.int32)
+    weight = int(np.asarray(total, dtype=np.uint32)[-1])
+    limit = devices * (bound * scale + 0.5)
+    return devices <= weight <= devices * max_weight and bool(
+        np.all(np.abs(signed[:-1].astype(np.int64)) <= limit)
+    )

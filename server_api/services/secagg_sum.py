@@ -38,6 +38,8 @@ class SecAggInputs:
     mask_key_shares: dict[str, dict[str, bytes]]
     self_seed_shares: dict[str, dict[str, bytes]]
     scale: float
+    bound: float
+    max_weight: int
     ready: bool  # the unmask stage closed with every needed secret
 
 
@@ -81,6 +83,8 @@ def inputs_of(s: Session, round_id: int) -> SecAggInputs | None:
         mask_key_shares=key_shares,
         self_seed_shares=seed_shares,
         scale=float(state.params["scale"]),
+        bound=float(state.params["bound"]),
+        max_weight=int(state.params["max_sample_weight"]),
         ready=state.stage == SECAGG_DONE,
     )
 
@@ -116,9 +120,12 @@ def weighted_mean(
         )
     except unmasking.UnmaskError as exc:
         raise SecAggFailure(str(exc)) from exc
+    devices = len(inputs.uploaders)
+    if not fixedpoint.plausible_sum(
+        plain, devices=devices, max_weight=inputs.max_weight, scale=inputs.scale, bound=inputs.bound
+    ):
+        raise SecAggFailure("the unmasked sum is out of range: a revealed share or an upload was wrong")
     weight = int(plain[-1])  # the sum of integer weights, each <= max_sample_weight: no wrap (schemas)
-    if weight <= 0:
-        raise SecAggFailure("the unmasked total weight is 0")
     mean = fixedpoint.dequantize(plain[:-1], scale=inputs.scale) / weight
     out: dict[str, np.ndarray] = {}
     cursor = 0

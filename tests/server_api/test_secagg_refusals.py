@@ -21,7 +21,7 @@ from facefl.secagg.roster import Advertisement, Roster
 from server_api.app import create_app
 from server_api.orm import Round, SecAggMember, SecAggReveal, SecAggRound, SecAggShare
 from tests.conftest import SECRET, make_settings
-from tests.server_api.test_api import ADMIN_H, Api
+from tests.server_api.test_api import ADMIN_H, Api, wait_for
 
 POLICY = {
     "target_reports": 3,
@@ -221,3 +221,55 @@ def test_stage_refusals_change_nothing(api: Api) -> None:
     refused(api, 403, "not_in_cohort", lambda: late.post("reveal", content=shares))
     assert first.post("reveal", content=shares).status_code == 200
     refused(api, 409, "already_done", lambda: first.post("reveal", content=shares))
+
+
+def _drive_to_unmask(api: Api, cohort: list[Dev]) -> dict[str, Any]:
+    for d in cohort:
+        assert d.post("keys", json=d.keys_body()).status_code == 200
+    roster = cohort[0].roster()
+    for d in cohort:
+        out = d.machine.share(roster)
+        assert d.post("shares", content=b"".join(out[p] for p in roster.neighbours(d.id))).status_code == 200
+    for d in cohort:
+        view = d.view()
+        inbox = {k: base64.b64decode(v) for k, v in view["inbox"].items()}
+        vector = np.zeros(view["vector_length"], np.uint32)
+        vector[-1] = 1  # a zero update of weight 1
+        r = d.post("masked-update", content=codec.encode({"masked": d.machine.mask(inbox, vector)}))
+        assert r.status_code == 202, r.text
+    return cohort[0].view()
+
+
+def test_a_wrong_revealed_share_abandons_the_round_instead_of_a_garbage_model(api: Api) -> None:
+    cohort, _ = _cohort(api)
+    view = _drive_to_unmask(api, cohort)
+    assert view["stage"] == "unmask"
+    for i, d in enumerate(cohort):
+        reveal = d.machine.unmask(set(), set(view["uploaders"]))
+        shares = [reveal.self_seed_shares[o] for o in sorted(reveal.self_seed_shares)]
+        if i == 0:  # a share that is a valid field element, but not the one this device was sent
+            shares[0] = (int.from_bytes(shares[0], "big") + 1).to_bytes(66, "big")
+        assert d.post("reveal", content=b"".join(shares)).status_code == 200
+
+    def abandoned() -> bool:
+        rnd = api.c.get(f"/v1/rounds/{view['round_id']}", headers=ADMIN_H).json()
+        return rnd["status"] == "abandoned"  # type: ignore[no-any-return]
+
+    wait_for(abandoned)
+    rnd = api.c.get(f"/v1/rounds/{view['round_id']}", headers=ADMIN_H).json()
+    assert "secure aggregation" in rnd["metrics"]["abandoned_reason"]
+    assert api.c.get("/v1/tasks/1", headers=ADMIN_H).json()["current_version"] == 1  # no new version
+
+
+def test_honest_reveals_aggregate_the_zero_updates(api: Api) -> None:
+    cohort, _ = _cohort(api)
+    view = _drive_to_unmask(api, cohort)
+    for d in cohort:
+        reveal = d.machine.unmask(set(), set(view["uploaders"]))
+        shares = [reveal.self_seed_shares[o] for o in sorted(reveal.self_seed_shares)]
+        assert d.post("reveal", content=b"".join(shares)).status_code == 200
+    wait_for(lambda: api.c.get("/v1/tasks/1", headers=ADMIN_H).json()["status"] == "completed")
+    rnd = api.c.get(f"/v1/rounds/{view['round_id']}", headers=ADMIN_H).json()
+    assert rnd["status"] == "aggregated" and rnd["metrics"]["samples"] == 3  # three weights of 1
+    base, new = api.weights(1), api.weights(2)
+    assert all(np.array_equal(base[k], new[k]) for k in base)  # zero updates: the same model

@@ -120,3 +120,30 @@ def test_encode_update_noise_path() -> None:
     assert abs(noise.std() - sigma) < 0.03 * sigma
     assert abs(noise.mean()) < 0.05
     assert noisy[-1] == 1
+
+
+def test_plausible_sum_hand_checked() -> None:
+    # 2 devices, scale 10, bound 1: each value |v| <= 2 * (10 + 0.5) = 21; weight in [2, 2 * 5]
+    def plausible(*values: int) -> bool:
+        total = (np.array(values, dtype=np.int64) % (1 << 32)).astype(np.uint32)
+        return fixedpoint.plausible_sum(total, devices=2, max_weight=5, scale=10.0, bound=1.0)
+
+    assert plausible(21, -21, 0, 10)
+    assert not plausible(22, 0, 10)
+    assert not plausible(0, -22, 10)
+    assert not plausible(0, 0, 11)
+    assert not plausible(0, 0, 1)
+
+
+def test_a_wrong_mask_makes_the_sum_implausible() -> None:
+    honest = fixedpoint.encode_update(
+        np.full(2000, 0.01), weight=3, clip_norm=1.0, noise_stddev=0.0, scale=1e4, bound=5.0,
+        rng=np.random.default_rng(0),
+    )  # fmt: skip
+
+    def plausible(total: np.ndarray) -> bool:
+        return fixedpoint.plausible_sum(total, devices=1, max_weight=5, scale=1e4, bound=5.0)
+
+    assert plausible(honest)
+    leftover = masks.self_mask(b"\x05" * 32, len(honest))  # a self mask removed with a wrong seed
+    assert not plausible(honest + leftover)
