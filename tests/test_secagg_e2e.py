@@ -3,11 +3,12 @@ and synthetic deltas (so that the expected aggregate is known exactly)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from device_sdk import AdminClient, FederatedClient
 from facefl import codec
 from facefl.secagg import fixedpoint
-from server_api.db import normalize_url
+from server_api.db import normalize_url, scratch_database
 from simulator.server import LocalServer
 from tests.conftest import ADMIN, SECRET, LiveServer
 
@@ -108,14 +109,19 @@ class Cohort:
         return errors
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalServer]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
-    live = LiveServer(tmp_path, url).start()  # start() returns the LocalServer it is
-    try:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """One server for the module's tests (each creates its own tasks and devices)."""
+    with contextlib.ExitStack() as stack:
+        url = None
+        if request.param == "postgres":
+            base = os.environ.get("FACEFL_TEST_DATABASE_URL")
+            if not base:
+                pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
+            url = stack.enter_context(scratch_database(base, "facefl_test"))
+        live = LiveServer(tmp_path_factory.mktemp("secagg"), url).start()
+        stack.callback(live.stop)
         yield live
-    finally:
-        live.stop()
 
 
 def _task(

@@ -34,6 +34,7 @@ from facefl import codec
 from facefl.secagg import keys, shamir
 from facefl.secagg import server as unmasking
 from facefl.secagg.roster import SHARE_CIPHERTEXT_BYTES, Advertisement, Roster
+from server_api import metrics as prom
 from server_api import security
 from server_api.errors import ApiError, conflict, forbidden, gone, invalid, not_found
 from server_api.orm import (
@@ -232,6 +233,8 @@ def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> Up
     except BaseException:
         _drop_unreferenced(ctx, key)
         raise
+    prom.REPORTS_ACCEPTED.inc()
+    prom.UPLOAD_BYTES.inc(size)
     log.info("masked update accepted", extra={"round_id": target.round_id, "device_id": target.device_id})
     _follow_up(ctx, target.round_id, outcome)
     return UpdateAccepted(update_id=update_id, round_id=target.round_id, reports=reports)
