@@ -24,13 +24,15 @@ from facefl.secagg import client as protocol
 from facefl.secagg import fixedpoint
 from facefl.secagg.roster import Advertisement, Roster
 
-from .errors import ProtocolError, SecureAggregationError
+from .errors import APIError, ProtocolError, SecureAggregationError
 from .records import Assignment, SecAggInfo, UploadReceipt
 from .transport import Connection
 
 __all__ = ["STAGES", "upload_secure"]
 
 STAGES = ("advertise", "share", "upload", "unmask", "done")
+# the server's codes for a device the protocol has moved past (docs/protocol.md)
+_LEFT_OUT = frozenset({"wrong_stage", "not_in_cohort"})
 _T = TypeVar("_T")
 Step = Callable[[str, Callable[[], _T]], _T]
 
@@ -163,6 +165,10 @@ def upload_secure(
         return _run(session, machine, info, assignment, vector, step)
     except protocol.ProtocolError as exc:
         raise SecureAggregationError(f"secure aggregation refused the server's data: {exc}") from exc
+    except APIError as exc:
+        if exc.code in _LEFT_OUT:  # too late for a stage, or not in the cohort: out of this round
+            raise SecureAggregationError(f"secure aggregation went on without this device: {exc}") from exc
+        raise
 
 
 def _run(

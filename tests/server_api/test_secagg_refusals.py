@@ -273,3 +273,23 @@ def test_honest_reveals_aggregate_the_zero_updates(api: Api) -> None:
     assert rnd["status"] == "aggregated" and rnd["metrics"]["samples"] == 3  # three weights of 1
     base, new = api.weights(1), api.weights(2)
     assert all(np.array_equal(base[k], new[k]) for k in base)  # zero updates: the same model
+
+
+def test_too_few_reveals_abandon_the_round_at_the_stage_deadline(api: Api) -> None:
+    short = {**POLICY, "secure_aggregation": {"clip_norm": 5.0, "stage_timeout_s": 1.0}}
+    api.task(rounds=1, architecture="tiny", policy=short)
+    cohort = [Dev(api) for _ in range(3)]
+    view = _drive_to_unmask(api, cohort)
+    # one reveal of three: each self seed needs 2 of its 2 neighbours' shares, so none can be recovered
+    reveal = cohort[0].machine.unmask(set(), set(view["uploaders"]))
+    shares = [reveal.self_seed_shares[o] for o in sorted(reveal.self_seed_shares)]
+    assert cohort[0].post("reveal", content=b"".join(shares)).status_code == 200
+
+    def abandoned() -> bool:
+        return api.c.get(f"/v1/rounds/{view['round_id']}", headers=ADMIN_H).json()["status"] == "abandoned"  # type: ignore[no-any-return]
+
+    wait_for(abandoned)
+    rnd = api.c.get(f"/v1/rounds/{view['round_id']}", headers=ADMIN_H).json()
+    assert "too few shares revealed" in rnd["metrics"]["abandoned_reason"]
+    task = api.c.get("/v1/tasks/1", headers=ADMIN_H).json()
+    assert task["current_round"]["id"] != view["round_id"] and task["current_version"] == 1  # reopened
