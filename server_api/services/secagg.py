@@ -1,20 +1,8 @@
 """Secure aggregation of a round (facefl.secagg; docs/protocol.md "Secure aggregation"): the device
-requests of each stage and the stage changes.
+requests of each stage. The stage changes are :mod:`server_api.services.secagg_stages`.
 
-A round whose task asks for secure aggregation has a ``secagg_rounds`` row from its opening; its stages
-run in order, each until every device expected in it has answered or until the stage's deadline (the
-round's ``deadline`` column, moved at each change):
-
-- ``advertise``: assigned devices post two X25519 public keys; it closes at ``target_reports`` devices
-  (or at the round deadline with at least ``min_reports``); the cohort (U1) is fixed and check-ins stop;
-- ``share``: each cohort member posts its encrypted shares for its neighbours; U2 = those that did (less
-  those left with fewer neighbours in U2 than their threshold);
-- ``upload``: U2 posts masked updates; U3 = those that arrived;
-- ``unmask``: U3 reveal shares; when every needed secret has its threshold, the round is aggregated.
-
-Too few devices at any close abandons the round (it reopens on the same base). Every request runs in one
-transaction holding the round's secagg row (FOR UPDATE), so stage changes and requests never interleave;
-a refused request changes nothing.
+Every request runs in one transaction holding the round's secagg row (FOR UPDATE), so stage changes and
+requests never interleave; a refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -22,18 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from facefl import codec
 from facefl.secagg import keys, shamir
-from facefl.secagg import server as unmasking
-from facefl.secagg.roster import SHARE_CIPHERTEXT_BYTES, Advertisement, Roster
+from facefl.secagg.roster import SHARE_CIPHERTEXT_BYTES
 from server_api import metrics as prom
 from server_api import security
 from server_api.errors import ApiError, conflict, forbidden, gone, invalid, not_found
@@ -55,18 +40,10 @@ from server_api.orm import (
     utcnow,
 )
 from server_api.schemas import SecAggAccepted, SecAggKeysIn, SecAggMemberOut, SecAggStateOut, UpdateAccepted
-from server_api.services import aggregation, models, queries, rounds, secagg_sum
+from server_api.services import models, queries, secagg_stages, secagg_sum
 from server_api.services.context import ServiceContext, log
 
 _STAGES = (SECAGG_ADVERTISE, SECAGG_SHARE, SECAGG_UPLOAD, SECAGG_UNMASK, SECAGG_DONE)
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """What a stage change asks for once its transaction committed."""
-
-    abandon: str | None = None  # the reason
-    aggregate: bool = False
 
 
 @dataclass
@@ -111,11 +88,6 @@ def _member(s: Session, caller: _Caller, device_id: str, *, sharer: bool = False
     return member
 
 
-def _roster(state: SecAggRound, members: Sequence[SecAggMember]) -> Roster:
-    ads = [Advertisement(m.device_id, bytes(m.c_public), bytes(m.s_public)) for m in members]
-    return secagg_sum.roster_of(state, ads)
-
-
 def _public_key(text: str, field: str) -> bytes:
     try:
         raw = base64.b64decode(text, validate=True)
@@ -151,9 +123,9 @@ def advertise(
             raise invalid("bad_key", "a public key of another device of this round")
         s.add(SecAggMember(round_id=round_id, device_id=device_id, c_public=c_public, s_public=s_public))
         s.flush()
-        outcome = _close_if_complete(s, caller.rnd, caller.state, now)
+        outcome = secagg_stages.close_if_complete(s, caller.rnd, caller.state, now)
         stage = caller.state.stage
-    _follow_up(ctx, round_id, outcome)
+    secagg_stages.follow_up(ctx, round_id, outcome)
     return SecAggAccepted(round_id=round_id, stage=stage)  # type: ignore[arg-type]
 
 
@@ -168,7 +140,8 @@ def post_shares(
         member = _member(s, caller, device_id)
         if member.shared:
             raise conflict("this device already sent its shares in this round", code="already_done")
-        neighbours = _roster(caller.state, queries.secagg_members(s, round_id)).neighbours(device_id)
+        roster = secagg_stages.cohort_roster(caller.state, queries.secagg_members(s, round_id))
+        neighbours = roster.neighbours(device_id)
         expected = len(neighbours) * SHARE_CIPHERTEXT_BYTES
         if len(body) != expected:
             raise invalid(
@@ -183,9 +156,9 @@ def post_shares(
             )
         member.shared = True
         s.flush()
-        outcome = _close_if_complete(s, caller.rnd, caller.state, now)
+        outcome = secagg_stages.close_if_complete(s, caller.rnd, caller.state, now)
         stage = caller.state.stage
-    _follow_up(ctx, round_id, outcome)
+    secagg_stages.follow_up(ctx, round_id, outcome)
     return SecAggAccepted(round_id=round_id, stage=stage)  # type: ignore[arg-type]
 
 
@@ -229,14 +202,14 @@ def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> Up
             if update_id is None:
                 raise conflict("this assignment's update was already accepted")
             reports = len(queries.uploaders_of(s, target.round_id))
-            outcome = _close_if_complete(s, caller.rnd, caller.state, now)
+            outcome = secagg_stages.close_if_complete(s, caller.rnd, caller.state, now)
     except BaseException:
         _drop_unreferenced(ctx, key)
         raise
     prom.REPORTS_ACCEPTED.inc()
     prom.UPLOAD_BYTES.inc(size)
     log.info("masked update accepted", extra={"round_id": target.round_id, "device_id": target.device_id})
-    _follow_up(ctx, target.round_id, outcome)
+    secagg_stages.follow_up(ctx, target.round_id, outcome)
     return UpdateAccepted(update_id=update_id, round_id=target.round_id, reports=reports)
 
 
@@ -256,7 +229,7 @@ def reveal(
         if member.revealed:
             raise conflict("this device already revealed its shares in this round", code="already_done")
         members = queries.secagg_members(s, round_id)
-        roster = _roster(caller.state, members)
+        roster = secagg_stages.cohort_roster(caller.state, members)
         sharers = {m.device_id for m in members if m.shared}
         mine = set(roster.neighbours(device_id)) & sharers
         owners = [("mask_key", o) for o in sorted(mine - uploaders)] + [
@@ -278,9 +251,9 @@ def reveal(
             )
         member.revealed = True
         s.flush()
-        outcome = _close_if_complete(s, caller.rnd, caller.state, now)
+        outcome = secagg_stages.close_if_complete(s, caller.rnd, caller.state, now)
         stage = caller.state.stage
-    _follow_up(ctx, round_id, outcome)
+    secagg_stages.follow_up(ctx, round_id, outcome)
     return SecAggAccepted(round_id=round_id, stage=stage)  # type: ignore[arg-type]
 
 
@@ -332,105 +305,3 @@ def _drop_unreferenced(ctx: ServiceContext, key: str) -> None:
             ctx.blobs.delete(key)
     except Exception:  # never mask the original error
         log.exception("could not clean up blob %s", key)
-
-
-# -------------------------------------------------------------------------------- stage changes
-
-
-def advance(ctx: ServiceContext, round_id: int) -> bool:
-    """The ticker's step for a secure-aggregation round: close the stage when its deadline passed or
-    everyone expected answered. True when something changed."""
-    now = utcnow()
-    with ctx.db.write() as s:
-        rnd = s.get(Round, round_id)
-        state = queries.secagg_state(s, round_id, lock=True)
-        if rnd is None or state is None or rnd.status != ROUND_OPEN:
-            return False
-        before = state.stage
-        if before == SECAGG_DONE:  # its aggregation was submitted but never started (a crash): again
-            outcome = _Outcome(aggregate=True)
-        elif rnd.deadline <= now:
-            outcome = _close(s, rnd, state, now)
-        else:
-            outcome = _close_if_complete(s, rnd, state, now)
-        changed = state.stage != before or outcome != _Outcome()
-    _follow_up(ctx, round_id, outcome)
-    return changed
-
-
-def _follow_up(ctx: ServiceContext, round_id: int, outcome: _Outcome) -> None:
-    if outcome.abandon is not None:
-        rounds.abandon(ctx, round_id, outcome.abandon)
-    elif outcome.aggregate:
-        ctx.submit(aggregation.aggregate_round, ctx, round_id)
-
-
-def _close_if_complete(s: Session, rnd: Round, state: SecAggRound, now: datetime) -> _Outcome:
-    """Close the stage early when every device expected in it has answered."""
-    rid, stage = rnd.id, state.stage
-    members = queries.secagg_members(s, rid)
-    if stage == SECAGG_ADVERTISE:
-        complete = len(members) >= rnd.target_reports
-    elif stage == SECAGG_SHARE:
-        complete = all(m.shared for m in members)
-    elif stage == SECAGG_UPLOAD:
-        complete = {m.device_id for m in members if m.shared} <= set(queries.uploaders_of(s, rid))
-    elif stage == SECAGG_UNMASK:
-        uploaders = set(queries.uploaders_of(s, rid))
-        complete = all(m.revealed for m in members if m.device_id in uploaders)
-    else:
-        complete = False
-    return _close(s, rnd, state, now) if complete else _Outcome()
-
-
-def _next_stage(rnd: Round, state: SecAggRound, stage: str, now: datetime) -> None:
-    state.stage = stage
-    rnd.deadline = now + timedelta(seconds=float(state.params["stage_timeout_s"]))
-
-
-def _close(s: Session, rnd: Round, state: SecAggRound, now: datetime) -> _Outcome:
-    """Close the current stage with whoever answered in it (the caller holds the row lock)."""
-    members = queries.secagg_members(s, rnd.id)
-    need = rnd.min_reports
-    if state.stage == SECAGG_ADVERTISE:
-        if len(members) < need:
-            return _Outcome(
-                abandon=f"secure aggregation: {len(members)} devices advertised keys, {need} needed"
-            )
-        state.graph_seed = secrets.randbelow(2**31)
-        rnd.max_assignments = rnd.assigned  # the cohort is fixed: no more check-ins
-        _next_stage(rnd, state, SECAGG_SHARE, now)
-        return _Outcome()
-    roster = _roster(state, members)
-    sharers = {m.device_id for m in members if m.shared}
-    if state.stage == SECAGG_SHARE:
-        # a sharer whose neighbours in U2 are fewer than its threshold could not be unmasked: out
-        while True:
-            short = {u for u in sharers if len(roster.graph[u] & sharers) < roster.threshold(u)}
-            if not short:
-                break
-            sharers -= short
-        for m in members:
-            m.shared = m.device_id in sharers
-        if len(sharers) < need:
-            return _Outcome(abandon=f"secure aggregation: {len(sharers)} devices shared keys, {need} needed")
-        _next_stage(rnd, state, SECAGG_UPLOAD, now)
-        return _Outcome()
-    uploaders = set(queries.uploaders_of(s, rnd.id))
-    if state.stage == SECAGG_UPLOAD:
-        if len(uploaders) < need:
-            return _Outcome(abandon=f"secure aggregation: {len(uploaders)} masked updates, {need} needed")
-        if unmasking.missing_secrets(roster, sharers=sharers, uploaders=uploaders, revealers=uploaders):
-            return _Outcome(abandon="secure aggregation: too few survivors to remove the masks")
-        _next_stage(rnd, state, SECAGG_UNMASK, now)
-        return _Outcome()
-    if state.stage == SECAGG_UNMASK:
-        revealers = {m.device_id for m in members if m.revealed}
-        missing = unmasking.missing_secrets(roster, sharers=sharers, uploaders=uploaders, revealers=revealers)
-        if missing:
-            return _Outcome(
-                abandon=f"secure aggregation: too few shares revealed for {len(missing)} device(s)"
-            )
-        state.stage = SECAGG_DONE
-        return _Outcome(aggregate=True)
-    return _Outcome()

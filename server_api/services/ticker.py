@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from server_api.orm import ROUND_AGGREGATING, Task, utcnow
 from server_api.round_policy import RoundAction, RoundCounters, decide
-from server_api.services import aggregation, queries, rounds, secagg
+from server_api.services import aggregation, queries, rounds, secagg_stages
 from server_api.services.context import ServiceContext
 
 
@@ -25,7 +25,7 @@ def tick(ctx: ServiceContext) -> list[tuple[int, RoundAction]]:
     done: list[tuple[int, RoundAction]] = []
     for round_id, status, counters in due:
         if status != ROUND_AGGREGATING and round_id in secure:
-            secagg.advance(ctx, round_id)  # its stages decide; "done" submits the aggregation
+            secagg_stages.advance(ctx, round_id)  # its stages decide; "done" submits the aggregation
             continue
         action = RoundAction.AGGREGATE if status == ROUND_AGGREGATING else decide(counters, now)
         if action is RoundAction.AGGREGATE:
