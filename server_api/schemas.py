@@ -163,6 +163,11 @@ class RoundPolicy(Strict):
                 raise ValueError(
                     "policy.secure_aggregation needs min_reports >= 2: a sum of one is one update"
                 )
+            if self.update_encoding != "float32" or self.update_error_feedback:
+                raise ValueError(
+                    "policy.secure_aggregation quantizes updates itself: update_encoding must stay float32 "
+                    "and update_error_feedback false"
+                )
             if max_assignments(self.target_reports, self.over_selection) * self.max_sample_weight >= 2**31:
                 raise ValueError(
                     "policy.secure_aggregation: devices x max_sample_weight must stay below 2^31 (the total "

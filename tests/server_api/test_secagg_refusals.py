@@ -126,6 +126,8 @@ def test_task_creation_refusals(api: Api) -> None:
         {**POLICY, "secure_aggregation": {}},
         {**POLICY, "secure_aggregation": {"clip_norm": 1.0, "max_neighbours": 49}},
         {**POLICY, "max_sample_weight": 10**9},
+        {**POLICY, "update_encoding": "int8"},
+        {**POLICY, "update_error_feedback": True},
     ):
         assert create(policy=policy)().status_code == 422
     assert state(api) == before
