@@ -1,0 +1,81 @@
+"""The privacy accountant of DP-FedAvg: (epsilon, delta) spent after some rounds.
+
+Each aggregated round is one Poisson-subsampled Gaussian mechanism (McMahan et al., "Learning
+differentially private recurrent language models", ICLR 2018): every device of the task's stated
+population takes part with probability ``q = target_reports / population``, its clipped update has L2
+sensitivity ``C``, and the sum carries Gaussian noise of standard deviation ``z C``. Rounds compose; the
+Renyi-DP accountant of ``dp_accounting`` (Mironov 2017; Mironov, Talwar and Zhang 2019 for the subsampled
+Gaussian) turns the composition into the smallest epsilon for the given delta, with the conversion of
+Canonne, Kamath and Steinke (2020), tighter than the classic ``rdp - log(delta) / (order - 1)``.
+
+Adjacency is add-or-remove one device (all of a device's images: user-level privacy).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+
+
+def _check(sampling_rate: float, noise_multiplier: float, rounds: int) -> None:
+    if not 0.0 < sampling_rate <= 1.0:
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+    if not (noise_multiplier >= 0.0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+
+
+def _accountant(sampling_rate: float, noise_multiplier: float, rounds: int) -> RdpAccountant:
+    accountant = RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(
+        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    accountant.compose(event, rounds)
+    return accountant
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon_spent(sampling_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` rounds at sampling rate ``q`` and noise multiplier ``z`` for ``delta``.
+
+    0.0 for no round; ``math.inf`` for ``z == 0`` (clipping without noise gives no finite guarantee).
+    Cached: the server asks for the same few values on every task view and round."""
+    _check(sampling_rate, noise_multiplier, rounds)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0.0:
+        return math.inf
+    return float(_accountant(sampling_rate, noise_multiplier, rounds).get_epsilon(delta))
+
+
+def rdp_curve(
+    sampling_rate: float, noise_multiplier: float, rounds: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The composed Renyi-DP guarantee: (orders, RDP at each order) of ``rounds`` rounds."""
+    _check(sampling_rate, noise_multiplier, rounds)
+    accountant = _accountant(sampling_rate, noise_multiplier, rounds)
+    return tuple(float(a) for a in accountant.orders), tuple(float(r) for r in accountant.rdp)
+
+
+def rounds_within_budget(
+    sampling_rate: float, noise_multiplier: float, delta: float, epsilon_budget: float, limit: int
+) -> int:
+    """The most rounds (at most ``limit``) whose epsilon stays within ``epsilon_budget``.
+
+    Epsilon grows with the number of rounds, so a binary search over [0, limit]."""
+    if not epsilon_budget > 0:
+        raise ValueError(f"epsilon_budget must be > 0, got {epsilon_budget}")
+    low, high = 0, limit  # epsilon_spent(low) <= budget always (0 rounds spend 0)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if epsilon_spent(sampling_rate, noise_multiplier, mid, delta) <= epsilon_budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
