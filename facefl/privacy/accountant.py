@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+if TYPE_CHECKING:
+    from dp_accounting.rdp import RdpAccountant
 
 
 def _check(sampling_rate: float, noise_multiplier: float, rounds: int) -> None:
@@ -30,6 +31,10 @@ def _check(sampling_rate: float, noise_multiplier: float, rounds: int) -> None:
 
 
 def _accountant(sampling_rate: float, noise_multiplier: float, rounds: int) -> RdpAccountant:
+    # imported on first use: dp_accounting loads scipy (seconds), which only a DP task needs
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
     accountant = RdpAccountant()
     event = dp_accounting.PoissonSampledDpEvent(
         sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
