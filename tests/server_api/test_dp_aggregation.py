@@ -45,6 +45,19 @@ def ctx(settings: Settings) -> Iterator[ServiceContext]:
         context.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServiceContext]:
+    """The services on a SQLite file and on PostgreSQL (the task status column has a length)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    s = make_settings(tmp_path, url)
+    upgrade(s.database_url)
+    context = ServiceContext.from_settings(s)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
 def _create(ctx: ServiceContext, dp: dict[str, Any], rounds_: int = 3) -> int:
     body = TaskIn.model_validate(
         {
@@ -112,7 +125,8 @@ def test_updates_are_clipped_and_weigh_the_same_without_noise(ctx: ServiceContex
     assert privacy is not None and (privacy.epsilon, privacy.rounds) == (None, 1)
 
 
-def test_the_server_adds_gaussian_noise_of_z_c_over_n_to_the_mean(ctx: ServiceContext) -> None:
+def test_the_server_adds_gaussian_noise_of_z_c_over_n_to_the_mean(any_db_ctx: ServiceContext) -> None:
+    ctx = any_db_ctx
     clip, z, population = 1.0, 1.0, 30
     task_id = _create(ctx, {"clip_norm": clip, "noise_multiplier": z, "population": population})
     round_id = _report(ctx, 0.001, 5)
@@ -148,7 +162,8 @@ def test_no_server_noise_under_secure_aggregation_but_the_same_accounting(ctx: S
     assert privacy.epsilon == pytest.approx(epsilon_spent(0.1, 2.0, 1, 1e-5))
 
 
-def test_the_budget_stops_the_task_before_the_round_that_would_exceed_it(ctx: ServiceContext) -> None:
+def test_the_budget_stops_the_task_before_the_round_that_would_exceed_it(any_db_ctx: ServiceContext) -> None:
+    ctx = any_db_ctx
     q, z, delta = 3 / 12, 1.0, 1e-5
     budget = (epsilon_spent(q, z, 2, delta) + epsilon_spent(q, z, 3, delta)) / 2
     allowed = rounds_within_budget(q, z, delta, budget, limit=10)
