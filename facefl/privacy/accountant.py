@@ -14,6 +14,7 @@ Adjacency is add-or-remove one device (all of a device's images: user-level priv
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -30,10 +31,23 @@ def _check(sampling_rate: float, noise_multiplier: float, rounds: int) -> None:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
 
 
+class _DropExcludedOrders(logging.Filter):
+    """dp_accounting warns (through absl) on every call when its series for a fractional order does not
+    converge (large sampling rates) and leaves that order out: epsilon, the minimum over the other
+    orders, is still a valid upper bound, so the warning is noise in a server's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Excluding this order" not in record.getMessage()
+
+
 def _accountant(sampling_rate: float, noise_multiplier: float, rounds: int) -> RdpAccountant:
     # imported on first use: dp_accounting loads scipy (seconds), which only a DP task needs
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
+
+    absl_log = logging.getLogger("absl")
+    if not any(isinstance(f, _DropExcludedOrders) for f in absl_log.filters):
+        absl_log.addFilter(_DropExcludedOrders())
 
     accountant = RdpAccountant()
     event = dp_accounting.PoissonSampledDpEvent(
