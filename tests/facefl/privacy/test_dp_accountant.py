@@ -24,11 +24,13 @@ def classic_epsilon(q: float, z: float, steps: int, delta: float) -> float:
 @pytest.mark.parametrize(
     ("noise_multiplier", "epochs", "published"),
     [
-        # tensorflow/privacy, compute_dp_sgd_privacy.py's documented example (MNIST, N=60000,
-        # batch 256, noise 1.1, 60 epochs, delta 1e-5): "eps = 3.01"
+        # tensorflow/privacy's README, "Command-Line Interface for Privacy Budgeting":
+        # compute_dp_sgd_privacy.py --N=60000 --batch_size=256 --noise_multiplier=1.1 --epochs=60
+        # --delta=1e-5 "satisfies differential privacy with eps = 3.01 and delta = 1e-05"
         (1.1, 60, 3.01),
-        # tensorflow/privacy tutorials/README.md, "Select Parameters" table (delta 1e-5): the default
-        # setting (noise 1.12, 60 epochs) 2.92 and (noise 1.2, 10 epochs) 1.20
+        # compute_dp_sgd_privacy.py's docstring (noise 1.12, otherwise the same): "(2.92, 1e-5)-DP"; the
+        # same figure heads the table of tensorflow/privacy tutorials/README.md, whose last row is
+        # (noise 1.2, 10 epochs) 1.20
         (1.12, 60, 2.92),
         (1.2, 10, 1.20),
     ],
