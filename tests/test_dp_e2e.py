@@ -77,5 +77,12 @@ def test_epsilon_is_reported_per_round_and_the_budget_stops_the_task(tmp_path: P
             timeout=30,
         )
         assert r.status_code == 200 and r.json()["reason"] == "privacy_budget_exhausted"
+
+        # the operator's console shows the status and the epsilon spent
+        with httpx.Client(base_url=server.base_url, timeout=30) as c:
+            assert c.post("/console/login", data={"token": ADMIN, "next": "/console"}).status_code == 303
+            page = c.get(f"/console/tasks/{task.id}").text
+        assert "budget_exhausted" in page
+        assert f"ε = {privacy['epsilon']:.3g}, δ = {delta}" in page
     finally:
         server.stop()
