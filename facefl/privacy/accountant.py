@@ -18,6 +18,8 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from dp_accounting.rdp import RdpAccountant
 
@@ -61,7 +63,8 @@ def _accountant(sampling_rate: float, noise_multiplier: float, rounds: int) -> R
 def epsilon_spent(sampling_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
     """Epsilon of ``rounds`` rounds at sampling rate ``q`` and noise multiplier ``z`` for ``delta``.
 
-    0.0 for no round; ``math.inf`` for ``z == 0`` (clipping without noise gives no finite guarantee).
+    0.0 for no round; ``math.inf`` for ``z == 0`` (clipping without noise gives no finite guarantee) and
+    wherever the accountant cannot compute a finite bound (degenerate inputs such as ``z = 1e-300``).
     Cached: the server asks for the same few values on every task view and round."""
     _check(sampling_rate, noise_multiplier, rounds)
     if not 0.0 < delta < 1.0:
@@ -70,7 +73,12 @@ def epsilon_spent(sampling_rate: float, noise_multiplier: float, rounds: int, de
         return 0.0
     if noise_multiplier == 0.0:
         return math.inf
-    return float(_accountant(sampling_rate, noise_multiplier, rounds).get_epsilon(delta))
+    try:
+        with np.errstate(all="ignore"):  # a degenerate input overflows to inf: handled here, not a warning
+            epsilon = float(_accountant(sampling_rate, noise_multiplier, rounds).get_epsilon(delta))
+    except (ArithmeticError, ValueError):  # extreme inputs (e.g. z = 1e-300): no finite guarantee claimed
+        return math.inf
+    return epsilon if not math.isnan(epsilon) else math.inf
 
 
 def rdp_curve(

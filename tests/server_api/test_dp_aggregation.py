@@ -208,6 +208,11 @@ DP = {"clip_norm": 1.0, "noise_multiplier": 1.0, "population": 100}
         ({"policy": {"dp": {k: v for k, v in DP.items() if k != "population"}}}, "population"),
         # one round at q = 0.1, z = 1 spends far more than 0.01
         ({"policy": {"dp": {**DP, "epsilon_budget": 0.01}}}, "policy.dp.epsilon_budget"),
+        # an accountant that cannot bound epsilon claims no finite value: refused the same way
+        (
+            {"policy": {"dp": {**DP, "noise_multiplier": 1e-300, "epsilon_budget": 5}}},
+            "privacy_budget_too_small",
+        ),
     ],
 )
 def test_refused_with_422_and_nothing_stored(

@@ -50,6 +50,9 @@ def test_rdp_curve_reproduces_published_dp_sgd_epsilons(
 def test_no_round_spends_nothing_and_no_noise_gives_no_guarantee() -> None:
     assert epsilon_spent(0.1, 1.0, 0, 1e-5) == 0.0
     assert epsilon_spent(0.1, 0.0, 1, 1e-5) == math.inf
+    # degenerate settings a task may still state: no finite epsilon is claimed, nothing raises
+    assert epsilon_spent(1e-12, 1e-300, 100_000, 1e-300) == math.inf
+    assert epsilon_spent(1.0, 1e-300, 1, 1e-5) == math.inf
 
 
 def test_epsilon_grows_with_rounds_and_sampling_and_shrinks_with_noise() -> None:
