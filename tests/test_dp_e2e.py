@@ -19,8 +19,8 @@ from tests.server_api.fleet import Fleet
 def test_epsilon_is_reported_per_round_and_the_budget_stops_the_task(tmp_path: Path) -> None:
     target, population, z, delta = 2, 8, 1.0, 1e-5
     q = target / population
-    # a budget between the epsilons of 3 and 4 rounds: never at a float boundary
-    budget = (epsilon_spent(q, z, 3, delta) + epsilon_spent(q, z, 4, delta)) / 2
+    # a budget between the epsilons of 2 and 3 rounds: never at a float boundary
+    budget = (epsilon_spent(q, z, 2, delta) + epsilon_spent(q, z, 3, delta)) / 2
     expected_rounds = rounds_within_budget(q, z, delta, budget, limit=10)
     server = LiveServer(tmp_path, FACEFL_MAX_RETRY_AFTER_S="0.3").start()
     try:
