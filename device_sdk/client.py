@@ -49,6 +49,10 @@ from .records import (
 )
 from .transport import DEFAULT_TIMEOUT, USER_AGENT, Connection, parse_retry_after
 
+#: check-in wait reasons after which the task never hands out an assignment again: the task finished its
+#: rounds, or one more round would exceed its differential-privacy budget
+TASK_OVER = frozenset({"task_completed", "privacy_budget_exhausted"})
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "USER_AGENT",
@@ -276,8 +280,8 @@ class FederatedClient:
                 if isinstance(answer, Assignment):
                     return answer
                 last_reason = answer.reason
-                if answer.reason == "task_completed":
-                    raise TaskCompleted(f"task {task_id} is completed")
+                if answer.reason in TASK_OVER:
+                    raise TaskCompleted(f"task {task_id} is over ({answer.reason})")
                 if answer.retry_after_s > 0:
                     delay = answer.retry_after_s * (1.0 + 0.2 * rng.random())
                 else:  # no advice from the server: back off on our own

@@ -218,7 +218,7 @@ class TaskInfo:
     rounds: int
     hyperparams: dict[str, Any]
     policy: dict[str, Any]
-    status: str  # "running" | "completed"
+    status: str  # "running" | "paused" | "completed" | "budget_exhausted"
     current_version: int | None
     aggregated_rounds: int
     current_round: RoundInfo | None

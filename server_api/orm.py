@@ -57,9 +57,11 @@ ROUND_AGGREGATED = "aggregated"
 ROUND_ABANDONED = "abandoned"
 
 # Task states: "running" hands out assignments; "paused" (by the operator) hands out none and opens no
-# new round; "completed" after its last round aggregated.
+# new round; "completed" after its last round aggregated; "budget_exhausted" when one more round would
+# spend more than its policy.dp.epsilon_budget (final, like completed).
 TASK_RUNNING = "running"
 TASK_PAUSED = "paused"
+TASK_BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 class Device(Base):

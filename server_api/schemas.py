@@ -108,6 +108,28 @@ class SecureAggregation(Strict):
     max_neighbours: Annotated[int, Field(ge=2, le=48)] = 32
 
 
+class DifferentialPrivacy(Strict):
+    """DP-FedAvg (McMahan et al., 2018; facefl.privacy): each update is clipped to L2 norm clip_norm, the
+    clipped updates are summed with equal weight, Gaussian noise N(0, (noise_multiplier * clip_norm)^2) is
+    added to the sum (by the server; by the devices under secure aggregation), and the sum is divided by
+    the number of reports. The accountant assumes each of the ``population`` devices takes part in a
+    round with probability target_reports / population. noise_multiplier 0: clipping only (epsilon is
+    infinite, reported as null). With epsilon_budget, no round opens once the next one would spend more.
+    """
+
+    clip_norm: Annotated[float, Field(gt=0, le=1e12)]
+    noise_multiplier: Annotated[float, Field(ge=0, le=1e6)]
+    delta: Annotated[float, Field(gt=0, lt=0.1)] = 1e-5
+    population: Annotated[int, Field(ge=1, le=10**12)]
+    epsilon_budget: Annotated[float | None, Field(gt=0, le=1e6)] = None
+
+    @model_validator(mode="after")
+    def _budget_needs_noise(self) -> DifferentialPrivacy:
+        if self.epsilon_budget is not None and self.noise_multiplier == 0:
+            raise ValueError("epsilon_budget needs noise_multiplier > 0: without noise epsilon is infinite")
+        return self
+
+
 #: Default cap on the weight (``num_samples``) one update may claim: a phone holds tens to hundreds of
 #: enrolled face images, so an honest device stays below it, while a device claiming 10^9 cannot take
 #: the whole weighted mean.
@@ -140,6 +162,8 @@ class RoundPolicy(Strict):
     max_sample_weight: Annotated[int, Field(ge=1, le=1_000_000_000)] = DEFAULT_MAX_SAMPLE_WEIGHT
     robust: RobustAggregation | None = None
     gate: ReleaseGate | None = None
+    # differential privacy (DP-FedAvg): clipping, noise and the (epsilon, delta) accountant; off when null
+    dp: DifferentialPrivacy | None = None
     # how devices encode their delta (facefl.compression): float32, float16, or int8 with a scale per
     # tensor ("int8") or per output channel ("int8_channel"); the server accepts every encoding whatever
     # the task asks. error feedback: devices add what quantization dropped to their next delta
@@ -177,6 +201,17 @@ class RoundPolicy(Strict):
             raise ValueError(
                 "robust.trim_fraction * min_reports < 1: a round at the minimum would trim nothing"
             )
+        if self.dp is not None:
+            if self.dp.population < self.target_reports:
+                raise ValueError(
+                    "policy.dp.population must be at least target_reports (q = target / population)"
+                )
+            if self.robust is not None:
+                # DP's sensitivity analysis is for a sum of clipped updates; the trimmed mean is not a sum,
+                # and robust.clip_norm would be a second clip next to dp.clip_norm
+                raise ValueError(
+                    "policy.dp cannot be combined with policy.robust: policy.dp clips every update"
+                )
         return self
 
 
@@ -227,6 +262,11 @@ class TaskIn(Strict):
     @model_validator(mode="after")
     def _check(self) -> TaskIn:
         self.hyperparams = registry.task_hyperparams(self.algorithm, self.hyperparams).model_dump()
+        if self.policy.dp is not None and not registry.get(self.algorithm).updates_only_summed:
+            raise ValueError(
+                f"policy.dp needs an algorithm whose updates the server only sums; {self.algorithm} "
+                "uploads per-device tensors"
+            )
         if self.policy.gate is not None and self.eval_set is None:
             raise ValueError("policy.gate needs eval_set: the gate compares versions on it")
         if self.trainable is not None:
@@ -265,6 +305,16 @@ class RoundOut(BaseModel):
     served_version: int | None
 
 
+class PrivacyOut(BaseModel):
+    """What a task with policy.dp has spent: (epsilon, delta) after its aggregated rounds."""
+
+    epsilon: float | None  # null: no finite guarantee (noise_multiplier 0, clipping only)
+    delta: float
+    rounds: int  # aggregated rounds, each one DP release
+    epsilon_budget: float | None
+    noise_added_by: Literal["server", "devices"]  # devices: under secure aggregation (distributed DP)
+
+
 class TaskOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -285,6 +335,8 @@ class TaskOut(BaseModel):
     aggregated_rounds: int
     current_round: RoundOut | None = None
     created_at: datetime
+    # policy.dp: the privacy spent so far; null without policy.dp
+    privacy: PrivacyOut | None = None
 
 
 class ModelVersionOut(BaseModel):
@@ -418,7 +470,13 @@ class TrainAction(BaseModel):
 
 
 WaitReason = Literal[
-    "no_open_round", "round_full", "already_participated", "task_completed", "task_paused", "no_task"
+    "no_open_round",
+    "round_full",
+    "already_participated",
+    "task_completed",
+    "task_paused",
+    "privacy_budget_exhausted",
+    "no_task",
 ]
 
 

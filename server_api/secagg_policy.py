@@ -33,6 +33,10 @@ def assignment_info(policy: dict[str, Any]) -> SecAggInfo | None:
     clip_norm = float(config["clip_norm"])
     max_weight = int(policy["max_sample_weight"])
     noise = dp_noise_stddev(policy, int(policy["min_reports"]))
+    dp = policy.get("dp")
+    if isinstance(dp, dict) and isinstance(dp.get("clip_norm"), int | float):
+        # DP-FedAvg on the devices: equal weights (the sum's sensitivity is the clip norm) and dp's clip
+        clip_norm, max_weight = min(clip_norm, float(dp["clip_norm"])), 1
     devices = max_assignments(int(policy["target_reports"]), float(policy["over_selection"]))
     bound = fixedpoint.coordinate_bound(clip_norm=clip_norm, max_weight=max_weight, noise_stddev=noise)
     return SecAggInfo(

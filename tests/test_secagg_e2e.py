@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from device_sdk import AdminClient, FederatedClient
 from facefl import codec
+from facefl.privacy.accountant import epsilon_spent
 from facefl.secagg import fixedpoint
 from server_api.db import normalize_url, scratch_database
 from simulator.server import LocalServer
@@ -125,7 +126,14 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def _task(
-    admin: AdminClient, name: str, n: int, *, secure: bool, min_reports: int, timeout: float = 2.0
+    admin: AdminClient,
+    name: str,
+    n: int,
+    *,
+    secure: bool,
+    min_reports: int,
+    timeout: float = 2.0,
+    dp: dict[str, Any] | None = None,
 ) -> int:
     policy: dict[str, Any] = {
         "target_reports": n,
@@ -137,6 +145,8 @@ def _task(
     }
     if secure:
         policy["secure_aggregation"] = {"clip_norm": CLIP_NORM, "stage_timeout_s": timeout}
+    if dp is not None:
+        policy["dp"] = dp
     task = admin.create_task(
         name, architecture="tiny", embedding_dim=EMBEDDING_DIM, rounds=1, seed=0, policy=policy
     )
@@ -296,3 +306,28 @@ def test_dropouts_at_every_stage_still_aggregate(server: LocalServer) -> None:
         got = new[k].astype(np.float64) - base[k]
         assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
     assert math.isfinite(quant)
+
+
+def test_distributed_dp_the_devices_noise_adds_up_to_the_central_mechanism(server: LocalServer) -> None:
+    """policy.dp under secure aggregation: zero updates, so the new version minus the base is the noise
+    alone. Each of n devices adds N(0, (zC)^2 / m) (m = min_reports) with weight 1, so the mean's noise has
+    standard deviation zC / sqrt(n m); the round is accounted like central DP-FedAvg."""
+    n, m, z, clip, population = 10, 5, 1.0, 0.5, 100
+    cohort = Cohort(server)
+    cohort.register(n)
+    dp = {"clip_norm": clip, "noise_multiplier": z, "population": population}
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "dp", n, secure=True, min_reports=m, dp=dp)
+        base = admin.download_model(_current_version(admin, task_id))
+        zeros = [{k: np.zeros_like(v) for k, v in base.items()} for _ in range(n)]
+        assert cohort.run(task_id, zeros, [7] * n, secure=True) == {}
+        base, new = _result(admin, task_id)
+        rnd = admin.task_rounds(task_id)[0]
+        task = admin.get_task(task_id)
+    noise = np.concatenate([(new[k].astype(np.float64) - base[k]).ravel() for k in base])
+    expected = z * clip / math.sqrt(n * m)
+    # 6,272 draws: the sample standard deviation is within 5 % of the true one with overwhelming probability
+    assert abs(noise.std() / expected - 1) < 0.05
+    assert abs(noise.mean()) < 5 * expected / math.sqrt(len(noise))
+    assert rnd.metrics["dp_epsilon"] == pytest.approx(epsilon_spent(n / population, z, 1, 1e-5))
+    assert task.raw["privacy"]["noise_added_by"] == "devices"

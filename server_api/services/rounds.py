@@ -18,6 +18,7 @@ from server_api.orm import (
     ROUND_ABANDONED,
     ROUND_OPEN,
     SECAGG_ADVERTISE,
+    TASK_BUDGET_EXHAUSTED,
     TASK_PAUSED,
     TASK_RUNNING,
     Round,
@@ -28,15 +29,20 @@ from server_api.orm import (
 from server_api.round_policy import max_assignments, retry_after
 from server_api.schemas import AssignmentOut, CheckinIn, RoundOut, TrainAction, WaitAction, WaitReason
 from server_api.secagg_policy import assignment_info
-from server_api.services import queries
+from server_api.services import privacy, queries
 from server_api.services.context import ServiceContext, log
 
 
 def open_round(s: Session, task: Task) -> Round | None:
     """Open the task's next round on its current model version (caller owns the transaction).
 
-    A paused task opens none (None): resuming it opens its next round."""
+    A paused task opens none (None): resuming it opens its next round. Neither does a task whose next
+    round would spend more than its policy.dp.epsilon_budget: it becomes ``budget_exhausted`` (final)."""
     if task.status == TASK_PAUSED:
+        return None
+    if not privacy.may_open_round(task.policy, task.aggregated_rounds):
+        task.status = TASK_BUDGET_EXHAUSTED
+        log.info("privacy budget exhausted: no next round", extra={"task_id": task.id})
         return None
     policy = task.policy
     assert task.current_version is not None
@@ -94,6 +100,8 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             return wait(st.max_retry_after_s, "no_task")
         if view.task_status == TASK_PAUSED:
             return wait(st.max_retry_after_s, "task_paused")
+        if view.task_status == TASK_BUDGET_EXHAUSTED:
+            return wait(st.max_retry_after_s, "privacy_budget_exhausted")
         if view.task_status != TASK_RUNNING:
             return wait(st.max_retry_after_s, "task_completed")
         rnd = view.round

@@ -46,7 +46,11 @@ def test_distributed_dp_noise_from_the_raw_policy() -> None:
     assert dp_noise_stddev({"dp": {"noise_multiplier": 1.5, "clip_norm": 2.0}}, 4) == 1.5
     info = assignment_info(_policy(dp={"noise_multiplier": 1.5, "clip_norm": 2.0}))
     assert info is not None and info.noise_stddev == 1.5
-    assert info.bound == 100.0 + fixedpoint.NOISE_SIGMAS * 1.5  # the fixed point makes room for the noise
+    # DP-FedAvg's equal weights: every device's weight is 1, so the sum's sensitivity is the clip norm
+    assert (info.max_sample_weight, info.clip_norm) == (1, 2.0)
+    assert info.bound == 2.0 + fixedpoint.NOISE_SIGMAS * 1.5  # the fixed point makes room for the noise
+    tighter = assignment_info(_policy(dp={"noise_multiplier": 1.0, "clip_norm": 0.5}))
+    assert tighter is not None and (tighter.clip_norm, tighter.noise_stddev) == (0.5, 0.25)
 
 
 @pytest.mark.parametrize(
