@@ -21,7 +21,17 @@ from facefl.algorithms.base import ServerStepInputs
 from facefl.privacy import dp
 from server_api import metrics as prom
 from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
-from server_api.services import evaluation, gate, models, privacy, public, queries, rounds, server_state
+from server_api.services import (
+    evaluation,
+    gate,
+    models,
+    privacy,
+    public,
+    queries,
+    rounds,
+    secagg_sum,
+    server_state,
+)
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
 
@@ -63,6 +73,9 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         # this round is the task's next aggregated one: rounds of a task aggregate one at a time
         dp_round = task.aggregated_rounds + 1
         norms = [u.norm for u in rows] if robust_config or dp_policy else []
+        masked = secagg_sum.inputs_of(s, round_id)  # None: a plain round
+        if masked is not None:
+            layout = secagg_sum.layout(models.specs_of_blob(ctx, base_key), architecture, task.trainable)
 
     # the heartbeat renews our lease while we work (a gated round evaluates two models), so another worker
     # takes the round over within aggregation_lease_s of our death; the commit is fenced by the lease, so
@@ -81,8 +94,16 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             for name, value in metrics.items():
                 metric_sums[name] += float(value) * num_samples
         total = sum(n for _, n, _, _ in updates)
-        if dp_policy is not None:
-            # DP-FedAvg: clipped, equal weights, noise on the sum (facefl.privacy.dp says why)
+        if masked is not None:
+            # only the sum is known: the masks removed with the revealed shares, then the weighted mean
+            try:
+                delta, total = secagg_sum.weighted_mean(masked, paths, layout)
+            except (secagg_sum.SecAggFailure, codec.CodecError) as exc:
+                _abandon_aggregation(ctx, round_id, lease, f"secure aggregation: {exc}")
+                return None
+        elif dp_policy is not None:
+            # DP-FedAvg: clipped, equal weights, noise on the sum (facefl.privacy.dp says why); under
+            # secure aggregation the devices did all three (weights of 1: server_api.secagg_policy)
             delta = privacy.dp_delta(paths, norms, dp_policy, add_noise=server_noise, exclude=extra_names)
         elif robust_config:
             reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]

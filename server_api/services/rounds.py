@@ -17,15 +17,18 @@ from server_api.errors import conflict, not_found
 from server_api.orm import (
     ROUND_ABANDONED,
     ROUND_OPEN,
+    SECAGG_ADVERTISE,
     TASK_BUDGET_EXHAUSTED,
     TASK_PAUSED,
     TASK_RUNNING,
     Round,
+    SecAggRound,
     Task,
     utcnow,
 )
 from server_api.round_policy import max_assignments, retry_after
 from server_api.schemas import AssignmentOut, CheckinIn, RoundOut, TrainAction, WaitAction, WaitReason
+from server_api.secagg_policy import assignment_info
 from server_api.services import privacy, queries
 from server_api.services.context import ServiceContext, log
 
@@ -60,6 +63,9 @@ def open_round(s: Session, task: Task) -> Round | None:
     )
     s.add(rnd)
     s.flush()
+    secagg = assignment_info(policy)
+    if secagg is not None:
+        s.add(SecAggRound(round_id=rnd.id, stage=SECAGG_ADVERTISE, params=secagg.model_dump()))
     after_commit(s, metrics.ROUNDS_OPENED.inc)
     log.info("round opened", extra={"task_id": task.id, "round_id": rnd.id, "round_number": rnd.number})
     return rnd
@@ -129,6 +135,7 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             # absent from the policy of a task created before compressed updates: float32
             update_encoding=view.policy.get("update_encoding", DEFAULT_ENCODING),
             update_error_feedback=bool(view.policy.get("update_error_feedback", False)),
+            secure_aggregation=assignment_info(view.policy),
         )
     )
 

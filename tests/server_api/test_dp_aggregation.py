@@ -147,19 +147,33 @@ def test_the_server_adds_gaussian_noise_of_z_c_over_n_to_the_mean(any_db_ctx: Se
     assert privacy.noise_added_by == "server"
 
 
-def test_no_server_noise_under_secure_aggregation_but_the_same_accounting(ctx: ServiceContext) -> None:
-    task_id = _create(ctx, {"clip_norm": 1.0, "noise_multiplier": 2.0, "population": 30})
-    with ctx.db.write() as s:  # the flag another module's policy sets: read from the stored policy
-        task = s.get(Task, task_id)
-        assert task is not None
-        task.policy = {**task.policy, "secure_aggregation": True}
-    round_id = _report(ctx, 0.001, 5)
-    _report(ctx, 0.003, 50)
-    assert aggregation.aggregate_round(ctx, round_id) == 2
-    np.testing.assert_allclose(_delta(ctx, 2, 1), 0.002, atol=1e-6)
-    privacy = tasks.get(ctx, task_id).privacy
-    assert privacy is not None and privacy.noise_added_by == "devices"
-    assert privacy.epsilon == pytest.approx(epsilon_spent(0.1, 2.0, 1, 1e-5))
+def test_under_secure_aggregation_the_devices_add_the_noise(ctx: ServiceContext) -> None:
+    """The server never sees one update: the assignment tells each device its share of the noise, with
+    DP-FedAvg's clip norm and equal weights (the masked round itself, its noise and its epsilon are tested
+    end to end in tests/test_secagg_e2e.py)."""
+    from server_api.secagg_policy import assignment_info
+
+    dp = {"clip_norm": 1.0, "noise_multiplier": 2.0, "population": 30}
+    body = TaskIn.model_validate(
+        {
+            "name": "dp",
+            "architecture": "tiny",
+            "embedding_dim": 8,
+            "policy": {
+                "target_reports": 3,
+                "min_reports": 2,
+                "dp": dp,
+                "secure_aggregation": {"clip_norm": 5.0},
+            },
+        }
+    )
+    task = tasks.create(ctx, body)
+    privacy = task.privacy
+    assert privacy is not None and privacy.noise_added_by == "devices" and privacy.rounds == 0
+    info = assignment_info(task.policy)
+    assert info is not None
+    assert (info.clip_norm, info.max_sample_weight) == (1.0, 1)
+    assert info.noise_stddev == pytest.approx(2.0 * 1.0 / math.sqrt(2))  # z C / sqrt(min_reports)
 
 
 def test_the_budget_stops_the_task_before_the_round_that_would_exceed_it(any_db_ctx: ServiceContext) -> None:
