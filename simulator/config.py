@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from facefl.algorithms import registry
+from facefl.compression import DEFAULT_ENCODING, ENCODINGS
 from facefl.models import ARCHITECTURES, resolve_trainable
 
 from .backends import BACKENDS, ray_available
@@ -62,6 +63,10 @@ class SimulationConfig:
     min_reports: int | None = None  # default: ceil(target / 2)
     over_selection: float = 1.3
     round_timeout_s: float = 300.0
+    # how devices encode their uploads (the task's policy.update_encoding, facefl.compression), and
+    # whether they carry what the encoding dropped over to their next delta (policy.update_error_feedback)
+    update_encoding: str = "float32"
+    update_error_feedback: bool = False
     dropout: float = 0.0  # probability that a device trains but never uploads
     work_dir: str | None = None
     progress: bool = True
@@ -204,6 +209,14 @@ class SimulationConfig:
         )
         need(self.over_selection >= 1.0, f"--over-selection must be >= 1 (got {self.over_selection})")
         need(self.round_timeout_s > 0, f"--round-timeout-s must be > 0 (got {self.round_timeout_s})")
+        need(
+            self.update_encoding in ENCODINGS,
+            f"--update-encoding must be one of {', '.join(ENCODINGS)} (got {self.update_encoding!r})",
+        )
+        need(
+            not self.update_error_feedback or self.update_encoding != DEFAULT_ENCODING,
+            f"--update-error-feedback needs a lossy --update-encoding (not {DEFAULT_ENCODING})",
+        )
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(self.seed >= 0, f"--seed must be >= 0 (got {self.seed})")
         self.faults().validate()

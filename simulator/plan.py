@@ -21,6 +21,9 @@ __all__ = ["HELDOUT_OFFSET", "DataPlan", "create_task", "plan_data", "register_d
 
 # synthetic held-out identities are numbered from here: disjoint from every device's identities
 HELDOUT_OFFSET = 1_000_000
+# the smallest synthetic face generated; a model taking smaller images (tiny: 4 px) gets them resized
+# by its preprocessing
+SYNTHETIC_MIN_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ def plan_data(cfg: SimulationConfig, image_size: int) -> DataPlan:
     """Which identities each device holds (disjoint), and the held-out identities (disjoint from all)."""
     n, k = cfg.devices, cfg.ids_per_device
     if cfg.data == "synthetic":
+        image_size = max(image_size, SYNTHETIC_MIN_SIZE)
         id_parts = partition_identities(list(range(n * k)), n, k, cfg.seed)
         specs = [DataSpec("synthetic", tuple(p), image_size, cfg.images_per_id, cfg.seed) for p in id_parts]
         heldout_ids = list(range(HELDOUT_OFFSET, HELDOUT_OFFSET + cfg.heldout_ids))
@@ -100,6 +104,8 @@ def create_task(
             "round_timeout_s": cfg.round_timeout_s,
             "gate": parse_gate(cfg.gate) if cfg.gate is not None else None,
             "dp": cfg.dp_policy(),
+            "update_encoding": cfg.update_encoding,
+            "update_error_feedback": cfg.update_error_feedback,
         },
     )
 
