@@ -275,6 +275,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--workers", type=_positive_int, default=None, help="worker processes (CPU count)")
     s.add_argument(
+        "--device-threads",
+        type=_positive_int,
+        default=1,
+        help="device jobs each worker runs at once in threads, sharing its connection pool; their "
+        "trainings take turns (1; e.g. 8 for thousands of tiny-model devices)",
+    )
+    s.add_argument(
         "--backend",
         choices=["local", "ray"],
         default="local",
@@ -332,6 +339,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         enrollment_secret=args.enrollment_secret,
         json_path=args.json_path,
         workers=args.workers,
+        device_threads=args.device_threads,
         seed=args.seed,
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,

@@ -44,6 +44,9 @@ class SimulationConfig:
     enrollment_secret: str | None = None
     json_path: str | None = None
     workers: int | None = None  # default: CPU count
+    # device jobs each worker process runs at once, in threads (their HTTP waits overlap; their trainings
+    # take turns): many light devices (the tiny model) per process
+    device_threads: int = 1
     seed: int = 0
     local_epochs: int = 1
     batch_size: int = 16
@@ -156,6 +159,7 @@ class SimulationConfig:
         if self.workers is None:
             self.workers = os.cpu_count() or 1
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
+        need(self.device_threads >= 1, f"--device-threads must be >= 1 (got {self.device_threads})")
         need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (got {self.batch_size})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")

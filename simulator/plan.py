@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -110,16 +111,28 @@ def create_task(
     )
 
 
-def register_devices(base_url: str, secret: str, run_dir: Path, specs: Sequence[DataSpec]) -> list[Path]:
+def register_devices(
+    base_url: str, secret: str, run_dir: Path, specs: Sequence[DataSpec], *, threads: int = 1
+) -> list[Path]:
     """Enroll every simulated device; credentials go to ``run_dir/devices/<i>/credentials.json``.
 
-    One client enrolls them all (each registration hands it the new device's token): a client per device
-    would pay for a new connection pool and SSL context each time."""
-    dirs: list[Path] = []
-    with FederatedClient(base_url, timeout=30.0) as client:
-        for i, _spec in enumerate(specs):
-            device_dir = run_dir / "devices" / str(i)
-            creds: DeviceCredentials = client.register(secret, name=f"sim-device-{i}")
-            creds.save(device_dir / "credentials.json")
-            dirs.append(device_dir)
+    ``threads`` clients enroll them, each a share of the devices (each registration hands its client the
+    new device's token): a client per device would pay for a new connection pool and SSL context each
+    time, and a thousand devices one after the other wait on the server a thousand times."""
+    dirs = [run_dir / "devices" / str(i) for i in range(len(specs))]
+    threads = max(1, min(threads, len(specs)))
+
+    def enroll(share: range) -> None:
+        with FederatedClient(base_url, timeout=60.0) as client:
+            for i in share:
+                creds: DeviceCredentials = client.register(secret, name=f"sim-device-{i}")
+                creds.save(dirs[i] / "credentials.json")
+
+    shares = [range(t, len(specs), threads) for t in range(threads)]
+    if threads == 1:
+        enroll(shares[0])
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for done in [pool.submit(enroll, share) for share in shares]:
+                done.result()  # the first failure, if any
     return dirs
