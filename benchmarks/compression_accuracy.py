@@ -18,7 +18,9 @@ identities, the schedule and the local training), so differences are paired per 
 
 Reported per encoding: bytes per upload (the stored size of every accepted update, from the server's round
 participants), LFW accuracy and TAR@FAR=1e-2 of the final global model (mean +- std over seeds), and the
-paired change of LFW accuracy against float32 (mean +- std over seeds). A change counts only beyond the
+paired change of LFW accuracy against float32 (mean +- std over seeds), and how far the final model is
+from float32's of the same seed: ||w - w_float32|| / ||w_float32 - w_pretrained|| (the share of what
+training moved the model by that the encoding changed). A change counts only beyond the
 spread of repeated runs: the table says "within spread" when its magnitude is no larger than the larger of
 the float32 runs' standard deviation and the paired changes' standard deviation.
 Results (every run, then the summary) go to --json after each run, so an interrupted run keeps its rows.
@@ -37,12 +39,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy import PROFILES, SHARED  # noqa: E402
 from benchmarks.server_throughput import git_commit  # noqa: E402
+from facefl.checkpoint import load_checkpoint  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "compression_accuracy.json"
 ENCODINGS = ("float32", "float16", "int8", "int8+ef", "int8_channel", "int8_channel+ef")
@@ -60,7 +65,10 @@ def parse_encoding(name: str) -> tuple[str, bool]:
     return encoding, suffix == "ef"
 
 
-def run_one(name: str, seed: int, args: argparse.Namespace, lfw: Any) -> dict[str, Any]:
+def run_one(
+    name: str, seed: int, args: argparse.Namespace, lfw: Any
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One federated run; its record and the final global model's weights."""
     import httpx
 
     from device_sdk import AdminClient
@@ -123,14 +131,13 @@ def run_one(name: str, seed: int, args: argparse.Namespace, lfw: Any) -> dict[st
         "bytes_per_upload": statistics.mean(sizes) if sizes else None,
         "uploads": len(sizes),
         "wall_s": round(time.perf_counter() - started, 1),
-    }
+    }, final_weights
 
 
 def lfw_evaluator(checkpoint: Path, lfw_dir: Path) -> tuple[Any, dict[str, float]]:
     """A function weights -> LFW folds 6-10 report (accuracy, tar@far=...), and the checkpoint's report."""
     import torch
 
-    from facefl.checkpoint import load_checkpoint
     from facefl.embedders import TorchEmbedder
     from facefl.evaluation import VerificationSet, evaluate_verification
     from facefl.models import backbone_from_weights
@@ -145,6 +152,17 @@ def lfw_evaluator(checkpoint: Path, lfw_dir: Path) -> tuple[Any, dict[str, float
         return {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
 
     return evaluate, evaluate(ckpt.tensors)
+
+
+def model_distance(
+    weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], initial: dict[str, np.ndarray]
+) -> float:
+    """||weights - reference|| / ||reference - initial|| over the float tensors: how far an encoding moved
+    the final model from float32's (same seed), relative to how far training moved float32's."""
+    names = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+    apart = sum(float(np.sum((weights[k].astype(np.float64) - reference[k]) ** 2)) for k in names)
+    moved = sum(float(np.sum((reference[k].astype(np.float64) - initial[k]) ** 2)) for k in names)
+    return float(np.sqrt(apart / moved)) if moved > 0 else float("nan")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -180,6 +198,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "lfw_tar_std": tar_std,
                 "lfw_change_vs_float32_mean": change_mean,
                 "lfw_change_vs_float32_std": change_std,
+                "model_distance_vs_float32_mean": statistics.mean(
+                    r.get("model_distance_vs_float32", float("nan")) for r in mine
+                ),
                 "within_spread": bool(abs(change_mean) <= spread) if name != "float32" else None,
                 "wall_s_mean": statistics.mean(r["wall_s"] for r in mine),
             }
@@ -190,8 +211,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| encoding | bytes / upload | vs float32 | LFW acc (mean ± std) "
-        "| change vs float32, points (paired) | LFW TAR@1e-2 | seeds | s / run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| change vs float32, points (paired) | LFW TAR@1e-2 | final model vs float32's | seeds | s / run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["encoding"] == "float32":
@@ -205,7 +226,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['encoding']} | {r['bytes_per_upload']:,.0f} | {ratio} "
             f"| {r['lfw_accuracy_mean']:.4f} ± {r['lfw_accuracy_std']:.4f} | {change} "
-            f"| {r['lfw_tar_mean']:.4f} ± {r['lfw_tar_std']:.4f} | {len(r['seeds'])} "
+            f"| {r['lfw_tar_mean']:.4f} ± {r['lfw_tar_std']:.4f} "
+            f"| {100 * r['model_distance_vs_float32_mean']:.2f}% | {len(r['seeds'])} "
             f"| {r['wall_s_mean']:.0f} |"
         )
     return "\n".join(lines)
@@ -242,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     lfw, initial = lfw_evaluator(args.pretrained, args.lfw)
     log(f"pretrained checkpoint: LFW acc {initial['accuracy']:.4f} ({time.perf_counter() - started:.0f} s)")
     runs: list[dict[str, Any]] = []
+    reference: dict[int, dict[str, np.ndarray]] = {}  # seed -> float32's final weights
+    initial_weights = load_checkpoint(args.pretrained).tensors
     meta = {
         "command": " ".join(["python benchmarks/compression_accuracy.py", *(argv or sys.argv[1:])]),
         "setting": "benchmarks/accuracy.py --profile cpu, FedAvg" + f", {args.rounds} rounds",
@@ -255,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for name in encodings:
             load = os.getloadavg()[0]
-            run = run_one(name, seed, args, lfw)
+            run, weights = run_one(name, seed, args, lfw)
+            if name == "float32":
+                reference[seed] = weights
+            if seed in reference:
+                run["model_distance_vs_float32"] = model_distance(weights, reference[seed], initial_weights)
             run["load_before"] = round(load, 2)
             runs.append(run)
             log(
