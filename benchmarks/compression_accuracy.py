@@ -20,7 +20,8 @@ Reported per encoding: bytes per upload (the stored size of every accepted updat
 participants), LFW accuracy and TAR@FAR=1e-2 of the final global model (mean +- std over seeds), and the
 paired change of LFW accuracy against float32 (mean +- std over seeds), and how far the final model is
 from float32's of the same seed: ||w - w_float32|| / ||w_float32 - w_pretrained|| (the share of what
-training moved the model by that the encoding changed). A change counts only beyond the
+training moved the model by that the encoding changed), over all float tensors and over the weights
+int8 quantizes (tensors of two or more dimensions). A change counts only beyond the
 spread of repeated runs: the table says "within spread" when its magnitude is no larger than the larger of
 the float32 runs' standard deviation and the paired changes' standard deviation.
 Results (every run, then the summary) go to --json after each run, so an interrupted run keeps its rows.
@@ -155,11 +156,16 @@ def lfw_evaluator(checkpoint: Path, lfw_dir: Path) -> tuple[Any, dict[str, float
 
 
 def model_distance(
-    weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], initial: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    initial: dict[str, np.ndarray],
+    min_ndim: int = 0,
 ) -> float:
-    """||weights - reference|| / ||reference - initial|| over the float tensors: how far an encoding moved
-    the final model from float32's (same seed), relative to how far training moved float32's."""
-    names = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+    """||weights - reference|| / ||reference - initial|| over the float tensors of at least ``min_ndim``
+    dimensions: how far an encoding moved the final model from float32's (same seed), relative to how far
+    training moved float32's. ``min_ndim=2``: the tensors int8 quantizes (without the batch-norm running
+    statistics and biases, sent as float32 and moved by training more than the weights)."""
+    names = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating) and v.ndim >= min_ndim]
     apart = sum(float(np.sum((weights[k].astype(np.float64) - reference[k]) ** 2)) for k in names)
     moved = sum(float(np.sum((reference[k].astype(np.float64) - initial[k]) ** 2)) for k in names)
     return float(np.sqrt(apart / moved)) if moved > 0 else float("nan")
@@ -201,6 +207,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "model_distance_vs_float32_mean": statistics.mean(
                     r.get("model_distance_vs_float32", float("nan")) for r in mine
                 ),
+                "weight_distance_vs_float32_mean": statistics.mean(
+                    r.get("weight_distance_vs_float32", float("nan")) for r in mine
+                ),
                 "within_spread": bool(abs(change_mean) <= spread) if name != "float32" else None,
                 "wall_s_mean": statistics.mean(r["wall_s"] for r in mine),
             }
@@ -211,7 +220,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| encoding | bytes / upload | vs float32 | LFW acc (mean ± std) "
-        "| change vs float32, points (paired) | LFW TAR@1e-2 | final model vs float32's | seeds | s / run |",
+        "| change vs float32, points (paired) | LFW TAR@1e-2 | final model vs float32's (all / weights) "
+        "| seeds | s / run |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -227,7 +237,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['encoding']} | {r['bytes_per_upload']:,.0f} | {ratio} "
             f"| {r['lfw_accuracy_mean']:.4f} ± {r['lfw_accuracy_std']:.4f} | {change} "
             f"| {r['lfw_tar_mean']:.4f} ± {r['lfw_tar_std']:.4f} "
-            f"| {100 * r['model_distance_vs_float32_mean']:.2f}% | {len(r['seeds'])} "
+            f"| {100 * r['model_distance_vs_float32_mean']:.2f}% / "
+            f"{100 * r['weight_distance_vs_float32_mean']:.2f}% | {len(r['seeds'])} "
             f"| {r['wall_s_mean']:.0f} |"
         )
     return "\n".join(lines)
@@ -284,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 reference[seed] = weights
             if seed in reference:
                 run["model_distance_vs_float32"] = model_distance(weights, reference[seed], initial_weights)
+                run["weight_distance_vs_float32"] = model_distance(
+                    weights, reference[seed], initial_weights, min_ndim=2
+                )
             run["load_before"] = round(load, 2)
             runs.append(run)
             log(
