@@ -53,6 +53,7 @@ from facefl.checkpoint import load_checkpoint  # noqa: E402
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "compression_accuracy.json"
 ENCODINGS = ("float32", "float16", "int8", "int8+ef", "int8_channel", "int8_channel+ef")
 ADMIN = "bench-admin-token"
+SPREAD_NOTE = {True: " (within spread)", False: "", None: " (one seed: spread unknown)"}
 SECRET = "bench-enrollment-secret"
 
 
@@ -210,7 +211,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "weight_distance_vs_float32_mean": statistics.mean(
                     r.get("weight_distance_vs_float32", float("nan")) for r in mine
                 ),
-                "within_spread": bool(abs(change_mean) <= spread) if name != "float32" else None,
+                # one seed has no spread to compare with: unknown (None)
+                "within_spread": (
+                    bool(abs(change_mean) <= spread) if name != "float32" and len(mine) > 1 else None
+                ),
                 "wall_s_mean": statistics.mean(r["wall_s"] for r in mine),
             }
         )
@@ -230,7 +234,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         else:
             change = (
                 f"{100 * r['lfw_change_vs_float32_mean']:+.2f} ± {100 * r['lfw_change_vs_float32_std']:.2f}"
-                + (" (within spread)" if r["within_spread"] else "")
+                + SPREAD_NOTE[r["within_spread"]]
             )
         ratio = f"{100 * r['bytes_vs_float32']:.0f}%" if r["bytes_vs_float32"] else "-"
         lines.append(
