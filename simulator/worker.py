@@ -4,7 +4,8 @@ Everything a job needs is in its :class:`DeviceJob` (picklable) or on disk under
 (credentials and the local-head state), so any worker process can run any device in any round. The jobs
 of one worker process share one connection pool (:func:`shared_transport`); a :class:`DeviceBatch` runs
 several jobs at once in threads of one process (:func:`run_device_batch`), so that their HTTP waits
-overlap, while their training runs one at a time (seeded torch training is then reproducible).
+overlap, while their trainings run one at a time (each seeded training draws from torch's process-wide
+generator alone).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ _DATA_CACHE: dict[DataSpec, LocalDataset] = {}
 _TRANSPORT: SharedTransport | None = None  # this worker process's connection pool (shared_transport)
 _TRANSPORT_LOCK = threading.Lock()
 # one training at a time per process: torch's random generator is process-wide, so seeded trainings in
-# concurrent threads would draw from it in an order that changes from run to run
+# concurrent threads would draw from it in turns that change from run to run
 _TRAIN_LOCK = threading.Lock()
 
 
