@@ -279,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=1,
         help="device jobs each worker runs at once in threads, sharing its connection pool; their "
-        "trainings take turns; up to 8 threads register the devices (1; e.g. 8 for thousands of tiny-model devices)",
+        "trainings take turns; up to 8 threads register the devices (1; e.g. 8 for thousands of "
+        "tiny-model devices)",
     )
     s.add_argument(
         "--backend",
