@@ -209,6 +209,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--round-timeout-s", type=_positive_float, default=300.0, help="round deadline (300)")
     p.add_argument(
+        "--update-encoding",
+        choices=["float32", "float16", "int8", "int8_channel"],  # facefl.compression.ENCODINGS (tested)
+        default="float32",
+        help="how devices encode their uploads (the task's policy.update_encoding): float32, float16, or "
+        "int8 with a scale per tensor or per output channel (float32)",
+    )
+    p.add_argument(
+        "--update-error-feedback",
+        action="store_true",
+        help="devices add what the encoding dropped from a delta to their next one (a lossy encoding)",
+    )
+    p.add_argument(
         "--gate",
         default=None,
         metavar="METRIC:MAX_DROP",
@@ -262,6 +274,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="enrollment secret (default: $FACEFL_ENROLLMENT_SECRET or dev)",
     )
     s.add_argument("--workers", type=_positive_int, default=None, help="worker processes (CPU count)")
+    s.add_argument(
+        "--device-threads",
+        type=_positive_int,
+        default=1,
+        help="device jobs each worker runs at once in threads, sharing its connection pool; their "
+        "trainings take turns; up to 8 threads register the devices (1; e.g. 8 for thousands of "
+        "tiny-model devices)",
+    )
     s.add_argument(
         "--backend",
         choices=["local", "ray"],
@@ -320,6 +340,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         enrollment_secret=args.enrollment_secret,
         json_path=args.json_path,
         workers=args.workers,
+        device_threads=args.device_threads,
         seed=args.seed,
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
@@ -332,6 +353,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         target_reports=args.target_reports,
         min_reports=args.min_reports,
         round_timeout_s=args.round_timeout_s,
+        update_encoding=args.update_encoding,
+        update_error_feedback=args.update_error_feedback,
         dropout=args.dropout,
         stragglers=args.stragglers,
         slow_factor=args.slow_factor,

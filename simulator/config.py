@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from facefl.algorithms import registry
+from facefl.compression import DEFAULT_ENCODING, ENCODINGS
 from facefl.models import ARCHITECTURES, resolve_trainable
 
 from .backends import BACKENDS, ray_available
@@ -43,6 +44,9 @@ class SimulationConfig:
     enrollment_secret: str | None = None
     json_path: str | None = None
     workers: int | None = None  # default: CPU count
+    # device jobs each worker process runs at once, in threads (their HTTP waits overlap; their trainings
+    # take turns): many light devices (the tiny model) per process
+    device_threads: int = 1
     seed: int = 0
     local_epochs: int = 1
     batch_size: int = 16
@@ -62,6 +66,10 @@ class SimulationConfig:
     min_reports: int | None = None  # default: ceil(target / 2)
     over_selection: float = 1.3
     round_timeout_s: float = 300.0
+    # how devices encode their uploads (the task's policy.update_encoding, facefl.compression), and
+    # whether they carry what the encoding dropped over to their next delta (policy.update_error_feedback)
+    update_encoding: str = "float32"
+    update_error_feedback: bool = False
     dropout: float = 0.0  # probability that a device trains but never uploads
     work_dir: str | None = None
     progress: bool = True
@@ -151,6 +159,7 @@ class SimulationConfig:
         if self.workers is None:
             self.workers = os.cpu_count() or 1
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
+        need(self.device_threads >= 1, f"--device-threads must be >= 1 (got {self.device_threads})")
         need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (got {self.batch_size})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
@@ -204,6 +213,14 @@ class SimulationConfig:
         )
         need(self.over_selection >= 1.0, f"--over-selection must be >= 1 (got {self.over_selection})")
         need(self.round_timeout_s > 0, f"--round-timeout-s must be > 0 (got {self.round_timeout_s})")
+        need(
+            self.update_encoding in ENCODINGS,
+            f"--update-encoding must be one of {', '.join(ENCODINGS)} (got {self.update_encoding!r})",
+        )
+        need(
+            not self.update_error_feedback or self.update_encoding != DEFAULT_ENCODING,
+            f"--update-error-feedback needs a lossy --update-encoding (not {DEFAULT_ENCODING})",
+        )
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(self.seed >= 0, f"--seed must be >= 0 (got {self.seed})")
         self.faults().validate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,9 @@ __all__ = ["HELDOUT_OFFSET", "DataPlan", "create_task", "plan_data", "register_d
 
 # synthetic held-out identities are numbered from here: disjoint from every device's identities
 HELDOUT_OFFSET = 1_000_000
+# the smallest synthetic face generated; a model taking smaller images (tiny: 4 px) gets them resized
+# by its preprocessing
+SYNTHETIC_MIN_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ def plan_data(cfg: SimulationConfig, image_size: int) -> DataPlan:
     """Which identities each device holds (disjoint), and the held-out identities (disjoint from all)."""
     n, k = cfg.devices, cfg.ids_per_device
     if cfg.data == "synthetic":
+        image_size = max(image_size, SYNTHETIC_MIN_SIZE)
         id_parts = partition_identities(list(range(n * k)), n, k, cfg.seed)
         specs = [DataSpec("synthetic", tuple(p), image_size, cfg.images_per_id, cfg.seed) for p in id_parts]
         heldout_ids = list(range(HELDOUT_OFFSET, HELDOUT_OFFSET + cfg.heldout_ids))
@@ -100,20 +105,34 @@ def create_task(
             "round_timeout_s": cfg.round_timeout_s,
             "gate": parse_gate(cfg.gate) if cfg.gate is not None else None,
             "dp": cfg.dp_policy(),
+            "update_encoding": cfg.update_encoding,
+            "update_error_feedback": cfg.update_error_feedback,
         },
     )
 
 
-def register_devices(base_url: str, secret: str, run_dir: Path, specs: Sequence[DataSpec]) -> list[Path]:
+def register_devices(
+    base_url: str, secret: str, run_dir: Path, specs: Sequence[DataSpec], *, threads: int = 1
+) -> list[Path]:
     """Enroll every simulated device; credentials go to ``run_dir/devices/<i>/credentials.json``.
 
-    One client enrolls them all (each registration hands it the new device's token): a client per device
-    would pay for a new connection pool and SSL context each time."""
-    dirs: list[Path] = []
-    with FederatedClient(base_url, timeout=30.0) as client:
-        for i, _spec in enumerate(specs):
-            device_dir = run_dir / "devices" / str(i)
-            creds: DeviceCredentials = client.register(secret, name=f"sim-device-{i}")
-            creds.save(device_dir / "credentials.json")
-            dirs.append(device_dir)
+    ``threads`` clients enroll them, each a share of the devices (each registration hands its client the
+    new device's token): a client per device would pay for a new connection pool and SSL context each
+    time, and a thousand devices one after the other wait on the server a thousand times."""
+    dirs = [run_dir / "devices" / str(i) for i in range(len(specs))]
+    threads = max(1, min(threads, len(specs)))
+
+    def enroll(share: range) -> None:
+        with FederatedClient(base_url, timeout=60.0) as client:
+            for i in share:
+                creds: DeviceCredentials = client.register(secret, name=f"sim-device-{i}")
+                creds.save(dirs[i] / "credentials.json")
+
+    shares = [range(t, len(specs), threads) for t in range(threads)]
+    if threads == 1:
+        enroll(shares[0])
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for done in [pool.submit(enroll, share) for share in shares]:
+                done.result()  # the first failure, if any
     return dirs

@@ -45,9 +45,10 @@ from .worker import (
     NOT_SELECTED,
     ROUND_CLOSED,
     UPLOADED,
+    DeviceBatch,
     DeviceJob,
     JobResult,
-    run_device_job,
+    run_device_batch,
 )
 
 __all__ = [
@@ -138,7 +139,12 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             raise SimulationError(f"creating the task failed: {exc}") from exc
         task_id = task.id
 
-        device_dirs = register_devices(base_url, secret, run_dir, plan.device_specs)
+        # in parallel when the device jobs run threads (thousands of devices)
+        registration_started = time.perf_counter()
+        device_dirs = register_devices(
+            base_url, secret, run_dir, plan.device_specs, threads=min(8, cfg.device_threads)
+        )
+        say(f"registered {len(device_dirs)} devices in {time.perf_counter() - registration_started:.1f} s")
 
         trainer = Trainer(num_threads=1)  # evaluation: small batches, one thread is fastest
         accuracy_cache: dict[int, float] = {}
@@ -206,9 +212,10 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             if kill is not None and kill.round == r and server is not None:
                 killer = _ServerKiller(server, kill.seconds, say)
             job_results: list[JobResult] = []
-            for job_result in backend.map_unordered(run_device_job, jobs):
-                job_results.append(job_result)
-                bar.update(1)
+            batches = device_batches(jobs, cfg.device_threads)
+            for batch_results in backend.map_unordered(run_device_batch, batches):
+                job_results.extend(batch_results)
+                bar.update(len(batch_results))
             jobs_done_s = round(time.perf_counter() - round_started, 3)
             if killer is not None:
                 killer.join()
@@ -262,6 +269,18 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     return result
+
+
+# with threads, a batch holds this many jobs per thread: enough that the threads stay busy, few enough that
+# the batches spread evenly over the worker processes
+JOBS_PER_THREAD = 4
+
+
+def device_batches(jobs: list[DeviceJob], threads: int) -> list[DeviceBatch]:
+    """The round's jobs as batches for the worker processes: one job each without threads (the processes
+    share the round's jobs one by one), else ``JOBS_PER_THREAD * threads`` consecutive jobs each."""
+    size = 1 if threads <= 1 else JOBS_PER_THREAD * threads
+    return [DeviceBatch(tuple(jobs[i : i + size]), threads) for i in range(0, len(jobs), size)]
 
 
 class _ServerKiller:

@@ -2,18 +2,23 @@
 
 Everything a job needs is in its :class:`DeviceJob` (picklable) or on disk under the device's directory
 (credentials and the local-head state), so any worker process can run any device in any round. The jobs
-of one worker process share one connection pool (:func:`shared_transport`).
+of one worker process share one connection pool (:func:`shared_transport`); a :class:`DeviceBatch` runs
+several jobs at once in threads of one process (:func:`run_device_batch`), so that their HTTP waits
+overlap, while their trainings run one at a time (each seeded training draws from torch's process-wide
+generator alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import torch
@@ -39,10 +44,12 @@ from .faults import DeviceFault, corrupt_payload
 
 __all__ = [
     "DataSpec",
+    "DeviceBatch",
     "DeviceJob",
     "JobResult",
     "init_worker",
     "load_device_data",
+    "run_device_batch",
     "run_device_job",
     "shared_transport",
     "warm_up",
@@ -108,8 +115,20 @@ class JobResult:
     upload_status: int | None = None  # HTTP status of a corrupt upload
 
 
+@dataclass(frozen=True)
+class DeviceBatch:
+    """Device jobs that one worker process runs with up to ``threads`` of them at a time."""
+
+    jobs: tuple[DeviceJob, ...]
+    threads: int = 1
+
+
 _DATA_CACHE: dict[DataSpec, LocalDataset] = {}
 _TRANSPORT: SharedTransport | None = None  # this worker process's connection pool (shared_transport)
+_TRANSPORT_LOCK = threading.Lock()
+# one training at a time per process: torch's random generator is process-wide, so seeded trainings in
+# concurrent threads would draw from it in turns that change from run to run
+_TRAIN_LOCK = threading.Lock()
 
 
 def init_worker() -> None:
@@ -147,6 +166,22 @@ def load_device_data(spec: DataSpec) -> LocalDataset:
         _DATA_CACHE.clear()
     _DATA_CACHE[spec] = dataset
     return dataset
+
+
+def run_device_batch(batch: DeviceBatch) -> list[JobResult]:
+    """Run the batch's jobs, ``batch.threads`` at a time; the results in the jobs' order."""
+    if batch.threads <= 1 or len(batch.jobs) <= 1:
+        return [run_device_job(job) for job in batch.jobs]
+    with ThreadPoolExecutor(max_workers=min(batch.threads, len(batch.jobs))) as pool:
+        return list(pool.map(run_device_job, batch.jobs))
+
+
+class _SerialTrainer(Trainer):
+    """A Trainer whose trainings in this process run one at a time (see ``_TRAIN_LOCK``)."""
+
+    def train(self, *args: Any, **kwargs: Any) -> TrainResult:
+        with _TRAIN_LOCK:
+            return super().train(*args, **kwargs)
 
 
 def run_device_job(job: DeviceJob) -> JobResult:
@@ -187,7 +222,7 @@ def run_device_job(job: DeviceJob) -> JobResult:
                 elif assignment is not None:
                     hooks = _DeviceHooks(job, rng, result, fault, client)
                     state, seed = device_dir / "state", job.seed
-                    trainer = Trainer()
+                    trainer = _SerialTrainer()
                     run_round(client, trainer, dataset, state, seed=seed, assignment=assignment, hooks=hooks)
                     result.status = UPLOADED
             except _RoundEnded as ended:
@@ -212,9 +247,10 @@ def shared_transport() -> SharedTransport:
     """This process's connection pool, shared by the clients of all the device jobs it runs: a client
     per job is then cheap (building a transport costs an SSL context, about 20 ms of CPU)."""
     global _TRANSPORT
-    if _TRANSPORT is None:
-        _TRANSPORT = SharedTransport()
-    return _TRANSPORT
+    with _TRANSPORT_LOCK:
+        if _TRANSPORT is None:
+            _TRANSPORT = SharedTransport()
+        return _TRANSPORT
 
 
 class _RoundEnded(Exception):
