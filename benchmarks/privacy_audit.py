@@ -1,7 +1,7 @@
 """Privacy audit: how much of a device's face an honest-but-curious server recovers from what it receives.
 
     python benchmarks/privacy_audit.py [--data ../shared/data] [--dataset celeba] [--synthetic]
-        [--targets 4] [--iterations 200] [--restarts 2] [--secagg 2,4] [--noise 0.1,1.0]
+        [--targets 4] [--iterations 500] [--restarts 1] [--secagg 2,4] [--noise 0.1,1.0]
         [--dlib FILE] [--out runs/privacy_audit] [--json benchmarks/results/privacy_audit.json]
 
 The attack is gradient inversion in the style of Geiping et al. (NeurIPS 2020), facefl.privacy.inversion.
@@ -235,11 +235,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true", help="facefl's synthetic faces instead of --data")
     p.add_argument("--targets", type=int, default=4, help="target people (one face each)")
     p.add_argument("--distractors", type=int, default=40, help="extra people in the gallery")
-    p.add_argument("--iterations", type=int, default=200)
-    p.add_argument("--restarts", type=int, default=2)
-    p.add_argument("--tv", type=float, default=1e-2, help="total-variation weight")
+    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--restarts", type=int, default=1, help="random restarts; the lowest matching loss wins")
+    p.add_argument("--tv", type=float, default=0.2, help="total-variation weight")
     p.add_argument("--attack-lr", type=float, default=0.1)
-    p.add_argument("--init-std", type=float, default=1.0, help="std of the restarts' Gaussian start")
+    p.add_argument("--init-std", type=float, default=0.1, help="std of the restarts' Gaussian start")
     p.add_argument("--unsigned", action="store_true", help="Adam on the raw gradient, not its sign")
     p.add_argument("--secagg", default="2,4", help="numbers of devices summed (K >= 2), comma-separated")
     p.add_argument("--noise", default="0.1,1.0", help="DP noise multipliers z, comma-separated")
