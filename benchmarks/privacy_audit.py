@@ -206,6 +206,26 @@ class Judge:
         return float(e[0] @ e[1]), rank1
 
 
+def received_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model the devices received: a random init (the attacker's best case) or ``--checkpoint``."""
+    if not args.checkpoint:
+        return build_backbone(ARCH, seed=args.model_seed)
+    from facefl.checkpoint import build_from_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.architecture != ARCH:
+        raise SystemExit(f"{args.checkpoint} is a {ckpt.architecture} checkpoint; the audit attacks {ARCH}")
+    return build_from_checkpoint(ckpt)
+
+
+def model_label(args: argparse.Namespace) -> str:
+    return (
+        f"weights of {Path(args.checkpoint).name}"
+        if args.checkpoint
+        else f"random init (seed {args.model_seed})"
+    )
+
+
 def dlib_embedder(args: argparse.Namespace, workdir: Path) -> TorchEmbedder:
     path = Path(args.dlib) if args.dlib else workdir / "dlib-resnet.safetensors"
     if not path.is_file():
@@ -244,6 +264,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--secagg", default="2,4", help="numbers of devices summed (K >= 2), comma-separated")
     p.add_argument("--noise", default="0.1,1.0", help="DP noise multipliers z, comma-separated")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the random-init small model")
+    p.add_argument("--checkpoint", help="a trained small checkpoint to attack instead of a random init")
     p.add_argument("--seed", type=int, default=0, help="choice of people, attack and DP noise")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dlib", help="dlib-resnet checkpoint (default: imported into --out)")
@@ -281,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = preprocessing_for(ARCH).image_size
     faces = load_faces(args, size)
     hp = Hyperparams()
-    devices = Devices(build_backbone(ARCH, seed=args.model_seed), hp)
+    devices = Devices(received_model(args), hp)
     judge = Judge(dlib_embedder(args, args.out), faces.gallery)
     config = InversionConfig(
         args.iterations,
@@ -377,7 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": " ".join(["python", "benchmarks/privacy_audit.py", *sys.argv[1:]]),
         "data": "synthetic" if args.synthetic else args.dataset,
-        "model": f"{ARCH}, random init (seed {args.model_seed}), eval-mode BatchNorm",
+        "model": f"{ARCH}, {model_label(args)}, eval-mode BatchNorm",
         "device_step": {"lr": hp.lr, "scale": hp.scale, "margin": hp.margin, "images_per_device": 1},
         "attack": {
             "iterations": args.iterations,
