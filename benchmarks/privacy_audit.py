@@ -372,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "psnr_db": mean_std(scores["psnr"]),
                 "matching_loss": mean_std(scores["loss"]),
                 "cosine_observed_to_device1_delta": mean_std(scores["signal"]),
+                "per_target": {k: [round(v, 4) for v in vs] for k, vs in scores.items()},
                 "wall_s": time.perf_counter() - wall,
                 "cpu_s": time.process_time() - cpu,
             }
@@ -415,7 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clip_norm": clip,
         "plain_update_norms": norms,
         "rows": rows,
-        "strips": str(args.out),
+        "strips": args.out.name,
     }
 
 
