@@ -2,11 +2,12 @@
 
     python benchmarks/privacy_audit.py [--data ../shared/data] [--dataset celeba] [--synthetic]
         [--targets 4] [--iterations 500] [--restarts 1] [--secagg 2,4] [--noise 0.1,1.0]
-        [--dlib FILE] [--out runs/privacy_audit] [--json benchmarks/results/privacy_audit.json]
+        [--checkpoint FILE] [--dlib FILE] [--out runs/privacy_audit] [--json PATH]
 
 The attack is gradient inversion in the style of Geiping et al. (NeurIPS 2020), facefl.privacy.inversion.
-The attacker's best case throughout: the ``small`` backbone at random initialisation (the weights it sent),
-and it knows each device's label and private CosFace head (never uploaded in facefl).
+The attacker's best case throughout: the ``small`` backbone at random initialisation (the weights it sent;
+``--checkpoint`` attacks trained weights instead), and it knows each device's label and private CosFace
+head (never uploaded in facefl).
 
 What a device computes (per device, one image ``x`` of its owner, label 0): the ``small`` backbone in eval
 mode (BatchNorm with the received running statistics: a train-mode BatchNorm cannot step on one image),
