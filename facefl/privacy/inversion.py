@@ -49,12 +49,13 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_matching_loss(
-    candidate: Sequence[torch.Tensor], observed: Sequence[torch.Tensor], eps: float = 1e-12
+    candidate: Sequence[torch.Tensor], observed: Sequence[torch.Tensor], eps: float = 1e-35
 ) -> torch.Tensor:
     """``1 - <c, o> / (|c| |o|)`` with ``c`` and ``o`` the concatenations of all tensors (in [0, 2]).
 
-    Zero when the candidate update points exactly the observed way, whatever its scale; ``eps`` keeps an
-    all-zero update finite (its loss is 1)."""
+    Zero when the candidate update points exactly the observed way, whatever its scale (a trained model's
+    updates can have norms around 1e-9, so ``eps``, which keeps an all-zero update at loss 1, sits near
+    float32's smallest normal number rather than at a "small" 1e-12)."""
     if len(candidate) != len(observed) or not candidate:
         raise ValueError(
             f"need the same non-zero number of tensors, got {len(candidate)} and {len(observed)}"

@@ -50,6 +50,9 @@ def test_cosine_matching_loss_by_hand() -> None:
     pair = cosine_matching_loss([t([1.0, 1.0]), t([0.0])], [t([1.0, 0.0]), t([1.0])])
     assert float(pair) == pytest.approx(0.5)
     assert float(cosine_matching_loss([t([0.0, 0.0])], [t([1.0, 2.0])])) == pytest.approx(1.0)
+    tiny = [t([3e-10, -1e-10]), t([2e-10])]  # a trained model's one-image update can be this small
+    assert float(cosine_matching_loss(tiny, [2 * x for x in tiny])) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_matching_loss(tiny, [-x for x in tiny])) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="shape"):
         cosine_matching_loss([t([1.0])], [t([1.0, 2.0])])
     with pytest.raises(ValueError, match="same"):
