@@ -246,7 +246,7 @@ class AdminClient:
             current = task.current_round
             if current is not None and current.status == "open" and current.id not in skip:
                 return current
-            if task.status == "completed":
+            if task.status in ("completed", "budget_exhausted"):  # final: no round opens again
                 return None  # a paused task (an operator's pause) is waited for, as a running one
             self._pause(deadline, poll_s, f"task {task_id}: no new open round within {timeout_s:g} s")
 

@@ -28,6 +28,7 @@ from facefl import codec, compression
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY
 from facefl.data.public import PublicSet, decode_pack
 
+from . import secagg
 from .cache import DownloadCache, fetch_immutable
 from .errors import (
     AssignmentTimeout,
@@ -47,6 +48,10 @@ from .records import (
     WaitInstruction,
 )
 from .transport import DEFAULT_TIMEOUT, USER_AGENT, Connection, parse_retry_after
+
+#: check-in wait reasons after which the task never hands out an assignment again: the task finished its
+#: rounds, or one more round would exceed its differential-privacy budget
+TASK_OVER = frozenset({"task_completed", "privacy_budget_exhausted"})
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -275,8 +280,8 @@ class FederatedClient:
                 if isinstance(answer, Assignment):
                     return answer
                 last_reason = answer.reason
-                if answer.reason == "task_completed":
-                    raise TaskCompleted(f"task {task_id} is completed")
+                if answer.reason in TASK_OVER:
+                    raise TaskCompleted(f"task {task_id} is over ({answer.reason})")
                 if answer.retry_after_s > 0:
                     delay = answer.retry_after_s * (1.0 + 0.2 * rng.random())
                 else:  # no advice from the server: back off on our own
@@ -382,6 +387,34 @@ class FederatedClient:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed upload receipt: {exc!r}", status_code=resp.status_code) from exc
+
+    def upload_secure(
+        self,
+        assignment: Assignment,
+        delta: Mapping[str, np.ndarray],
+        num_samples: int,
+        *,
+        step: Callable[[str, Callable[[], Any]], Any] | None = None,
+    ) -> UploadReceipt:
+        """Secure aggregation (the assignment's ``secure_aggregation``): clip, weight and quantize ``delta``
+        on the device, then run the protocol's stages (:mod:`device_sdk.secagg`), so that the server
+        learns only the cohort's sum. ``step(name, fn)`` wraps each request (see ``RoundHooks.call``).
+
+        Raises:
+            SecureAggregationError: the round was abandoned, a stage did not come, or the server's data
+                was refused; RoundClosed, DuplicateUpload, UpdateRejected, AuthError, ... as for uploads.
+        """
+        if self.device_id is None:
+            raise ValueError("secure aggregation needs the client's device_id")
+        return secagg.upload_secure(
+            self._conn,
+            self.device_id,
+            assignment,
+            delta,
+            num_samples,
+            step=step if step is not None else (lambda _name, fn: fn()),
+            clock=self._clock,
+        )
 
     def get_round(self, round_id: int) -> RoundInfo:
         """``GET /v1/rounds/{id}``."""

@@ -31,7 +31,8 @@ class RoundHooks:
 
     def call(self, step: str, fn: Callable[[], _T]) -> _T:
         """Run one network step: ``"download"`` (the base model), ``"inputs"`` (the algorithm's round
-        inputs) or ``"upload"``."""
+        inputs) or ``"upload"``; under secure aggregation ``"secagg_keys"``, ``"secagg_shares"``,
+        ``"secagg_upload"`` and ``"secagg_reveal"`` instead of ``"upload"``."""
         return fn()
 
     def on_phase(self, phase: str, seconds: float) -> None:
@@ -100,9 +101,13 @@ def run_round(
     hooks.on_phase("train", t3 - t2)
     hooks.on_trained(current, result)
     upload_started = time.perf_counter()
-    receipt = hooks.call(
-        "upload", lambda: client.upload_update(current, result.delta, result.num_samples, result.metrics)
-    )
+    if current.secure_aggregation is not None:
+        # the stages of secure aggregation, each request through hooks.call; no metrics leave the device
+        receipt = client.upload_secure(current, result.delta, result.num_samples, step=hooks.call)
+    else:
+        receipt = hooks.call(
+            "upload", lambda: client.upload_update(current, result.delta, result.num_samples, result.metrics)
+        )
     t4 = time.perf_counter()
     hooks.on_phase("upload", t4 - upload_started)
     return RoundReport(

@@ -10,6 +10,8 @@ edge of its federated-learning job. The hierarchy::
     ├── AssignmentTimeout     wait_for_assignment ran out of time before the server gave an assignment
     ├── WaitTimeout           an AdminClient.wait_for_* ran out of time (round not closed, no evaluation)
     ├── TaskCompleted         the task the device asked for has finished: there is nothing left to train
+    ├── SecureAggregationError  secure aggregation could not complete on this device (round abandoned,
+    │                         a stage that did not come, or server data the protocol refuses)
     ├── RecognizerError       on-device recognition: bad image or model, empty image list, ...
     │   ├── UnknownPerson     the person is not enrolled in the gallery
     │   ├── NoFaceFound       face detection (align=True) found no face in a photo
@@ -44,6 +46,7 @@ __all__ = [
     "RateLimited",
     "RecognizerError",
     "RoundClosed",
+    "SecureAggregationError",
     "ServerError",
     "TaskCompleted",
     "TransportError",
@@ -84,6 +87,11 @@ class WaitTimeout(FaceflError):
 
 class TaskCompleted(FaceflError):
     """The task has run all its rounds; the server will not hand out further assignments for it."""
+
+
+class SecureAggregationError(FaceflError):
+    """Secure aggregation stopped on this device: the round was abandoned or closed without it, a stage
+    did not begin in time, or the server sent something the protocol refuses (nothing more was revealed)."""
 
 
 class APIError(FaceflError):

@@ -23,6 +23,7 @@ __all__ = [
     "DeviceCredentials",
     "ModelVersion",
     "RoundInfo",
+    "SecAggInfo",
     "TaskInfo",
     "TransferStats",
     "UploadReceipt",
@@ -54,6 +55,38 @@ class DeviceCredentials:
 
 
 @dataclass(frozen=True)
+class SecAggInfo:
+    """An assignment's secure-aggregation parameters (docs/protocol.md "Secure aggregation")."""
+
+    clip_norm: float
+    max_sample_weight: int
+    noise_stddev: float
+    max_devices: int
+    bound: float
+    scale: float
+    modulus_bits: int
+    max_neighbours: int
+    stage_timeout_s: float
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SecAggInfo:
+        info = cls(
+            clip_norm=float(data["clip_norm"]),
+            max_sample_weight=int(data["max_sample_weight"]),
+            noise_stddev=float(data["noise_stddev"]),
+            max_devices=int(data["max_devices"]),
+            bound=float(data["bound"]),
+            scale=float(data["scale"]),
+            modulus_bits=int(data["modulus_bits"]),
+            max_neighbours=int(data["max_neighbours"]),
+            stage_timeout_s=float(data["stage_timeout_s"]),
+        )
+        if info.modulus_bits != 32 or not (info.scale > 0 and info.bound > 0 and info.clip_norm > 0):
+            raise ValueError("unsupported secure-aggregation parameters")
+        return info
+
+
+@dataclass(frozen=True)
 class Assignment:
     """The server's answer "train": which round, which base model, which hyper-parameters."""
 
@@ -74,6 +107,8 @@ class Assignment:
     # how the delta is encoded for upload, and whether training adds back what encoding dropped
     update_encoding: str = compression.DEFAULT_ENCODING
     update_error_feedback: bool = False
+    # present when the task uses secure aggregation: run_round then runs its stages to upload
+    secure_aggregation: SecAggInfo | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Assignment:
@@ -94,6 +129,9 @@ class Assignment:
                 trainable_prefixes=_opt_strings(data.get("trainable_prefixes")),
                 update_encoding=compression.known_or_default(data.get("update_encoding")),
                 update_error_feedback=bool(data.get("update_error_feedback", False)),
+                secure_aggregation=SecAggInfo.from_json(data["secure_aggregation"])
+                if data.get("secure_aggregation")
+                else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed assignment: {exc!r}") from exc
@@ -180,7 +218,7 @@ class TaskInfo:
     rounds: int
     hyperparams: dict[str, Any]
     policy: dict[str, Any]
-    status: str  # "running" | "completed"
+    status: str  # "running" | "paused" | "completed" | "budget_exhausted"
     current_version: int | None
     aggregated_rounds: int
     current_round: RoundInfo | None

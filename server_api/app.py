@@ -19,7 +19,7 @@ from server_api import console, logs, metrics
 from server_api import db as dbmod
 from server_api.errors import ApiError
 from server_api.limits import BodyLimits
-from server_api.routes import devices, health, models, public, rounds, tasks
+from server_api.routes import devices, health, models, public, rounds, secagg, tasks
 from server_api.routes import metrics as metrics_route
 from server_api.services import ticker
 from server_api.services.context import ServiceContext, log
@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=exc.status_code, content={"detail": str(exc.detail), "code": code}, headers=headers
         )
 
-    for module in (health, devices, tasks, rounds, models, public, metrics_route):
+    for module in (health, devices, tasks, rounds, secagg, models, public, metrics_route):
         app.include_router(module.router)
     console.install(app)  # the operator's console: HTML pages under /console
     app.add_middleware(BodyLimits, settings=settings)  # body size, timeouts, uploads in flight

@@ -34,6 +34,7 @@ from server_api.settings import Settings
 #: (method, path) of the endpoints whose body is streamed to a staging file (routes.body.receive_body)
 STREAMED_BODIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("POST", re.compile(r"/v1/rounds/[^/]+/updates")),
+    ("POST", re.compile(r"/v1/rounds/[^/]+/secagg/masked-update")),
     ("POST", re.compile(r"/v1/models")),
 )
 

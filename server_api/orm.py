@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
     text,
@@ -56,9 +57,11 @@ ROUND_AGGREGATED = "aggregated"
 ROUND_ABANDONED = "abandoned"
 
 # Task states: "running" hands out assignments; "paused" (by the operator) hands out none and opens no
-# new round; "completed" after its last round aggregated.
+# new round; "completed" after its last round aggregated; "budget_exhausted" when one more round would
+# spend more than its policy.dp.epsilon_budget (final, like completed).
 TASK_RUNNING = "running"
 TASK_PAUSED = "paused"
+TASK_BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 class Device(Base):
@@ -179,3 +182,61 @@ class Update(Base):
     norm: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Secure aggregation stages (facefl.secagg): a round with a secagg_rounds row moves through them in
+# order; "done" hands it to the aggregation. Round.deadline is the current stage's deadline.
+SECAGG_ADVERTISE = "advertise"
+SECAGG_SHARE = "share"
+SECAGG_UPLOAD = "upload"
+SECAGG_UNMASK = "unmask"
+SECAGG_DONE = "done"
+
+
+class SecAggRound(Base):
+    """Per-round secure-aggregation state: the stage and what every device needs to quantize and mask."""
+
+    __tablename__ = "secagg_rounds"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), default=SECAGG_ADVERTISE)
+    graph_seed: Mapped[int | None]  # chosen when the advertise stage closes
+    # fixed point, clip norm, noise, neighbourhood size, stage timeout (schemas.SecAggInfo's fields)
+    params: Mapped[dict[str, Any]]
+
+
+class SecAggMember(Base):
+    """A device that advertised its two public keys in a round (the cohort, once the stage closed)."""
+
+    __tablename__ = "secagg_members"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    c_public: Mapped[bytes] = mapped_column(LargeBinary(32))
+    s_public: Mapped[bytes] = mapped_column(LargeBinary(32))
+    shared: Mapped[bool] = mapped_column(default=False)  # in U2: its shares are delivered, it must upload
+    revealed: Mapped[bool] = mapped_column(default=False)
+
+
+class SecAggShare(Base):
+    """An encrypted share, opaque to the server, held for its recipient."""
+
+    __tablename__ = "secagg_shares"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    sender_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class SecAggReveal(Base):
+    """A share a survivor revealed: of a dropped device's mask key or of a survivor's self-mask seed.
+    The key makes one share per (holder, owner): a holder never reveals both secrets of one device."""
+
+    __tablename__ = "secagg_reveals"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    holder_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "mask_key" | "self_seed"
+    share: Mapped[bytes] = mapped_column(LargeBinary)

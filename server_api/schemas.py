@@ -12,6 +12,7 @@ from pydantic_core import CoreSchema
 
 from facefl.algorithms import registry
 from facefl.compression import UpdateEncoding
+from server_api.round_policy import max_assignments
 
 # ids are INTEGER columns (int4 on PostgreSQL): larger numbers are refused with 422 before any query
 MAX_ID = 2**31 - 1
@@ -95,6 +96,40 @@ class RobustAggregation(Strict):
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
 
 
+class SecureAggregation(Strict):
+    """Secure aggregation (facefl.secagg, docs/privacy.md): the server learns only the cohort's weighted sum
+    of updates and its total weight. Devices clip their delta to ``clip_norm`` (the server can no longer);
+    each stage of the protocol after the key advertisement lasts at most ``stage_timeout_s``; cohorts
+    larger than ``max_neighbours + 1`` share with a random ``max_neighbours``-regular graph (rounded down
+    to even; at most 48, so that a device's encrypted shares fit the 8 KiB body limit)."""
+
+    clip_norm: Annotated[float, Field(gt=0, le=1e6)]
+    stage_timeout_s: Annotated[float, Field(gt=0, le=24 * 3600)] = 60.0
+    max_neighbours: Annotated[int, Field(ge=2, le=48)] = 32
+
+
+class DifferentialPrivacy(Strict):
+    """DP-FedAvg (McMahan et al., 2018; facefl.privacy): each update is clipped to L2 norm clip_norm, the
+    clipped updates are summed with equal weight, Gaussian noise N(0, (noise_multiplier * clip_norm)^2) is
+    added to the sum (by the server; by the devices under secure aggregation), and the sum is divided by
+    the number of reports. The accountant assumes each of the ``population`` devices takes part in a
+    round with probability target_reports / population. noise_multiplier 0: clipping only (epsilon is
+    infinite, reported as null). With epsilon_budget, no round opens once the next one would spend more.
+    """
+
+    clip_norm: Annotated[float, Field(gt=0, le=1e12)]
+    noise_multiplier: Annotated[float, Field(ge=0, le=1e6)]
+    delta: Annotated[float, Field(gt=0, lt=0.1)] = 1e-5
+    population: Annotated[int, Field(ge=1, le=10**12)]
+    epsilon_budget: Annotated[float | None, Field(gt=0, le=1e6)] = None
+
+    @model_validator(mode="after")
+    def _budget_needs_noise(self) -> DifferentialPrivacy:
+        if self.epsilon_budget is not None and self.noise_multiplier == 0:
+            raise ValueError("epsilon_budget needs noise_multiplier > 0: without noise epsilon is infinite")
+        return self
+
+
 #: Default cap on the weight (``num_samples``) one update may claim: a phone holds tens to hundreds of
 #: enrolled face images, so an honest device stays below it, while a device claiming 10^9 cannot take
 #: the whole weighted mean.
@@ -127,11 +162,14 @@ class RoundPolicy(Strict):
     max_sample_weight: Annotated[int, Field(ge=1, le=1_000_000_000)] = DEFAULT_MAX_SAMPLE_WEIGHT
     robust: RobustAggregation | None = None
     gate: ReleaseGate | None = None
+    # differential privacy (DP-FedAvg): clipping, noise and the (epsilon, delta) accountant; off when null
+    dp: DifferentialPrivacy | None = None
     # how devices encode their delta (facefl.compression): float32, float16, or int8 with a scale per
     # tensor ("int8") or per output channel ("int8_channel"); the server accepts every encoding whatever
     # the task asks. error feedback: devices add what quantization dropped to their next delta
     update_encoding: UpdateEncoding = "float32"
     update_error_feedback: bool = False
+    secure_aggregation: SecureAggregation | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> RoundPolicy:
@@ -139,10 +177,41 @@ class RoundPolicy(Strict):
             self.min_reports = max(1, self.target_reports // 2)
         if self.min_reports > self.target_reports:
             raise ValueError("min_reports must not exceed target_reports")
+        if self.secure_aggregation is not None:
+            if self.robust is not None:
+                raise ValueError(
+                    "policy.secure_aggregation cannot be combined with policy.robust: clipping and "
+                    "trimmed means on the server need the individual updates secure aggregation hides"
+                )
+            if self.min_reports < 2:
+                raise ValueError(
+                    "policy.secure_aggregation needs min_reports >= 2: a sum of one is one update"
+                )
+            if self.update_encoding != "float32" or self.update_error_feedback:
+                raise ValueError(
+                    "policy.secure_aggregation quantizes updates itself: update_encoding must stay float32 "
+                    "and update_error_feedback false"
+                )
+            if max_assignments(self.target_reports, self.over_selection) * self.max_sample_weight >= 2**31:
+                raise ValueError(
+                    "policy.secure_aggregation: devices x max_sample_weight must stay below 2^31 (the total "
+                    "weight is summed in 32-bit integers)"
+                )
         if self.robust is not None and 0 < self.robust.trim_fraction * self.min_reports < 1:
             raise ValueError(
                 "robust.trim_fraction * min_reports < 1: a round at the minimum would trim nothing"
             )
+        if self.dp is not None:
+            if self.dp.population < self.target_reports:
+                raise ValueError(
+                    "policy.dp.population must be at least target_reports (q = target / population)"
+                )
+            if self.robust is not None:
+                # DP's sensitivity analysis is for a sum of clipped updates; the trimmed mean is not a sum,
+                # and robust.clip_norm would be a second clip next to dp.clip_norm
+                raise ValueError(
+                    "policy.dp cannot be combined with policy.robust: policy.dp clips every update"
+                )
         return self
 
 
@@ -193,10 +262,23 @@ class TaskIn(Strict):
     @model_validator(mode="after")
     def _check(self) -> TaskIn:
         self.hyperparams = registry.task_hyperparams(self.algorithm, self.hyperparams).model_dump()
+        if self.policy.dp is not None and not registry.get(self.algorithm).updates_only_summed:
+            raise ValueError(
+                f"policy.dp needs an algorithm whose updates the server only sums; {self.algorithm} "
+                "uploads per-device tensors"
+            )
         if self.policy.gate is not None and self.eval_set is None:
             raise ValueError("policy.gate needs eval_set: the gate compares versions on it")
         if self.trainable is not None:
             self.trainable = list(dict.fromkeys(self.trainable))  # each group once, in the given order
+        if (
+            self.policy.secure_aggregation is not None
+            and not registry.get(self.algorithm).updates_only_summed
+        ):
+            raise ValueError(
+                f"policy.secure_aggregation is not available for {self.algorithm}: its server needs each "
+                "device's update, not only their sum"
+            )
         return self
 
 
@@ -223,6 +305,16 @@ class RoundOut(BaseModel):
     served_version: int | None
 
 
+class PrivacyOut(BaseModel):
+    """What a task with policy.dp has spent: (epsilon, delta) after its aggregated rounds."""
+
+    epsilon: float | None  # null: no finite guarantee (noise_multiplier 0, clipping only)
+    delta: float
+    rounds: int  # aggregated rounds, each one DP release
+    epsilon_budget: float | None
+    noise_added_by: Literal["server", "devices"]  # devices: under secure aggregation (distributed DP)
+
+
 class TaskOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -243,6 +335,8 @@ class TaskOut(BaseModel):
     aggregated_rounds: int
     current_round: RoundOut | None = None
     created_at: datetime
+    # policy.dp: the privacy spent so far; null without policy.dp
+    privacy: PrivacyOut | None = None
 
 
 class ModelVersionOut(BaseModel):
@@ -314,6 +408,60 @@ class AssignmentOut(BaseModel):
     # the task's update encoding and error feedback (policy): devices built before them send float32
     update_encoding: UpdateEncoding = "float32"
     update_error_feedback: bool = False
+    # present when the task's policy asks for secure aggregation: the device runs the protocol's stages
+    # (docs/protocol.md) instead of one plain upload
+    secure_aggregation: SecAggInfo | None = None
+
+
+class SecAggInfo(BaseModel):
+    """What a device needs to clip, weight, noise and quantize its update (facefl.secagg.fixedpoint)."""
+
+    clip_norm: float
+    max_sample_weight: int
+    noise_stddev: float  # distributed DP: per coordinate of the clipped, weighted delta (0: none)
+    max_devices: int  # the cohort is at most this large: the fixed point cannot wrap for it
+    bound: float  # each coordinate is clamped to [-bound, bound]
+    scale: float  # then rounded as value * scale modulo 2^modulus_bits
+    modulus_bits: int
+    max_neighbours: int
+    stage_timeout_s: float
+
+
+SecAggStage = Literal["advertise", "share", "upload", "unmask", "done"]
+
+
+class SecAggKeysIn(Strict):
+    """A device's two X25519 public keys for the round, base64 (32 bytes each)."""
+
+    c_public: Annotated[str, Field(min_length=44, max_length=44)]
+    s_public: Annotated[str, Field(min_length=44, max_length=44)]
+
+
+class SecAggMemberOut(BaseModel):
+    device_id: str
+    c_public: str  # base64
+    s_public: str
+
+
+class SecAggStateOut(BaseModel):
+    """One device's view of the round's secure aggregation; each field appears once its stage began."""
+
+    round_id: int
+    round_status: str  # open, aggregating, aggregated or abandoned (then the device stops waiting)
+    stage: SecAggStage
+    deadline: datetime  # the current stage's
+    retry_after_s: float  # how long to wait before asking again while the stage runs
+    vector_length: int  # uint32 elements of the masked upload: the flattened delta, then the weight
+    graph_seed: int | None = None
+    roster: list[SecAggMemberOut] | None = None  # share stage on: the cohort, sorted by device id
+    sharers: list[str] | None = None  # upload stage on: the devices whose shares were delivered (U2)
+    inbox: dict[str, str] | None = None  # upload stage on: encrypted shares for this device, by sender
+    uploaders: list[str] | None = None  # unmask stage on: the devices whose masked update arrived (U3)
+
+
+class SecAggAccepted(BaseModel):
+    round_id: int
+    stage: SecAggStage  # the stage after this request (it may have closed the one it was sent in)
 
 
 class TrainAction(BaseModel):
@@ -322,7 +470,13 @@ class TrainAction(BaseModel):
 
 
 WaitReason = Literal[
-    "no_open_round", "round_full", "already_participated", "task_completed", "task_paused", "no_task"
+    "no_open_round",
+    "round_full",
+    "already_participated",
+    "task_completed",
+    "task_paused",
+    "privacy_budget_exhausted",
+    "no_task",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,13 @@ class SimulationConfig:
     # where device jobs run: "local" worker processes or "ray" tasks (on ray_address, else a local Ray)
     backend: str = "local"
     ray_address: str | None = None
+    # differential privacy (the task's policy.dp, DP-FedAvg): on with dp_clip_norm; the population the
+    # accountant assumes defaults to the simulated devices (q = target_reports / population)
+    dp_clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None  # default 1.0 with dp_clip_norm
+    dp_population: int | None = None
+    dp_delta: float | None = None  # default 1e-5 with dp_clip_norm
+    dp_epsilon_budget: float | None = None
 
     @staticmethod
     def _users_of(field_name: str) -> str:
@@ -245,7 +253,50 @@ class SimulationConfig:
         if self.gate is not None:
             need(self.eval_set is not None, "--gate needs --eval-set (the gate compares versions on it)")
             parse_gate(self.gate)
+        self._validate_dp(need, algorithm.updates_only_summed)
         return self
+
+    def _validate_dp(self, need: Callable[[bool, str], None], updates_only_summed: bool) -> None:
+        others = {
+            "--dp-noise-multiplier": self.dp_noise_multiplier,
+            "--dp-population": self.dp_population,
+            "--dp-delta": self.dp_delta,
+            "--dp-epsilon-budget": self.dp_epsilon_budget,
+        }
+        if self.dp_clip_norm is None:
+            given = [name for name, value in others.items() if value is not None]
+            need(not given, f"{', '.join(given)} needs --dp-clip-norm (differential privacy is off)")
+            return
+        need(updates_only_summed, f"--dp-clip-norm: {self.algorithm} uploads per-device tensors (no DP)")
+        if self.dp_noise_multiplier is None:
+            self.dp_noise_multiplier = 1.0
+        if self.dp_delta is None:
+            self.dp_delta = 1e-5
+        if self.dp_population is None:
+            self.dp_population = self.devices
+        assert self.target_reports is not None
+        need(
+            self.dp_population >= self.target_reports,
+            f"--dp-population ({self.dp_population}) cannot be below "
+            f"--target-reports ({self.target_reports})",
+        )
+        need(0 < self.dp_delta < 0.1, f"--dp-delta must be in (0, 0.1) (got {self.dp_delta})")
+        need(
+            self.dp_epsilon_budget is None or self.dp_noise_multiplier > 0,
+            "--dp-epsilon-budget needs --dp-noise-multiplier > 0 (without noise epsilon is infinite)",
+        )
+
+    def dp_policy(self) -> dict[str, Any] | None:
+        """The task's policy.dp (None: off); call after validate()."""
+        if self.dp_clip_norm is None:
+            return None
+        return {
+            "clip_norm": self.dp_clip_norm,
+            "noise_multiplier": self.dp_noise_multiplier,
+            "delta": self.dp_delta,
+            "population": self.dp_population,
+            "epsilon_budget": self.dp_epsilon_budget,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"admin_token": None, "enrollment_secret": None}  # never write secrets

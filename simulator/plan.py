@@ -99,6 +99,7 @@ def create_task(
             "min_reports": cfg.min_reports,
             "round_timeout_s": cfg.round_timeout_s,
             "gate": parse_gate(cfg.gate) if cfg.gate is not None else None,
+            "dp": cfg.dp_policy(),
         },
     )
 

@@ -46,6 +46,10 @@ class RoundResult:
     # what devices get after the round: model_version, or the previous served version when the task's
     # release gate held model_version back (None: abandoned)
     served_version: int | None = None
+    # differential privacy (policy.dp): (epsilon, delta) spent once this round aggregated; epsilon None
+    # with delta set: no finite guarantee (no noise). Both None: DP off, or the round was abandoned
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 @dataclass
@@ -58,6 +62,8 @@ class SimulationResult:
     chance_accuracy: float = 0.0
     initial_generic: dict[str, float] | None = None
     errors: list[str] = field(default_factory=list)
+    # why the task stopped before --rounds rounds, e.g. "privacy_budget_exhausted"; None: it did not
+    stopped: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,15 +75,18 @@ class SimulationResult:
             "total_wall_s": self.total_wall_s,
             "rounds": [asdict(r) for r in self.rounds],
             "errors": self.errors,
+            "stopped": self.stopped,
         }
 
     def table(self) -> str:
         generic = self.initial_generic is not None
         faults = self.config.faults_enabled
+        private = self.config.dp_clip_norm is not None
         header = (
             f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
             f"{'served':>6} {'heldout acc':>11}"
             + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
+            + (f" {'epsilon':>8}" if private else "")
         )
         if faults:
             header += f" {'selected':>8} {'vanished':>8} {'late/slow':>9} {'refused/bad':>11} {'kills':>5}"
@@ -99,6 +108,7 @@ class SimulationResult:
                     if generic
                     else ""
                 )
+                + (f" {_epsilon_cell(r):>8}" if private else "")
                 + (_fault_cells(r) if faults else "")
             )
         if any(r.served_version not in (None, r.model_version) for r in self.rounds):
@@ -112,6 +122,13 @@ class SimulationResult:
                 "refused with 410 / all stragglers; refused/bad: corrupt uploads refused with 4xx / all "
                 "corrupt uploads; an abandoned round is reopened on the same base model"
             )
+        if private:
+            lines.append(
+                f"epsilon: spent after the round, at delta {self.config.dp_delta:g} "
+                "(inf: no noise, no finite guarantee)"
+            )
+        if self.stopped is not None:
+            lines.append(f"the task stopped after {len(self.rounds)} round(s): {self.stopped}")
         lines.append(f"total wall time: {self.total_wall_s:.1f} s")
         return "\n".join(lines)
 
@@ -120,6 +137,12 @@ def _served_cell(r: RoundResult) -> str:
     if r.served_version is None:
         return "-"
     return f"v{r.served_version}" + ("*" if r.served_version != r.model_version else "")
+
+
+def _epsilon_cell(r: RoundResult) -> str:
+    if r.delta is None:  # abandoned: nothing released
+        return "-"
+    return "inf" if r.epsilon is None else f"{r.epsilon:.3g}"
 
 
 def _fault_cells(r: RoundResult) -> str:

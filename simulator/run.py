@@ -179,7 +179,11 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
             round_started = time.perf_counter()
             open_round = _open_round(admin, task_id, seen_rounds, timeout_s=cfg.round_timeout_s + 60)
             if open_round is None:
-                result.errors.append(f"round {r}: the task has no open round (completed?)")
+                stopped = admin.get_task(task_id).status
+                if stopped == "budget_exhausted":  # the task's epsilon budget, not an error
+                    result.stopped = "privacy_budget_exhausted"
+                else:
+                    result.errors.append(f"round {r}: the task has no open round (completed?)")
                 break
             seen_rounds.add(open_round.id)
             bar.set_postfix_str(f"round {r}/{cfg.rounds}")
@@ -245,6 +249,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     device_train_s=[round(jr.train_seconds, 4) for jr in job_results if jr.train_seconds > 0],
                     jobs_done_s=jobs_done_s,
                     served_version=closed.served_version if version is not None else None,
+                    epsilon=closed.metrics.get("dp_epsilon"),
+                    delta=closed.metrics.get("dp_delta"),
                 )
             )
         bar.close()

@@ -1,4 +1,4 @@
-"""End to end: a real uvicorn server on 127.0.0.1 with a real database, 8 SDK devices x 2 rounds."""
+"""End to end: a real uvicorn server on 127.0.0.1 with a real database, 4 SDK devices x 2 rounds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _run(tmp_path: Path, url: str | None) -> None:
     try:
         result = simulate(
             SimulationConfig(
-                devices=8,
+                devices=4,
                 rounds=2,
                 model="small",
                 data="synthetic",
@@ -36,7 +36,7 @@ def _run(tmp_path: Path, url: str | None) -> None:
             )
         )
         assert [r.status for r in result.rounds] == ["aggregated", "aggregated"]
-        assert all(r.reports == 8 for r in result.rounds)
+        assert all(r.reports == 4 for r in result.rounds)
         with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
             versions = admin.list_models(task_id=result.task_id)
             # the initial version and exactly one new version per round, each the parent of the next

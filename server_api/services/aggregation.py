@@ -18,9 +18,20 @@ import numpy as np
 from facefl import codec, update_files
 from facefl.algorithms import registry
 from facefl.algorithms.base import ServerStepInputs
+from facefl.privacy import dp
 from server_api import metrics as prom
 from server_api.orm import ROUND_ABANDONED, ModelVersion, Round, Task, utcnow
-from server_api.services import evaluation, gate, models, public, queries, rounds, server_state
+from server_api.services import (
+    evaluation,
+    gate,
+    models,
+    privacy,
+    public,
+    queries,
+    rounds,
+    secagg_sum,
+    server_state,
+)
 from server_api.services.context import ServiceContext, log
 from server_api.services.robust import robust_delta
 
@@ -57,7 +68,14 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         robust_config = task.policy.get("robust")  # None: the plain weighted mean below
         gate_config = task.policy.get("gate")  # None: every new version is served
         first_version = queries.first_base_version(s, task_id) if gate_config else None
-        norms = [u.norm for u in rows] if robust_config else []
+        dp_policy = privacy.dp_policy(task.policy)  # None: no differential privacy
+        server_noise = privacy.server_adds_noise(task.policy)
+        # this round is the task's next aggregated one: rounds of a task aggregate one at a time
+        dp_round = task.aggregated_rounds + 1
+        norms = [u.norm for u in rows] if robust_config or dp_policy else []
+        masked = secagg_sum.inputs_of(s, round_id)  # None: a plain round
+        if masked is not None:
+            layout = secagg_sum.layout(models.specs_of_blob(ctx, base_key), architecture, task.trainable)
 
     # the heartbeat renews our lease while we work (a gated round evaluates two models), so another worker
     # takes the round over within aggregation_lease_s of our death; the commit is fenced by the lease, so
@@ -76,7 +94,18 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             for name, value in metrics.items():
                 metric_sums[name] += float(value) * num_samples
         total = sum(n for _, n, _, _ in updates)
-        if robust_config:
+        if masked is not None:
+            # only the sum is known: the masks removed with the revealed shares, then the weighted mean
+            try:
+                delta, total = secagg_sum.weighted_mean(masked, paths, layout)
+            except (secagg_sum.SecAggFailure, codec.CodecError) as exc:
+                _abandon_aggregation(ctx, round_id, lease, f"secure aggregation: {exc}")
+                return None
+        elif dp_policy is not None:
+            # DP-FedAvg: clipped, equal weights, noise on the sum (facefl.privacy.dp says why); under
+            # secure aggregation the devices did all three (weights of 1: server_api.secagg_policy)
+            delta = privacy.dp_delta(paths, norms, dp_policy, add_noise=server_noise, exclude=extra_names)
+        elif robust_config:
             reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
             delta = robust_delta(ctx, reports, robust_config, exclude=extra_names)
         else:
@@ -94,6 +123,8 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
             )
         )
         new_weights = codec.apply_delta(base_weights, step.delta)
+        if dp_policy is not None:  # post-processing: noise may have made a running variance negative
+            new_weights = dp.clamp_running_variances(new_weights)
         bad = [name for name, value in new_weights.items() if not np.isfinite(value).all()]
         if bad:  # never store or serve a non-finite model: the round is abandoned and reopened on its base
             reason = f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}"
@@ -102,8 +133,19 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         blob = models.store_weights(ctx, new_weights, architecture)
         state_key = server_state.store(ctx, step.state)
         agg_seconds = time.perf_counter() - t0
-        round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
-        round_metrics.update(reports=len(updates), samples=total, aggregation_s=agg_seconds)
+        round_metrics: dict[str, Any] = {}
+        if dp_policy is None:
+            round_metrics = {f"train_{k}": v / total for k, v in metric_sums.items()} if total else {}
+            round_metrics.update(samples=total)
+        else:
+            # the devices' own metrics and sample counts are not covered by the noise: not published.
+            # What this round's release brings the task to (epsilon null: infinite, no noise)
+            round_metrics.update(
+                dp_epsilon=privacy.finite_or_none(dp_policy.epsilon(dp_round)),
+                dp_delta=dp_policy.delta,
+                dp_rounds=dp_round,
+            )
+        round_metrics.update(reports=len(updates), aggregation_s=agg_seconds)
         decision = gate.GateDecision(served=True)
         if gate_config is not None and eval_set is not None:
             # the base is the served version: rounds always open on it (off the event loop, like the rest)
@@ -124,7 +166,7 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
                 embedding_dim=embedding_dim,
                 blob=blob,
                 reports=len(updates),
-                samples=total,
+                samples=None if dp_policy is not None else total,
                 round_metrics=round_metrics,
                 server_state_key=state_key,
                 decision=decision,
@@ -217,8 +259,8 @@ def _commit(
     embedding_dim: int | None,
     blob: tuple[str, int],
     reports: int,
-    samples: int,
-    round_metrics: dict[str, float],
+    samples: int | None,
+    round_metrics: dict[str, Any],
     server_state_key: str | None = None,
     decision: gate.GateDecision | None = None,
 ) -> int:
@@ -226,7 +268,9 @@ def _commit(
     release gate held back is recorded (with its metrics) but the task keeps serving ``base_version``,
     and the next round opens on it."""
     decision = decision or gate.GateDecision(served=True)
-    metrics: dict[str, Any] = {"reports": reports, "samples": samples}
+    metrics: dict[str, Any] = {"reports": reports}
+    if samples is not None:  # None under differential privacy: a sum of the devices' own counts
+        metrics["samples"] = samples
     if decision.report is not None:
         metrics["eval"] = decision.report
     if decision.details:

@@ -17,23 +17,32 @@ from server_api.errors import conflict, not_found
 from server_api.orm import (
     ROUND_ABANDONED,
     ROUND_OPEN,
+    SECAGG_ADVERTISE,
+    TASK_BUDGET_EXHAUSTED,
     TASK_PAUSED,
     TASK_RUNNING,
     Round,
+    SecAggRound,
     Task,
     utcnow,
 )
 from server_api.round_policy import max_assignments, retry_after
 from server_api.schemas import AssignmentOut, CheckinIn, RoundOut, TrainAction, WaitAction, WaitReason
-from server_api.services import queries
+from server_api.secagg_policy import assignment_info
+from server_api.services import privacy, queries
 from server_api.services.context import ServiceContext, log
 
 
 def open_round(s: Session, task: Task) -> Round | None:
     """Open the task's next round on its current model version (caller owns the transaction).
 
-    A paused task opens none (None): resuming it opens its next round."""
+    A paused task opens none (None): resuming it opens its next round. Neither does a task whose next
+    round would spend more than its policy.dp.epsilon_budget: it becomes ``budget_exhausted`` (final)."""
     if task.status == TASK_PAUSED:
+        return None
+    if not privacy.may_open_round(task.policy, task.aggregated_rounds):
+        task.status = TASK_BUDGET_EXHAUSTED
+        log.info("privacy budget exhausted: no next round", extra={"task_id": task.id})
         return None
     policy = task.policy
     assert task.current_version is not None
@@ -54,6 +63,9 @@ def open_round(s: Session, task: Task) -> Round | None:
     )
     s.add(rnd)
     s.flush()
+    secagg = assignment_info(policy)
+    if secagg is not None:
+        s.add(SecAggRound(round_id=rnd.id, stage=SECAGG_ADVERTISE, params=secagg.model_dump()))
     after_commit(s, metrics.ROUNDS_OPENED.inc)
     log.info("round opened", extra={"task_id": task.id, "round_id": rnd.id, "round_number": rnd.number})
     return rnd
@@ -88,6 +100,8 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             return wait(st.max_retry_after_s, "no_task")
         if view.task_status == TASK_PAUSED:
             return wait(st.max_retry_after_s, "task_paused")
+        if view.task_status == TASK_BUDGET_EXHAUSTED:
+            return wait(st.max_retry_after_s, "privacy_budget_exhausted")
         if view.task_status != TASK_RUNNING:
             return wait(st.max_retry_after_s, "task_completed")
         rnd = view.round
@@ -121,6 +135,7 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             # absent from the policy of a task created before compressed updates: float32
             update_encoding=view.policy.get("update_encoding", DEFAULT_ENCODING),
             update_error_feedback=bool(view.policy.get("update_error_feedback", False)),
+            secure_aggregation=assignment_info(view.policy),
         )
     )
 

@@ -13,7 +13,7 @@ from facefl.models import ARCHITECTURES, backbone_state, build_backbone, resolve
 from server_api.errors import conflict, invalid, not_found
 from server_api.orm import TASK_PAUSED, TASK_RUNNING, ModelVersion, Task
 from server_api.schemas import RoundOut, TaskIn, TaskOut
-from server_api.services import evaluation, models, public, queries, rounds
+from server_api.services import evaluation, models, privacy, public, queries, rounds
 from server_api.services.context import ServiceContext, log
 
 
@@ -25,6 +25,7 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     if body.eval_set is not None and body.eval_set not in ctx.settings.eval_sets:
         known = sorted(ctx.settings.eval_sets) or "none (set FACEFL_EVAL_SETS)"
         raise invalid("unknown_eval_set", f"eval_set {body.eval_set!r} is not configured; known: {known}")
+    _check_privacy_budget(body)
     arch = ARCHITECTURES[body.architecture]
     embedding_dim = body.embedding_dim or arch.default_embedding_dim
     blob = None
@@ -79,6 +80,21 @@ def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:
     if out.eval_set is not None and out.current_version is not None:
         ctx.submit_eval(evaluation.evaluate_version, ctx, out.current_version, out.eval_set)
     return out
+
+
+def _check_privacy_budget(body: TaskIn) -> None:
+    """422 when policy.dp.epsilon_budget does not even cover the first round."""
+    settings = privacy.dp_policy(body.policy.model_dump())
+    if settings is None or settings.epsilon_budget is None:
+        return
+    first = settings.epsilon(1)
+    if first > settings.epsilon_budget:
+        raise invalid(
+            "privacy_budget_too_small",
+            f"policy.dp.epsilon_budget {settings.epsilon_budget:g} is below one round's epsilon "
+            f"{first:.4g} (noise_multiplier {settings.noise_multiplier:g}, sampling rate "
+            f"{settings.sampling_rate:.4g}, delta {settings.delta:g})",
+        )
 
 
 #: The default update-norm bound is this many times the L2 norm of the architecture's fresh weights.
@@ -200,4 +216,5 @@ def _task_out(s: Session, task: Task) -> TaskOut:
     active = queries.active_round(s, task.id)
     out = TaskOut.model_validate(task)
     out.current_round = RoundOut.model_validate(active) if active is not None else None
+    out.privacy = privacy.spent(task.policy, task.aggregated_rounds)
     return out

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from server_api.orm import ROUND_AGGREGATING, Task, utcnow
 from server_api.round_policy import RoundAction, RoundCounters, decide
-from server_api.services import aggregation, queries, rounds
+from server_api.services import aggregation, queries, rounds, secagg_stages
 from server_api.services.context import ServiceContext
 
 
@@ -21,8 +21,12 @@ def tick(ctx: ServiceContext) -> list[tuple[int, RoundAction]]:
             for r in queries.rounds_needing_attention(s, now, stale_before)
         ]
         orphaned_tasks = [t.id for t in queries.running_tasks_without_active_round(s)]
+        secure = queries.secagg_round_ids(s, [round_id for round_id, _, _ in due])
     done: list[tuple[int, RoundAction]] = []
     for round_id, status, counters in due:
+        if status != ROUND_AGGREGATING and round_id in secure:
+            secagg_stages.advance(ctx, round_id)  # its stages decide; "done" submits the aggregation
+            continue
         action = RoundAction.AGGREGATE if status == ROUND_AGGREGATING else decide(counters, now)
         if action is RoundAction.AGGREGATE:
             if aggregation.aggregate_round(ctx, round_id) is not None:

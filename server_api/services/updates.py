@@ -97,6 +97,11 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
         view = _check(queries.upload_view(tx, round_id, device_id), round_id, token_hash)
     assert view.assignment_id is not None  # _check
     policy = view.policy
+    if policy.get("secure_aggregation"):  # an unmasked update must never be taken in such a round
+        raise conflict(
+            f"round {round_id} uses secure aggregation: POST /v1/rounds/{round_id}/secagg/masked-update",
+            code="secure_aggregation",
+        )
     bound = policy.get("update_norm_bound")
     algorithm = registry.get(view.algorithm)
     extras = algorithm.update_extras(int(view.embedding_dim or 0))

@@ -1,4 +1,4 @@
-"""Four uvicorn workers (`facefl serve --workers 4`) on PostgreSQL and on SQLite: 40 devices, 5 rounds.
+"""Four uvicorn workers (`facefl serve --workers 4`) on PostgreSQL and on SQLite: 40 devices, 3 rounds.
 
 Exactly 5 new model versions, every acknowledged update counted exactly once, even though one worker is
 SIGKILLed while devices are uploading (uvicorn's supervisor starts a replacement)."""
@@ -20,7 +20,7 @@ from tests.server_api.fleet import Fleet, check_every_ack_counted_once
 from tests.server_api.serve import ServeProcess
 
 pytestmark = [pytest.mark.slow]
-ROUNDS = 5
+ROUNDS = 3
 
 
 def _metric(text: str, name: str) -> float:
@@ -30,7 +30,7 @@ def _metric(text: str, name: str) -> float:
 
 
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_four_workers_forty_devices_five_rounds(
+def test_four_workers_forty_devices_three_rounds(
     tmp_path: Path, db: str, request: pytest.FixtureRequest
 ) -> None:
     # SQLite: the workers share one write lock across processes (slower, but the same guarantees)

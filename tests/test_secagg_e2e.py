@@ -1,0 +1,333 @@
+"""Secure aggregation end to end: a real uvicorn server, SDK devices in threads, the `tiny` architecture
+and synthetic deltas (so that the expected aggregate is known exactly)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from device_sdk import AdminClient, FederatedClient
+from facefl import codec
+from facefl.privacy.accountant import epsilon_spent
+from facefl.secagg import fixedpoint
+from server_api.db import normalize_url, scratch_database
+from simulator.server import LocalServer
+from tests.conftest import ADMIN, SECRET, LiveServer
+
+pytestmark = pytest.mark.slow
+
+EMBEDDING_DIM = 128  # tiny: a (128, 48) layer and its bias, 6,272 values per update
+CLIP_NORM = 10.0
+MAX_WEIGHT = 100
+
+
+class Recorder(httpx.BaseTransport):
+    """Every request the devices send, as (method, path, body bytes)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._lock = threading.Lock()
+        self.requests: list[tuple[str, str, bytes]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        with self._lock:
+            self.requests.append((request.method, request.url.path, body))
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        """Shared by every client: closed by the test."""
+
+
+class _Gone(Exception):
+    """A device that goes away at a step of the protocol."""
+
+
+@dataclass
+class Cohort:
+    server: LocalServer
+    recorder: Recorder = field(default_factory=Recorder)
+    creds: list[tuple[str, str]] = field(default_factory=list)
+
+    def register(self, n: int) -> None:
+        for i in range(n):
+            with FederatedClient(self.server.base_url) as c:
+                cr = c.register(SECRET, name=f"dev{i}")
+                self.creds.append((cr.device_id, cr.token))
+
+    def client(self, i: int) -> FederatedClient:
+        device_id, token = self.creds[i]
+        return FederatedClient(
+            self.server.base_url, token=token, device_id=device_id, transport=self.recorder, timeout=30.0
+        )
+
+    def run(
+        self,
+        task_id: int,
+        deltas: list[dict[str, np.ndarray]],
+        weights: list[int],
+        *,
+        secure: bool,
+        drop_at: dict[int, str] | None = None,
+    ) -> dict[int, BaseException]:
+        """Every device checks in (all at once: the cohort must form) and uploads its delta; returns the
+        errors of the devices that raised (the dropped ones)."""
+        errors: dict[int, BaseException] = {}
+        drop_at = drop_at or {}
+
+        def device(i: int) -> None:
+            def step(name: str, fn: Callable[[], Any]) -> Any:
+                if drop_at.get(i) == name:
+                    raise _Gone(name)
+                return fn()
+
+            try:
+                with self.client(i) as c:
+                    a = c.wait_for_assignment(task_id, timeout_s=60)
+                    if secure:
+                        c.upload_secure(a, deltas[i], weights[i], step=step)
+                    else:
+                        c.upload_update(a, deltas[i], weights[i])
+            except BaseException as exc:
+                errors[i] = exc
+
+        threads = [threading.Thread(target=device, args=(i,), daemon=True) for i in range(len(deltas))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        return errors
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """One server for the module's tests (each creates its own tasks and devices)."""
+    with contextlib.ExitStack() as stack:
+        url = None
+        if request.param == "postgres":
+            base = os.environ.get("FACEFL_TEST_DATABASE_URL")
+            if not base:
+                pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
+            url = stack.enter_context(scratch_database(base, "facefl_test"))
+        live = LiveServer(tmp_path_factory.mktemp("secagg"), url).start()
+        stack.callback(live.stop)
+        yield live
+
+
+def _task(
+    admin: AdminClient,
+    name: str,
+    n: int,
+    *,
+    secure: bool,
+    min_reports: int,
+    timeout: float = 2.0,
+    dp: dict[str, Any] | None = None,
+) -> int:
+    policy: dict[str, Any] = {
+        "target_reports": n,
+        "over_selection": 1.0,
+        "min_reports": min_reports,
+        "round_timeout_s": 60,
+        "max_sample_weight": MAX_WEIGHT,
+        "update_norm_bound": "off",
+    }
+    if secure:
+        policy["secure_aggregation"] = {"clip_norm": CLIP_NORM, "stage_timeout_s": timeout}
+    if dp is not None:
+        policy["dp"] = dp
+    task = admin.create_task(
+        name, architecture="tiny", embedding_dim=EMBEDDING_DIM, rounds=1, seed=0, policy=policy
+    )
+    return task.id
+
+
+def _deltas(
+    admin: AdminClient, version: int, n: int, seed: int
+) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    base = admin.download_model(version)
+    rng = np.random.default_rng(seed)
+    deltas = [
+        {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in base.items()}
+        for _ in range(n)
+    ]
+    for d in deltas:  # honest deltas inside the clip norm: clipping changes nothing, as in plain FedAvg
+        assert codec.global_norm(d) < CLIP_NORM
+    return deltas, [int(w) for w in rng.integers(1, MAX_WEIGHT + 1, size=n)]
+
+
+def _current_version(admin: AdminClient, task_id: int) -> int:
+    version = admin.get_task(task_id).current_version
+    assert version is not None
+    return version
+
+
+def _result(admin: AdminClient, task_id: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(base weights, new weights) of the task's one round."""
+    rnd = admin.task_rounds(task_id)[0]
+    done = admin.wait_for_round(rnd.id, timeout_s=60)
+    assert done.status == "aggregated", done
+    assert done.result_version is not None
+    return admin.download_model(done.base_version), admin.download_model(done.result_version)
+
+
+def _expected_mean(
+    deltas: list[dict[str, np.ndarray]], weights: list[int], members: list[int]
+) -> dict[str, np.ndarray]:
+    total = sum(weights[i] for i in members)
+    out = {}
+    for k in deltas[0]:
+        acc = np.zeros(deltas[0][k].shape, np.float64)
+        for i in members:
+            acc += weights[i] * deltas[i][k].astype(np.float64)
+        out[k] = acc / total
+    return out
+
+
+def _quantization_bound(devices: int, total_weight: int, max_devices: int) -> float:
+    """The derived bound on |secure mean - exact mean| per coordinate (facefl.secagg.fixedpoint)."""
+    bound = fixedpoint.coordinate_bound(clip_norm=CLIP_NORM, max_weight=MAX_WEIGHT, noise_stddev=0.0)
+    scale = fixedpoint.quantization_scale(max_devices=max_devices, bound=bound)
+    return fixedpoint.sum_error_bound(devices=devices, scale=scale) / total_weight
+
+
+def _float32_slack(*arrays: np.ndarray) -> float:
+    """Storing a weight as float32 rounds it by half a unit in the last place; two stored values and the
+    float32 mean each contribute one such rounding."""
+    biggest = max(float(np.abs(a).max()) for a in arrays)
+    return 3 * float(np.spacing(np.float32(biggest)))
+
+
+def _stored_masked_blobs(server: LocalServer, task_id: int) -> dict[str, np.ndarray]:
+    engine = sa.create_engine(normalize_url(server.database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT u.device_id, u.blob_key FROM updates u JOIN rounds r ON r.id = u.round_id"
+                    " WHERE r.task_id = :t"
+                ),
+                {"t": task_id},
+            ).all()
+    finally:
+        engine.dispose()
+    out = {}
+    for device_id, key in rows:
+        path = server.data_dir / "blobs" / key[:2] / key[2:4] / key
+        out[str(device_id)] = codec.decode(path.read_bytes(), dtypes={"U32": np.dtype("uint32")})["masked"]
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _flat(delta: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([delta[k].astype(np.float64).ravel() for k in sorted(delta)])
+
+
+def test_secure_aggregation_equals_plain_fedavg_and_hides_updates(server: LocalServer) -> None:
+    n = 10
+    cohort = Cohort(server)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        secure_task = _task(admin, "secure", n, secure=True, min_reports=n // 2)
+        plain_task = _task(admin, "plain", n, secure=False, min_reports=n // 2)
+        deltas, weights = _deltas(admin, _current_version(admin, secure_task), n, seed=1)
+        assert cohort.run(secure_task, deltas, weights, secure=True) == {}
+        assert cohort.run(plain_task, deltas, weights, secure=False) == {}
+        base_s, new_s = _result(admin, secure_task)
+        base_p, new_p = _result(admin, plain_task)
+
+    expected = _expected_mean(deltas, weights, list(range(n)))
+    quant = _quantization_bound(n, sum(weights), max_devices=n)
+    for k, mean in expected.items():
+        secure_delta = new_s[k].astype(np.float64) - base_s[k]
+        plain_delta = new_p[k].astype(np.float64) - base_p[k]
+        slack = _float32_slack(new_s[k], base_s[k], mean)
+        assert np.abs(secure_delta - mean).max() <= quant + slack, k
+        assert np.abs(secure_delta - plain_delta).max() <= quant + 2 * slack, k
+
+    # what the server stored for the secure round looks like uniform noise next to each true delta
+    stored = _stored_masked_blobs(server, secure_task)
+    ids = [device_id for device_id, _ in cohort.creds]
+    assert sorted(stored) == sorted(ids)
+    for i, device_id in enumerate(ids):
+        masked = stored[device_id].view(np.int32)[:-1]  # as signed integers, without the weight
+        assert len(masked) == len(_flat(deltas[i])) > 6000
+        assert abs(_cosine(masked, _flat(deltas[i]))) < 0.1
+
+    # and no request of the secure round carried an unmasked update: no plain upload, and none of the
+    # delta's float32 bytes (any 8 consecutive values) in any body
+    plain_uploads = [p for m, p, _ in cohort.recorder.requests if m == "POST" and p.endswith("/updates")]
+    assert len(plain_uploads) == n  # the plain task's only
+    for i in range(n):
+        probe = _flat(deltas[i]).astype(np.float32)[:8].tobytes()
+        assert not any(probe in body for m, p, body in cohort.recorder.requests if "/secagg" in p)
+    masked_posts = [body for m, p, body in cohort.recorder.requests if p.endswith("/secagg/masked-update")]
+    assert len(masked_posts) == n
+    for body in masked_posts:
+        masked = codec.decode(body, dtypes={"U32": np.dtype("uint32")})["masked"].view(np.int32)[:-1]
+        assert max(abs(_cosine(masked, _flat(d))) for d in deltas) < 0.1
+
+
+def test_dropouts_at_every_stage_still_aggregate(server: LocalServer) -> None:
+    n = 20  # threshold 10 of 19 neighbours; 3 leave after keys, 3 after shares, 3 after uploading
+    cohort = Cohort(server)
+    cohort.register(n)
+    drop_at = {0: "secagg_shares", 1: "secagg_shares", 2: "secagg_shares"}
+    drop_at |= {3: "secagg_upload", 4: "secagg_upload", 5: "secagg_upload"}
+    drop_at |= {6: "secagg_reveal", 7: "secagg_reveal", 8: "secagg_reveal"}
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "dropouts", n, secure=True, min_reports=10, timeout=1.5)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=2)
+        errors = cohort.run(task_id, deltas, weights, secure=True, drop_at=drop_at)
+        assert sorted(errors) == sorted(drop_at)
+        assert all(isinstance(e, _Gone) for e in errors.values())
+        base, new = _result(admin, task_id)
+    # the sum holds every device whose masked update arrived, including those gone before unmasking
+    uploaded = [i for i in range(n) if drop_at.get(i) not in ("secagg_shares", "secagg_upload")]
+    assert len(uploaded) == 14
+    expected = _expected_mean(deltas, weights, uploaded)
+    quant = _quantization_bound(len(uploaded), sum(weights[i] for i in uploaded), max_devices=n)
+    for k, mean in expected.items():
+        got = new[k].astype(np.float64) - base[k]
+        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+    assert math.isfinite(quant)
+
+
+def test_distributed_dp_the_devices_noise_adds_up_to_the_central_mechanism(server: LocalServer) -> None:
+    """policy.dp under secure aggregation: zero updates, so the new version minus the base is the noise
+    alone. Each of n devices adds N(0, (zC)^2 / m) (m = min_reports) with weight 1, so the mean's noise has
+    standard deviation zC / sqrt(n m); the round is accounted like central DP-FedAvg."""
+    n, m, z, clip, population = 10, 5, 1.0, 0.5, 100
+    cohort = Cohort(server)
+    cohort.register(n)
+    dp = {"clip_norm": clip, "noise_multiplier": z, "population": population}
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "dp", n, secure=True, min_reports=m, dp=dp)
+        base = admin.download_model(_current_version(admin, task_id))
+        zeros = [{k: np.zeros_like(v) for k, v in base.items()} for _ in range(n)]
+        assert cohort.run(task_id, zeros, [7] * n, secure=True) == {}
+        base, new = _result(admin, task_id)
+        rnd = admin.task_rounds(task_id)[0]
+        task = admin.get_task(task_id)
+    noise = np.concatenate([(new[k].astype(np.float64) - base[k]).ravel() for k in base])
+    expected = z * clip / math.sqrt(n * m)
+    # 6,272 draws: the sample standard deviation is within 5 % of the true one with overwhelming probability
+    assert abs(noise.std() / expected - 1) < 0.05
+    assert abs(noise.mean()) < 5 * expected / math.sqrt(len(noise))
+    assert rnd.metrics["dp_epsilon"] == pytest.approx(epsilon_spent(n / population, z, 1, 1e-5))
+    assert task.raw["privacy"]["noise_added_by"] == "devices"
