@@ -48,15 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._privacy_faces import Judge, dlib_embedder, load_faces, psnr, write_strip  # noqa: E402
 from facefl.algorithms.base import Hyperparams  # noqa: E402
-from facefl.data import ImageFolder, load_image, preprocessing_for, synthetic_identity_images  # noqa: E402
-from facefl.embedders import TorchEmbedder  # noqa: E402
+from facefl.data import preprocessing_for  # noqa: E402
 from facefl.models import build_backbone  # noqa: E402
 from facefl.privacy.inversion import (  # noqa: E402
     InversionConfig,
@@ -67,21 +66,6 @@ from facefl.privacy.inversion import (  # noqa: E402
 
 ARCH = "small"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "privacy_audit.json"
-GALLERY_PER_ID = 5
-
-
-@dataclass(frozen=True)
-class Face:
-    identity: str
-    pixels: np.ndarray  # (S, S, 3) uint8 at the device's input size
-
-
-@dataclass(frozen=True)
-class Faces:
-    targets: list[Face]  # device 1's face, one per target person
-    companions: list[Face]  # the other person enrolled on each device (its head's second row)
-    bystanders: list[list[Face]]  # per target: the faces of secure aggregation's other devices
-    gallery: dict[str, list[np.ndarray]]  # enrolled people (targets' other photos + distractors)
 
 
 def update_norm(update: Sequence[torch.Tensor]) -> float:
@@ -98,50 +82,6 @@ def clip_and_noise(
     norm = update_norm(update)
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     return [u * factor + multiplier * clip * torch.randn(u.shape, generator=gen) for u in update]
-
-
-def _people(args: argparse.Namespace, need: int, size: int) -> list[tuple[str, list[np.ndarray]]]:
-    """``need`` people (name, up to 1 + GALLERY_PER_ID faces at the device's input size), at least two
-    faces each, chosen at random (``--seed``) from the real folder, or synthetic identities 0..need-1."""
-    if args.synthetic:
-        return [
-            (f"synthetic-{i}", list(synthetic_identity_images(i, 1 + GALLERY_PER_ID, size)))
-            for i in range(need)
-        ]
-    folder = ImageFolder(Path(args.data) / args.dataset)
-    by_label: dict[int, list[Path]] = {}
-    for path, label in folder.samples:
-        by_label.setdefault(label, []).append(path)
-    eligible = sorted(label for label, paths in by_label.items() if len(paths) >= 2)
-    if len(eligible) < need:
-        raise SystemExit(f"need {need} people with at least 2 images, {folder.root} has {len(eligible)}")
-    rng = np.random.default_rng(args.seed)
-    prep = preprocessing_for(ARCH)
-    chosen = [eligible[i] for i in rng.permutation(len(eligible))[:need]]
-    return [
-        (
-            folder.identities[label],
-            [prep.to_uint8(load_image(p)) for p in by_label[label][: 1 + GALLERY_PER_ID]],
-        )
-        for label in chosen
-    ]
-
-
-def load_faces(args: argparse.Namespace, size: int) -> Faces:
-    """Targets, companions, bystanders and the gallery (every person appears in one role only)."""
-    others = max([1, *args.secagg]) - 1
-    t = args.targets
-    people = _people(args, t * (2 + others) + args.distractors, size)
-    companions = [Face(n, imgs[0]) for n, imgs in people[t : 2 * t]]
-    pool = [Face(n, imgs[0]) for n, imgs in people[2 * t : t * (2 + others)]]
-    gallery = {n: imgs[1:] for n, imgs in people[:t]}
-    gallery.update({n: imgs[:GALLERY_PER_ID] for n, imgs in people[t * (2 + others) :]})
-    return Faces(
-        targets=[Face(n, imgs[0]) for n, imgs in people[:t]],
-        companions=companions,
-        bystanders=[pool[i * others : (i + 1) * others] for i in range(t)],
-        gallery=gallery,
-    )
 
 
 class Devices:
@@ -180,31 +120,8 @@ def to_pixels(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().clamp(-1, 1) * 0.5 + 0.5) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
-
-
-class Judge:
-    """dlib's ResNet as the reference recogniser: cosine to the truth and rank-1 against the gallery."""
-
-    def __init__(self, embedder: TorchEmbedder, gallery: dict[str, list[np.ndarray]]) -> None:
-        self.embedder = embedder
-        self.names = sorted(gallery)
-        templates = [self.embed(np.stack(gallery[n])).mean(0) for n in self.names]
-        self.templates = np.stack([t / np.linalg.norm(t) for t in templates])
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        return self.embedder.embed(pixels)
-
-    def score(self, probe: np.ndarray, truth: np.ndarray, identity: str) -> tuple[float, bool]:
-        e = self.embed(np.stack([probe, truth]))
-        rank1 = self.names[int(np.argmax(self.templates @ e[0]))] == identity
-        return float(e[0] @ e[1]), rank1
 
 
 def received_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -225,28 +142,6 @@ def model_label(args: argparse.Namespace) -> str:
         if args.checkpoint
         else f"random init (seed {args.model_seed})"
     )
-
-
-def dlib_embedder(args: argparse.Namespace, workdir: Path) -> TorchEmbedder:
-    path = Path(args.dlib) if args.dlib else workdir / "dlib-resnet.safetensors"
-    if not path.is_file():
-        from facefl.importers.cli import import_dlib_resnet
-
-        import_dlib_resnet(path)  # from the installed face_recognition_models package: nothing downloaded
-    return TorchEmbedder.from_checkpoint(path, device="cpu", batch_size=32)
-
-
-def write_strip(path: Path, rows: list[list[np.ndarray]], scale: int = 2) -> None:
-    """Rows of faces as one PNG (white gaps), each image enlarged ``scale`` times."""
-    size = rows[0][0].shape[0] * scale
-    cols = max(len(images) for images in rows)
-    canvas = Image.new("RGB", (cols * (size + 2), len(rows) * (size + 2)), (255, 255, 255))
-    for r, images in enumerate(rows):
-        for c, img in enumerate(images):
-            tile = Image.fromarray(img).resize((size, size), Image.Resampling.NEAREST)
-            canvas.paste(tile, (c * (size + 2), r * (size + 2)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -301,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     size = preprocessing_for(ARCH).image_size
-    faces = load_faces(args, size)
+    faces = load_faces(args, ARCH)
     hp = Hyperparams()
     devices = Devices(received_model(args), hp)
     judge = Judge(dlib_embedder(args, args.out), faces.gallery)
