@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Protocol, TypeVar
@@ -34,6 +35,8 @@ class Backend(Protocol):
 
     def map_unordered(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]: ...
 
+    def wait_ready(self, timeout: float) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -44,13 +47,24 @@ class LocalProcessBackend:
 
     def __init__(self, workers: int) -> None:
         self.parallelism = max(1, workers)
+        context = multiprocessing.get_context("spawn")
+        self._ready = context.Semaphore(0)  # released once by each worker after its initializer
         self._pool = ProcessPoolExecutor(
             max_workers=self.parallelism,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=init_worker,
+            initargs=(self._ready,),
         )
-        for _ in range(self.parallelism):  # start the processes (and their imports) now
+        for _ in range(self.parallelism):  # one job each: the pool starts every process (and its imports) now
             self._pool.submit(warm_up)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until every worker process has started and warmed up (False: not within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        for _ in range(self.parallelism):
+            if not self._ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     def map_unordered(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
         futures = [self._pool.submit(fn, job) for job in jobs]
@@ -96,6 +110,10 @@ class RayBackend:
         cpus = int(ray.cluster_resources().get("CPU", workers))
         self.parallelism = max(1, min(workers, cpus) if address is None else cpus)
         self._remote = ray.remote(num_cpus=1)(_ray_call)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Ray starts a worker per task on demand; there is no pool to wait for."""
+        return True
 
     def map_unordered(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
         pending = [self._remote.remote(fn, job) for job in jobs]

@@ -133,6 +133,9 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                 initial_model = admin.import_model(Path(cfg.initial_model)).version
             except FaceflError as exc:
                 raise SimulationError(f"importing {cfg.initial_model} failed: {exc}") from exc
+        # the task opens round 1 and starts its deadline: the workers must be up by then
+        if not backend.wait_ready(timeout=300.0):
+            say("warning: the worker processes were not ready after 300 s; starting anyway")
         try:
             task = create_task(admin, cfg, eval_name, initial_model)
         except FaceflError as exc:

@@ -131,11 +131,20 @@ _TRANSPORT_LOCK = threading.Lock()
 _TRAIN_LOCK = threading.Lock()
 
 
-def init_worker() -> None:
-    """Process initializer: one intra-op thread per worker (the pool provides the parallelism)."""
+def init_worker(ready: Any | None = None) -> None:
+    """Process initializer: one intra-op thread per worker (the pool provides the parallelism).
+
+    With ``ready`` (a multiprocessing semaphore), run one small forward and backward pass first, so that
+    torch's lazy kernel set-up happens now rather than inside a device's first round, then release it:
+    the simulator opens the first round only when every worker is ready (a round's deadline should
+    measure devices, not interpreter start-up)."""
     torch.set_num_threads(1)
     with contextlib.suppress(RuntimeError):  # only allowed once per process
         torch.set_num_interop_threads(1)
+    if ready is not None:
+        layer = torch.nn.Conv2d(3, 4, 3)
+        layer(torch.zeros(2, 3, 8, 8)).sum().backward()
+        ready.release()
 
 
 def warm_up() -> None:
