@@ -100,6 +100,7 @@ def create_task(
             "round_timeout_s": cfg.round_timeout_s,
             "gate": parse_gate(cfg.gate) if cfg.gate is not None else None,
             "dp": cfg.dp_policy(),
+            "secure_aggregation": cfg.secagg_policy(),
         },
     )
 
