@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "database": "sqlite", "tick_interval_s": 1.0,
+            "py_spy_attached": args.py_spy is not None,
             "wall_s": round(time.perf_counter() - t_start, 1),
         },
         "rows": results,
