@@ -138,12 +138,12 @@ def run_round(
         "target_reports": n,
         "over_selection": 1.0,
         "min_reports": max(2, n // 2),
-        "round_timeout_s": 600,
+        "round_timeout_s": 180,
         "max_sample_weight": 100,
         "update_norm_bound": "off",
     }
     if secure:
-        policy["secure_aggregation"] = {"clip_norm": CLIP_NORM, "stage_timeout_s": 120}
+        policy["secure_aggregation"] = {"clip_norm": CLIP_NORM, "stage_timeout_s": 60}
     name = f"secagg-cost-{model}-{n}-{'secure' if secure else 'plain'}"
     task = admin.create_task(name, architecture=model, rounds=1, seed=0, policy=policy)
     version = admin.get_task(task.id).current_version

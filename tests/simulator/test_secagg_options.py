@@ -114,8 +114,8 @@ def test_secure_round_aggregates_although_a_device_vanishes_after_sharing(tmp_pa
     )
     out = tmp_path / "result.json"
     cfg = SimulationConfig(
-        devices=devices, rounds=1, model="small", ids_per_device=2, images_per_id=3, heldout_ids=4,
-        batch_size=4, seed=seed, dropout=p, min_reports=2, round_timeout_s=30.0, progress=False,
+        devices=devices, rounds=1, model="small", ids_per_device=1, images_per_id=2, heldout_ids=2,
+        batch_size=2, seed=seed, dropout=p, min_reports=2, round_timeout_s=30.0, progress=False,
         work_dir=str(tmp_path), json_path=str(out), secure_aggregation=True, secagg_stage_timeout_s=2.0,
     ).validate()  # fmt: skip
     result = simulate(cfg, log=lambda _msg: None)
