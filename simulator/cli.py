@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from .privacy_options import add_privacy_arguments, privacy_options
+
 if TYPE_CHECKING:  # the heavy imports (torch, ...) wait until a simulation actually runs
     from .run import SimulationConfig
 
@@ -228,37 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tar@far=1e-3) falls more than MAX_DROP below the served one's is held back, e.g. auc:0.003",
     )
 
-    d = parser.add_argument_group("differential privacy (the task's policy.dp: DP-FedAvg, docs/privacy.md)")
-    d.add_argument(
-        "--dp-clip-norm",
-        type=_positive_float,
-        default=None,
-        metavar="C",
-        help="turn DP on: every update is clipped to L2 norm C, the server adds Gaussian noise to the sum",
-    )
-    d.add_argument(
-        "--dp-noise-multiplier",
-        type=_non_negative_float,
-        default=None,
-        metavar="Z",
-        help="noise standard deviation Z x C on the sum (1.0; 0: clipping only, no finite epsilon)",
-    )
-    d.add_argument(
-        "--dp-population",
-        type=_positive_int,
-        default=None,
-        help="devices the accountant assumes (sampling rate target / population; default --devices)",
-    )
-    d.add_argument(
-        "--dp-delta", type=_positive_float, default=None, help="the delta of (epsilon, delta) (1e-5)"
-    )
-    d.add_argument(
-        "--dp-epsilon-budget",
-        type=_positive_float,
-        default=None,
-        metavar="EPS",
-        help="stop the task before a round would take epsilon above EPS",
-    )
+    add_privacy_arguments(parser, _positive_int, _positive_float, _non_negative_float)
 
     s = parser.add_argument_group("server and execution")
     s.add_argument("--server", default=None, help="URL of a running server (default: start one on 127.0.0.1)")
@@ -362,11 +334,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         kill_server_at=args.kill_server_at,
         backend=args.backend,
         ray_address=args.ray_address,
-        dp_clip_norm=args.dp_clip_norm,
-        dp_noise_multiplier=args.dp_noise_multiplier,
-        dp_population=args.dp_population,
-        dp_delta=args.dp_delta,
-        dp_epsilon_budget=args.dp_epsilon_budget,
+        **privacy_options(args),
         work_dir=args.work_dir,
         progress=not args.no_progress,
     )

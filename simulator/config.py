@@ -17,7 +17,13 @@ from facefl.models import ARCHITECTURES, resolve_trainable
 from .backends import BACKENDS, ray_available
 from .faults import FaultConfig, KillAt, parse_kill_at
 
-__all__ = ["SimulationConfig", "SimulationError", "parse_gate"]
+__all__ = ["SECAGG_CLIP_NORM", "SECAGG_STAGE_TIMEOUT_S", "SimulationConfig", "SimulationError", "parse_gate"]
+
+# the L2 norm a device clips its delta to under --secure-aggregation: well above a delta of one local
+# epoch at the default learning rate (the server cannot check norms under secure aggregation)
+SECAGG_CLIP_NORM = 10.0
+# how long each stage after the key advertisement waits: a device that vanished holds its stage this long
+SECAGG_STAGE_TIMEOUT_S = 30.0
 
 
 class SimulationError(RuntimeError):
@@ -98,6 +104,12 @@ class SimulationConfig:
     dp_population: int | None = None
     dp_delta: float | None = None  # default 1e-5 with dp_clip_norm
     dp_epsilon_budget: float | None = None
+    # secure aggregation (the task's policy.secure_aggregation, docs/privacy.md): devices clip their delta
+    # to secagg_clip_norm and the server sees only the cohort's masked sum; every stage after the key
+    # advertisement waits at most secagg_stage_timeout_s for the devices expected in it
+    secure_aggregation: bool = False
+    secagg_clip_norm: float | None = None  # default SECAGG_CLIP_NORM with secure_aggregation
+    secagg_stage_timeout_s: float | None = None  # default SECAGG_STAGE_TIMEOUT_S with secure_aggregation
 
     @staticmethod
     def _users_of(field_name: str) -> str:
@@ -156,6 +168,7 @@ class SimulationConfig:
                 Path(self.data).is_dir(),
                 f"--data must be 'synthetic' or an existing directory (got {self.data!r})",
             )
+        workers_given = self.workers is not None
         if self.workers is None:
             self.workers = os.cpu_count() or 1
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
@@ -205,7 +218,9 @@ class SimulationConfig:
             f"--target-reports ({self.target_reports}) cannot exceed --devices ({self.devices})",
         )
         if self.min_reports is None:
-            self.min_reports = max(1, math.ceil(self.target_reports / 2))
+            # secure aggregation needs two reports at least (the sum of one update is that update)
+            least = 2 if self.secure_aggregation else 1
+            self.min_reports = min(self.target_reports, max(least, math.ceil(self.target_reports / 2)))
         need(self.min_reports >= 1, f"--min-reports must be >= 1 (got {self.min_reports})")
         need(
             self.min_reports <= self.target_reports,
@@ -271,7 +286,67 @@ class SimulationConfig:
             need(self.eval_set is not None, "--gate needs --eval-set (the gate compares versions on it)")
             parse_gate(self.gate)
         self._validate_dp(need, algorithm.updates_only_summed)
+        self._validate_secagg(need, algorithm.updates_only_summed, workers_given)
         return self
+
+    def _validate_secagg(
+        self, need: Callable[[bool, str], None], updates_only_summed: bool, workers_given: bool
+    ) -> None:
+        if not self.secure_aggregation:
+            given = [
+                name
+                for name, value in (
+                    ("--secagg-clip-norm", self.secagg_clip_norm),
+                    ("--secagg-stage-timeout", self.secagg_stage_timeout_s),
+                )
+                if value is not None
+            ]
+            need(not given, f"{', '.join(given)} needs --secure-aggregation")
+            return
+        need(
+            updates_only_summed,
+            f"--secure-aggregation: {self.algorithm}'s server reads each update on its own, "
+            "secure aggregation hides them",
+        )
+        assert self.min_reports is not None and self.target_reports is not None and self.workers is not None
+        need(
+            self.min_reports >= 2,
+            f"--secure-aggregation needs --min-reports >= 2 (got {self.min_reports}; --target-reports "
+            f"{self.target_reports}): a sum of one update is that update",
+        )
+        need(
+            self.update_encoding == DEFAULT_ENCODING and not self.update_error_feedback,
+            f"--secure-aggregation quantizes updates for the protocol itself: --update-encoding must be "
+            f"{DEFAULT_ENCODING} and --update-error-feedback off",
+        )
+        need(
+            self.corrupt == 0,
+            "--corrupt: the server cannot see values under --secure-aggregation (a masked update is any "
+            "32-bit integers), so corrupt uploads are not simulated",
+        )
+        # every device of a round's cohort waits for the others in each stage: they must run at once
+        if not workers_given:
+            self.workers = max(self.workers, self.devices)
+        need(
+            self.workers >= self.target_reports,
+            f"--secure-aggregation runs a round's devices at once: --workers ({self.workers}) must be "
+            f">= --target-reports ({self.target_reports})",
+        )
+        if self.secagg_clip_norm is None:
+            self.secagg_clip_norm = SECAGG_CLIP_NORM
+        if self.secagg_stage_timeout_s is None:
+            self.secagg_stage_timeout_s = SECAGG_STAGE_TIMEOUT_S
+
+    def secagg_policy(self) -> dict[str, Any] | None:
+        """The task's policy.secure_aggregation (None: off); call after validate()."""
+        if not self.secure_aggregation:
+            return None
+        return {"clip_norm": self.secagg_clip_norm, "stage_timeout_s": self.secagg_stage_timeout_s}
+
+    def round_wait_s(self) -> float:
+        """The longest a round can stay open: its deadline, plus the stages of secure aggregation."""
+        stages = 3 * (self.secagg_stage_timeout_s or 0.0) if self.secure_aggregation else 0.0
+        return self.round_timeout_s + stages
 
     def _validate_dp(self, need: Callable[[bool, str], None], updates_only_summed: bool) -> None:
         others = {

@@ -10,7 +10,9 @@ exactly its configured probability and ``dropout + corrupt + stragglers <= 1`` i
 
 - dropout: the device checks in and gets an assignment, then vanishes after check-in, after downloading
   the model, or after training (chosen uniformly), and never uploads; the round must close without it
-  (over-selection, or the deadline with at least the minimum of reports).
+  (over-selection, or the deadline with at least the minimum of reports). Under secure aggregation a
+  device that drops "after training" goes on to advertise its keys and send its shares, then vanishes
+  before its masked upload: its neighbours must then reveal its mask key for the round to aggregate.
 - straggler: training takes ``slow_factor`` times longer (the device sleeps ``(slow_factor - 1)`` times
   its measured training time before uploading), so it may miss the deadline and be refused with 410.
 - corrupt: the upload is NaN-poisoned, has a wrong shape, or is random bytes; the server must refuse it

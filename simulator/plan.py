@@ -107,6 +107,7 @@ def create_task(
             "dp": cfg.dp_policy(),
             "update_encoding": cfg.update_encoding,
             "update_error_feedback": cfg.update_error_feedback,
+            "secure_aggregation": cfg.secagg_policy(),
         },
     )
 

@@ -12,7 +12,23 @@ import numpy as np
 from .config import SimulationConfig
 from .worker import CORRUPT_ACCEPTED, CORRUPT_REFUSED, DROPPED, NOT_SELECTED, ROUND_CLOSED, JobResult
 
-__all__ = ["RoundResult", "SimulationResult", "fault_counts", "job_outcomes", "mean_phases"]
+__all__ = [
+    "SECAGG_STEPS",
+    "RoundResult",
+    "SimulationResult",
+    "fault_counts",
+    "job_outcomes",
+    "mean_phases",
+    "secagg_counts",
+]
+
+# the requests of secure aggregation a device makes (device_sdk's step names) and their short names
+SECAGG_STEPS = {
+    "secagg_keys": "keys",
+    "secagg_shares": "shares",
+    "secagg_upload": "masked",
+    "secagg_reveal": "reveal",
+}
 
 
 @dataclass
@@ -50,6 +66,10 @@ class RoundResult:
     # with delta set: no finite guarantee (no noise). Both None: DP off, or the round was abandoned
     epsilon: float | None = None
     delta: float | None = None
+    # secure aggregation: how many devices got each of their requests accepted (keys, shares, masked,
+    # reveal); a device that vanished after sharing counts in shares but not in masked. None: off
+    secagg: dict[str, int] | None = None
+    abandoned_reason: str | None = None  # the server's, when the round was abandoned
 
 
 @dataclass
@@ -82,11 +102,13 @@ class SimulationResult:
         generic = self.initial_generic is not None
         faults = self.config.faults_enabled
         private = self.config.dp_clip_norm is not None
+        secure = self.config.secure_aggregation
         header = (
             f"{'round':>5}  {'status':<10} {'reports':>7} {'dropped':>7} {'wall s':>7} {'MB up':>7} "
             f"{'served':>6} {'heldout acc':>11}"
             + (f" {'generic acc':>11} {'TAR@1e-2':>8}" if generic else "")
             + (f" {'epsilon':>8}" if private else "")
+            + (f" {'keys/shares/masked/reveal':>25}" if secure else "")
         )
         if faults:
             header += f" {'selected':>8} {'vanished':>8} {'late/slow':>9} {'refused/bad':>11} {'kills':>5}"
@@ -109,6 +131,7 @@ class SimulationResult:
                     else ""
                 )
                 + (f" {_epsilon_cell(r):>8}" if private else "")
+                + (f" {_secagg_cell(r):>25}" if secure else "")
                 + (_fault_cells(r) if faults else "")
             )
         if any(r.served_version not in (None, r.model_version) for r in self.rounds):
@@ -127,6 +150,14 @@ class SimulationResult:
                 f"epsilon: spent after the round, at delta {self.config.dp_delta:g} "
                 "(inf: no noise, no finite guarantee)"
             )
+        if secure:
+            lines.append(
+                "keys/shares/masked/reveal: devices whose secure-aggregation request of that stage the "
+                "server accepted (masked: their masked update; MB up counts every stage's requests)"
+            )
+        for r in self.rounds:
+            if r.abandoned_reason:
+                lines.append(f"round {r.round} abandoned: {r.abandoned_reason}")
         if self.stopped is not None:
             lines.append(f"the task stopped after {len(self.rounds)} round(s): {self.stopped}")
         lines.append(f"total wall time: {self.total_wall_s:.1f} s")
@@ -143,6 +174,11 @@ def _epsilon_cell(r: RoundResult) -> str:
     if r.delta is None:  # abandoned: nothing released
         return "-"
     return "inf" if r.epsilon is None else f"{r.epsilon:.3g}"
+
+
+def _secagg_cell(r: RoundResult) -> str:
+    counts = r.secagg or {}
+    return "/".join(str(counts.get(short, 0)) for short in SECAGG_STEPS.values())
 
 
 def _fault_cells(r: RoundResult) -> str:
@@ -166,6 +202,11 @@ def fault_counts(results: Sequence[JobResult]) -> dict[str, int]:
         "corrupted": len(corrupted),
         "refused": sum(1 for jr in corrupted if jr.status == CORRUPT_REFUSED),
     }
+
+
+def secagg_counts(results: Sequence[JobResult]) -> dict[str, int]:
+    """Secure aggregation: stage -> devices whose request of that stage was accepted."""
+    return {short: sum(step in jr.secagg_steps for jr in results) for step, short in SECAGG_STEPS.items()}
 
 
 def mean_phases(results: Sequence[JobResult]) -> dict[str, float]:

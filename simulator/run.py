@@ -36,7 +36,14 @@ from .backends import make_backend
 from .config import SimulationConfig, SimulationError
 from .evaluation import rank1_identification
 from .plan import HELDOUT_OFFSET, create_task, plan_data, register_devices
-from .report import RoundResult, SimulationResult, fault_counts, job_outcomes, mean_phases
+from .report import (
+    RoundResult,
+    SimulationResult,
+    fault_counts,
+    job_outcomes,
+    mean_phases,
+    secagg_counts,
+)
 from .server import LocalServer
 from .worker import (
     CORRUPT_REFUSED,
@@ -186,7 +193,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
 
         for r in range(1, cfg.rounds + 1):
             round_started = time.perf_counter()
-            open_round = _open_round(admin, task_id, seen_rounds, timeout_s=cfg.round_timeout_s + 60)
+            open_round = _open_round(admin, task_id, seen_rounds, timeout_s=cfg.round_wait_s() + 60)
             if open_round is None:
                 stopped = admin.get_task(task_id).status
                 if stopped == "budget_exhausted":  # the task's epsilon budget, not an error
@@ -231,7 +238,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     result.errors.append(f"round {r} device {jr.device_index}: {jr.status}: {jr.error}")
             if all(jr.status == FAILED for jr in job_results):
                 raise SimulationError(f"round {r}: every device failed; first error: {job_results[0].error}")
-            closed = _closed_round(admin, open_round.id, timeout_s=cfg.round_timeout_s + 60)
+            closed = _closed_round(admin, open_round.id, timeout_s=cfg.round_wait_s() + 60)
             wall_s = round(time.perf_counter() - round_started, 3)
             version = (
                 closed.result_version if closed.status == "aggregated" and closed.result_version else None
@@ -261,6 +268,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] | None = No
                     served_version=closed.served_version if version is not None else None,
                     epsilon=closed.metrics.get("dp_epsilon"),
                     delta=closed.metrics.get("dp_delta"),
+                    secagg=secagg_counts(job_results) if cfg.secure_aggregation else None,
+                    abandoned_reason=closed.metrics.get("abandoned_reason"),
                 )
             )
         bar.close()

@@ -32,6 +32,7 @@ from device_sdk import (
     LocalDataset,
     RoundClosed,
     RoundHooks,
+    SecureAggregationError,
     ServerError,
     SharedTransport,
     Trainer,
@@ -113,6 +114,9 @@ class JobResult:
     error: str | None = None
     fault: str = "none"  # the simulated fault's kind: none | dropout | straggler | corrupt
     upload_status: int | None = None  # HTTP status of a corrupt upload
+    # secure aggregation: the protocol's requests the server accepted, in order ("secagg_keys",
+    # "secagg_shares", "secagg_upload", "secagg_reveal"); empty in a plain round
+    secagg_steps: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ def run_device_job(job: DeviceJob) -> JobResult:
                     result.status = UPLOADED
             except _RoundEnded as ended:
                 result.status = ended.status
-            except RoundClosed as exc:
+            except (RoundClosed, SecureAggregationError) as exc:  # the round went on without it
                 result.status = ROUND_CLOSED
                 result.error = str(exc)
             finally:
@@ -282,8 +286,15 @@ class _DeviceHooks(RoundHooks):
         client: FederatedClient,
     ) -> None:
         self.job, self.rng, self.result, self.fault, self.client = job, rng, result, fault, client
+        self.vanish_before_masked_upload = False
 
     def call(self, step: str, fn: Callable[[], _T]) -> _T:
+        if step.startswith("secagg_"):
+            if step == "secagg_upload" and self.vanish_before_masked_upload:
+                raise _RoundEnded(DROPPED)
+            answer = _outage_retry(self.job, self.rng, fn)
+            self.result.secagg_steps.append(step)
+            return answer
         if step != "upload":
             return _outage_retry(self.job, self.rng, fn)
         # after a transport failure (the server may have died mid-request) the upload is sent again: a
@@ -319,7 +330,11 @@ class _DeviceHooks(RoundHooks):
             straggle_started = time.perf_counter()
             time.sleep((fault.slow_factor - 1.0) * trained.seconds)
             result.phases["straggle"] = time.perf_counter() - straggle_started
-        if self.job.drop_after_training or fault.drop_after == "train":
+        if fault.drop_after == "train" and assignment.secure_aggregation is not None:
+            # under secure aggregation the device vanishes later, after its keys and shares: the case the
+            # protocol's unmasking recovers from (its neighbours reveal its mask key)
+            self.vanish_before_masked_upload = True
+        elif self.job.drop_after_training or fault.drop_after == "train":
             raise _RoundEnded(DROPPED)
         if fault.corrupt is not None:
             upload_started = time.perf_counter()

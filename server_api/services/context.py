@@ -14,6 +14,7 @@ from server_api.blobstore import FileBlobStore
 from server_api.db import Database
 from server_api.errors import conflict
 from server_api.ratelimit import RateLimiter
+from server_api.services.secagg_cohorts import FrozenCohorts
 from server_api.services.token_cache import TokenHashes
 from server_api.settings import Settings
 
@@ -67,6 +68,8 @@ class ServiceContext:
     uploads: InFlight = field(default_factory=InFlight)
     # device id -> token hash of devices seen by this process (immutable values: see TokenHashes)
     device_tokens: TokenHashes = field(default_factory=TokenHashes)
+    # secure-aggregation cohorts as of a stage (final once reached: see FrozenCohorts)
+    secagg_cohorts: FrozenCohorts = field(default_factory=FrozenCohorts)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:

@@ -42,6 +42,7 @@ from server_api.orm import (
 from server_api.schemas import SecAggAccepted, SecAggKeysIn, SecAggMemberOut, SecAggStateOut, UpdateAccepted
 from server_api.services import models, queries, secagg_stages, secagg_sum
 from server_api.services.context import ServiceContext, log
+from server_api.services.secagg_cohorts import FrozenCohort
 
 _STAGES = (SECAGG_ADVERTISE, SECAGG_SHARE, SECAGG_UPLOAD, SECAGG_UNMASK, SECAGG_DONE)
 
@@ -140,8 +141,7 @@ def post_shares(
         member = _member(s, caller, device_id)
         if member.shared:
             raise conflict("this device already sent its shares in this round", code="already_done")
-        roster = secagg_stages.cohort_roster(caller.state, queries.secagg_members(s, round_id))
-        neighbours = roster.neighbours(device_id)
+        neighbours = _cohort(ctx, s, caller).roster.neighbours(device_id)
         expected = len(neighbours) * SHARE_CIPHERTEXT_BYTES
         if len(body) != expected:
             raise invalid(
@@ -223,15 +223,14 @@ def reveal(
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
         _require_stage(caller, SECAGG_UNMASK, now)
         member = _member(s, caller, device_id, sharer=True)
-        uploaders = set(queries.uploaders_of(s, round_id))
+        cohort = _cohort(ctx, s, caller)
+        assert cohort.sharers is not None and cohort.uploaders is not None  # the unmask stage
+        uploaders = cohort.uploaders
         if device_id not in uploaders:
             raise ApiError(403, "not_in_cohort", "only devices whose masked update arrived reveal shares")
         if member.revealed:
             raise conflict("this device already revealed its shares in this round", code="already_done")
-        members = queries.secagg_members(s, round_id)
-        roster = secagg_stages.cohort_roster(caller.state, members)
-        sharers = {m.device_id for m in members if m.shared}
-        mine = set(roster.neighbours(device_id)) & sharers
+        mine = set(cohort.roster.neighbours(device_id)) & cohort.sharers
         owners = [("mask_key", o) for o in sorted(mine - uploaders)] + [
             ("self_seed", o) for o in sorted(mine & uploaders)
         ]
@@ -273,20 +272,44 @@ def view(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) 
             vector_length=_vector_length(ctx, s, rnd),
         )
         if reached >= _STAGES.index(SECAGG_SHARE):
-            members = queries.secagg_members(s, round_id)
+            cohort = _cohort(ctx, s, caller)
             out.graph_seed = state.graph_seed
             out.roster = [
-                SecAggMemberOut(device_id=m.device_id, c_public=_b64(m.c_public), s_public=_b64(m.s_public))
-                for m in members
+                SecAggMemberOut(device_id=a.device_id, c_public=_b64(a.c_public), s_public=_b64(a.s_public))
+                for a in cohort.roster.advertisements
             ]
-            if reached >= _STAGES.index(SECAGG_UPLOAD):
-                out.sharers = [m.device_id for m in members if m.shared]
+            if cohort.sharers is not None:
+                out.sharers = sorted(cohort.sharers)
                 out.inbox = {
                     r.sender_id: _b64(r.ciphertext) for r in queries.secagg_inbox(s, round_id, device_id)
                 }
-            if reached >= _STAGES.index(SECAGG_UNMASK):
-                out.uploaders = sorted(queries.uploaders_of(s, round_id))
+            if cohort.uploaders is not None:
+                out.uploaders = sorted(cohort.uploaders)
         return out
+
+
+def _cohort(ctx: ServiceContext, s: Session, caller: _Caller) -> FrozenCohort:
+    """The round's cohort as of its stage (share stage on): final once read, so cached per process
+    (``FrozenCohorts``) instead of read and its graph rebuilt by every request of every device."""
+    rid, stage = caller.rnd.id, caller.state.stage
+    cached = ctx.secagg_cohorts.get(rid, stage)
+    if cached is not None:
+        return cached
+    reached = _STAGES.index(stage)
+    assert reached >= _STAGES.index(SECAGG_SHARE)
+    members = queries.secagg_members(s, rid)
+    cohort = FrozenCohort(
+        stage=stage,
+        roster=secagg_stages.cohort_roster(caller.state, members),
+        sharers=frozenset(m.device_id for m in members if m.shared)
+        if reached >= _STAGES.index(SECAGG_UPLOAD)
+        else None,
+        uploaders=frozenset(queries.uploaders_of(s, rid))
+        if reached >= _STAGES.index(SECAGG_UNMASK)
+        else None,
+    )
+    ctx.secagg_cohorts.put(rid, cohort)
+    return cohort
 
 
 def _vector_length(ctx: ServiceContext, s: Session, rnd: Round) -> int:
