@@ -18,7 +18,7 @@ from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion
 from server_api.schemas import ModelVersionOut
 from server_api.services import queries
-from server_api.services.context import ServiceContext
+from server_api.services.context import ServiceContext, log
 
 
 def store_weights(
@@ -162,3 +162,15 @@ def import_weights(
             embedding_dim=embedding_dim, blob=blob, metrics={},
         )  # fmt: skip
         return ModelVersionOut.model_validate(mv)
+
+
+def drop_unreferenced_blob(ctx: ServiceContext, key: str) -> None:
+    """Delete a refused upload's blob unless identical bytes are referenced elsewhere (content-addressed
+    store). Cleanup only: a failure is logged, never raised over the refusal being answered."""
+    try:
+        with ctx.db.read() as s:
+            referenced = queries.blob_referenced(s, key)
+        if not referenced:
+            ctx.blobs.delete(key)
+    except Exception:  # never mask the original error
+        log.exception("could not clean up blob %s", key)

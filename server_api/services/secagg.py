@@ -204,7 +204,7 @@ def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> Up
             reports = len(queries.uploaders_of(s, target.round_id))
             outcome = secagg_stages.close_if_complete(s, caller.rnd, caller.state, now)
     except BaseException:
-        _drop_unreferenced(ctx, key)
+        models.drop_unreferenced_blob(ctx, key)
         raise
     prom.REPORTS_ACCEPTED.inc()
     prom.UPLOAD_BYTES.inc(size)
@@ -318,13 +318,3 @@ def _vector_length(ctx: ServiceContext, s: Session, rnd: Round) -> int:
     assert base is not None and task is not None
     specs = models.specs_of_blob(ctx, base.blob_key)
     return secagg_sum.vector_length(secagg_sum.layout(specs, task.architecture, task.trainable))
-
-
-def _drop_unreferenced(ctx: ServiceContext, key: str) -> None:
-    try:
-        with ctx.db.read() as s:
-            referenced = queries.blob_referenced(s, key)
-        if not referenced:
-            ctx.blobs.delete(key)
-    except Exception:  # never mask the original error
-        log.exception("could not clean up blob %s", key)

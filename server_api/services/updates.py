@@ -190,7 +190,7 @@ def accept(
                 )
             raise gone(f"round {target.round_id} is closed") from None
     except BaseException:
-        _drop_unreferenced(ctx, key)
+        models.drop_unreferenced_blob(ctx, key)
         raise
     update_id, reports, target_reports = recorded
     prom.REPORTS_ACCEPTED.inc()
@@ -201,17 +201,6 @@ def accept(
     if reports >= target_reports:
         ctx.submit(aggregation.aggregate_round, ctx, target.round_id)
     return UpdateAccepted(update_id=update_id, round_id=target.round_id, reports=reports)
-
-
-def _drop_unreferenced(ctx: ServiceContext, key: str) -> None:
-    """A refused update leaves no blob behind (unless identical bytes are referenced elsewhere)."""
-    try:
-        with ctx.db.read() as s:
-            referenced = queries.blob_referenced(s, key)
-        if not referenced:
-            ctx.blobs.delete(key)
-    except Exception:  # never mask the original error
-        log.exception("could not clean up blob %s", key)
 
 
 __all__ = ["UploadTarget", "accept", "parse_metrics", "preflight", "staged_update", "validate"]
