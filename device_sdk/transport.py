@@ -7,8 +7,9 @@ generator used for jitter is its own, and ``sleep`` can be injected.
 
 Retries: idempotent calls are retried with jittered exponential backoff on transport errors and 5xx
 answers, up to ``max_retries`` times. Non-idempotent calls are retried only when the connection could not
-be established, i.e. when the server cannot have seen the request. A 429 of any call is retried after the
-advised ``Retry-After`` (the server did nothing with the request). Every other failure becomes a typed
+be established, i.e. when the server cannot have seen the request. A 429, and a 503 ``busy`` (too many
+uploads in flight, refused before the body is read), of any call is retried after the advised
+``Retry-After`` (the server did nothing with the request). Every other failure becomes a typed
 error from :mod:`device_sdk.errors` (:func:`error_for`).
 """
 
@@ -181,8 +182,9 @@ class Connection:
                 self.sleep(max(advised, self.backoff(attempt)))
                 attempt += 1
                 continue
-            if resp.status_code == 429 and attempt < self.max_retries:
-                # rate limited: the server did nothing with this request, so any method may be sent
+            if _refused_unread(resp, body) and attempt < self.max_retries:
+                # rate limited (429) or busy (503 busy: too many uploads in flight, refused before the
+                # body was read): the server did nothing with this request, so any method may be sent
                 # again once the advised Retry-After has passed (plus jitter, so devices spread out)
                 told = parse_retry_after(resp.headers.get("Retry-After"))
                 wait = told if told is not None else self.backoff(attempt)
@@ -279,3 +281,15 @@ def parse_retry_after(value: str | None) -> float | None:
     if when is None:
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _refused_unread(resp: httpx.Response, body: bytes) -> bool:
+    """The server refused the request before doing anything with it: 429, or 503 with code ``busy``."""
+    if resp.status_code == 429:
+        return True
+    if resp.status_code != 503:
+        return False
+    try:
+        return bool(json.loads(body).get("code") == "busy")
+    except (ValueError, AttributeError):
+        return False

@@ -438,6 +438,25 @@ def test_429_is_retried_after_retry_after_even_for_uploads() -> None:
     assert len(sleeps) == 1 and 2.0 <= sleeps[0] <= 2.4  # the advised wait, plus at most 20 % jitter
 
 
+def test_503_busy_is_retried_for_uploads_but_another_503_is_not() -> None:
+    calls: list[str] = []
+
+    def script(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:  # refused before the body was read: safe to send again
+            return httpx.Response(
+                503, json={"detail": "too many uploads", "code": "busy"}, headers={"Retry-After": "1"}
+            )
+        if len(calls) == 2:  # any other 503 of an upload may have been processed: not resent
+            return httpx.Response(503, json={"detail": "down", "code": "unavailable"})
+        return httpx.Response(202, json={"update_id": 7, "round_id": 1, "reports": 1})
+
+    client, sleeps = scripted_client(script)
+    with pytest.raises(ServerError):
+        client.upload_update(ASSIGNMENT, {"w": np.zeros(2, np.float32)}, num_samples=1)
+    assert len(calls) == 2 and len(sleeps) == 1 and 1.0 <= sleeps[0] <= 1.2
+
+
 def test_429_beyond_the_retries_raises_rate_limited() -> None:
     def script(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
