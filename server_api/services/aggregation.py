@@ -69,7 +69,6 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
         gate_config = task.policy.get("gate")  # None: every new version is served
         first_version = queries.first_base_version(s, task_id) if gate_config else None
         dp_policy = privacy.dp_policy(task.policy)  # None: no differential privacy
-        server_noise = privacy.server_adds_noise(task.policy)
         # this round is the task's next aggregated one: rounds of a task aggregate one at a time
         dp_round = task.aggregated_rounds + 1
         norms = [u.norm for u in rows] if robust_config or dp_policy else []
@@ -102,9 +101,10 @@ def aggregate_round(ctx: ServiceContext, round_id: int) -> int | None:
                 _abandon_aggregation(ctx, round_id, lease, f"secure aggregation: {exc}")
                 return None
         elif dp_policy is not None:
-            # DP-FedAvg: clipped, equal weights, noise on the sum (facefl.privacy.dp says why); under
-            # secure aggregation the devices did all three (weights of 1: server_api.secagg_policy)
-            delta = privacy.dp_delta(paths, norms, dp_policy, add_noise=server_noise, exclude=extra_names)
+            # DP-FedAvg: clipped, equal weights, noise on the sum (facefl.privacy.dp says why). A round of a
+            # secure-aggregation task always has its secagg row (rounds.open_round), so it took the masked
+            # branch above, where the devices did all three
+            delta = privacy.dp_delta(paths, norms, dp_policy, exclude=extra_names)
         elif robust_config:
             reports = [(key, n, norm) for (key, n, _, _), norm in zip(updates, norms, strict=True)]
             delta = robust_delta(ctx, reports, robust_config, exclude=extra_names)

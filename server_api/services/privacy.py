@@ -88,15 +88,13 @@ def dp_delta(
     norms: Sequence[float],
     settings: DpPolicy,
     *,
-    add_noise: bool,
     exclude: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
-    """The round's released delta: each update scaled by min(1, C / its norm) (the norm the intake
-    stored: no extra pass over the blobs), the equal-weight mean streamed with memory O(model), then
-    noise N(0, (zC / n)^2) on every coordinate, which is N(0, (zC)^2) on the sum divided by n."""
+    """The released delta of a plain (central DP) round: each update scaled by min(1, C / its norm) (the
+    norm the intake stored: no extra pass over the blobs), the equal-weight mean streamed with memory
+    O(model), then noise N(0, (zC / n)^2) on every coordinate, which is N(0, (zC)^2) on the sum divided
+    by n. Under secure aggregation the devices do this and the masked path aggregates instead."""
     factors = dp.clip_factors(norms, settings.clip_norm)
     mean = update_files.mean_of_files(paths, [1.0] * len(paths), factors=factors, exclude=exclude)
-    if not add_noise:
-        return mean
     std = dp.noise_std_of_mean(settings.clip_norm, settings.noise_multiplier, len(paths))
     return dp.add_gaussian_noise(mean, std, dp.secure_rng())
