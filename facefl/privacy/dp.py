@@ -77,30 +77,6 @@ def add_gaussian_noise(tensors: Mapping[str, np.ndarray], std: float, rng: np.ra
     return out
 
 
-def dp_mean(
-    updates: Sequence[Mapping[str, np.ndarray]],
-    norms: Sequence[float],
-    clip_norm: float,
-    noise_multiplier: float,
-    rng: np.random.Generator,
-) -> TensorDict:
-    """The released delta of one round held in memory (the reference of what the server streams):
-    clipped updates summed with equal weight, noise ``N(0, (z C)^2)`` added to the sum, divided by n."""
-    if not updates or len(updates) != len(norms):
-        raise ValueError("one norm per update, at least one update")
-    factors = clip_factors(norms, clip_norm)
-    names = list(updates[0])
-    total: TensorDict = {
-        name: sum(
-            (np.asarray(u[name], np.float64) * f for u, f in zip(updates, factors, strict=True)),
-            np.zeros(np.shape(updates[0][name])),
-        )
-        for name in names
-    }
-    noisy = add_gaussian_noise(total, noise_multiplier * clip_norm, rng)
-    return {name: (value / np.float32(len(updates))).astype(np.float32) for name, value in noisy.items()}
-
-
 def clamp_running_variances(weights: Mapping[str, np.ndarray]) -> TensorDict:
     """``weights`` with every running variance clamped at 0 (noise may have made one negative)."""
     return {

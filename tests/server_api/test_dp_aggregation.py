@@ -21,7 +21,7 @@ from server_api.app import create_app
 from server_api.db import upgrade
 from server_api.orm import ModelVersion, Round, Task
 from server_api.schemas import CheckinIn, RegisterIn, TaskIn, TrainAction, WaitAction
-from server_api.services import aggregation, devices, rounds, tasks, updates
+from server_api.services import aggregation, devices, privacy, rounds, tasks, updates
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
 from tests.conftest import ADMIN, SECRET, make_settings
@@ -43,6 +43,38 @@ def ctx(settings: Settings) -> Iterator[ServiceContext]:
         yield context
     finally:
         context.close()
+
+
+def _released(
+    tmp_path: Path, updates: list[dict[str, np.ndarray]], norms: list[float], clip: float, z: float
+) -> dict[str, np.ndarray]:
+    """privacy.dp_delta (what aggregation releases under central DP) over these updates as stored files."""
+    paths = []
+    for i, update in enumerate(updates):
+        path = tmp_path / f"u{i}.safetensors"
+        path.write_bytes(codec.encode(update))
+        paths.append(path)
+    policy = privacy.DpPolicy(
+        clip_norm=clip, noise_multiplier=z, delta=1e-5, sampling_rate=0.1, epsilon_budget=None
+    )
+    return privacy.dp_delta(paths, norms, policy)
+
+
+def test_dp_delta_without_noise_is_the_equal_weight_mean_of_clipped_updates(tmp_path: Path) -> None:
+    # x1 = (3, 4) has norm 5, clipped to C = 1: (0.6, 0.8); x2 = (0.3, 0.4) (norm 0.5) stays
+    x1 = {"w": np.array([3.0, 4.0], np.float32), "b": np.array([0.0], np.float32)}
+    x2 = {"w": np.array([0.3, 0.4], np.float32), "b": np.array([0.0], np.float32)}
+    out = _released(tmp_path, [x1, x2], [5.0, 0.5], clip=1.0, z=0.0)
+    assert np.allclose(out["w"], [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2])
+    assert np.allclose(out["b"], [0.0])
+    assert out["w"].dtype == np.float32
+
+
+def test_dp_delta_noise_is_on_the_sum_then_divided_by_n(tmp_path: Path) -> None:
+    n, clip, z = 4, 0.5, 2.0
+    updates = [{"w": np.zeros(100_000, np.float32)} for _ in range(n)]
+    out = _released(tmp_path, updates, [0.0] * n, clip=clip, z=z)
+    assert out["w"].astype(np.float64).std() == pytest.approx(z * clip / n, rel=0.02)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

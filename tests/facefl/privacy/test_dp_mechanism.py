@@ -1,4 +1,5 @@
-"""DP-FedAvg's clipping and noise on tiny arrays with hand-computed answers."""
+"""DP-FedAvg's clipping and noise on tiny arrays with hand-computed answers (the server's composition of
+them, privacy.dp_delta, is tested in tests/server_api/test_dp_aggregation.py)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,6 @@ def test_clip_factor_is_min_one_and_c_over_norm() -> None:
             dp.clip_factor(bad_norm, bad_clip)
 
 
-def test_dp_mean_without_noise_is_the_equal_weight_mean_of_clipped_updates() -> None:
-    # x1 = (3, 4) has norm 5, clipped to C = 1: (0.6, 0.8); x2 = (0.3, 0.4) (norm 0.5) stays
-    x1 = {"w": np.array([3.0, 4.0], np.float32), "b": np.array([0.0], np.float32)}
-    x2 = {"w": np.array([0.3, 0.4], np.float32), "b": np.array([0.0], np.float32)}
-    out = dp.dp_mean([x1, x2], [5.0, 0.5], clip_norm=1.0, noise_multiplier=0.0, rng=dp.secure_rng())
-    assert np.allclose(out["w"], [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2])
-    assert np.allclose(out["b"], [0.0])
-    assert out["w"].dtype == np.float32
-
-
 def test_noise_std_of_the_mean_is_z_c_over_n() -> None:
     assert dp.noise_std_of_mean(2.0, 1.5, 3) == pytest.approx(1.0)
     assert dp.noise_std_of_mean(2.0, 0.0, 3) == 0.0
@@ -46,13 +37,6 @@ def test_noise_has_the_stated_standard_deviation() -> None:
     assert values.std() == pytest.approx(0.3, rel=0.01)
     assert abs(values.mean()) < 0.3 * 5 / math.sqrt(values.size)
     assert not np.any(zeros["a"])  # the input is left alone
-
-
-def test_dp_mean_noise_is_on_the_sum_then_divided_by_n() -> None:
-    n, clip, z = 4, 0.5, 2.0
-    updates = [{"w": np.zeros(100_000, np.float32)} for _ in range(n)]
-    out = dp.dp_mean(updates, [0.0] * n, clip_norm=clip, noise_multiplier=z, rng=dp.secure_rng())
-    assert out["w"].astype(np.float64).std() == pytest.approx(z * clip / n, rel=0.02)
 
 
 def test_two_generators_draw_different_noise() -> None:
