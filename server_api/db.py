@@ -156,9 +156,12 @@ class Database:
         return driver_transaction(self.engine, self._write_lock, begin)
 
     def driver_read(self) -> AbstractContextManager[DriverTransaction]:
-        """A read transaction (plain BEGIN on SQLite: readers never queue behind writers)."""
-        begin = ("BEGIN",) if self.is_sqlite else ()
-        return driver_transaction(self.engine, contextlib.nullcontext(), begin)
+        """One read statement (plain BEGIN on SQLite: readers never queue behind writers; on PostgreSQL
+        the statement runs in autocommit, its own transaction, without BEGIN and COMMIT round trips).
+        Statements that must see one snapshot together belong in a write() or read() transaction."""
+        if self.is_sqlite:
+            return driver_transaction(self.engine, contextlib.nullcontext(), ("BEGIN",))
+        return driver_transaction(self.engine, contextlib.nullcontext(), (), autocommit=True)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -59,9 +59,12 @@ async def _device_of(ctx: ServiceContext, token: str) -> str:
     return device_id
 
 
-async def current_device(ctx: Context, creds: Bearer, request: Request) -> str:
+async def current_device(creds: Bearer, request: Request) -> str:
+    # the context straight from the app, not through the Context dependency: every device request
+    # resolves this one, and each resolved dependency costs FastAPI more than the attribute look-up
     if creds is None:
         raise unauthorized()
+    ctx: ServiceContext = request.app.state.ctx
     return _admit(ctx, request, await _device_of(ctx, creds.credentials))
 
 

@@ -86,10 +86,11 @@ class DriverTransaction:
     would save round trips too, but costs more client CPU per statement than it saves (measured).
     """
 
-    def __init__(self, engine: Engine, begin: Sequence[str]) -> None:
+    def __init__(self, engine: Engine, begin: Sequence[str], autocommit: bool = False) -> None:
         self._engine = engine
         self._dialect = engine.dialect
         self._begin = begin
+        self._autocommit = autocommit
         self.dialect_name: str = engine.dialect.name
         self._fresh = True  # no statement has run on this connection in this transaction yet
         self._connect()
@@ -98,6 +99,8 @@ class DriverTransaction:
         self._dead = False
         self._raw: Any = self._engine.raw_connection()
         try:
+            if self._autocommit:  # local to the driver: no round trip
+                self._driver_connection().autocommit = True
             self._cursor = self._raw.cursor()
             for sql in self._begin:
                 self._cursor.execute(sql)
@@ -105,8 +108,16 @@ class DriverTransaction:
             self._raw.close()
             raise
 
+    def _driver_connection(self) -> Any:
+        return self._raw.driver_connection
+
     def close(self) -> None:
         """Hand the connection back to the pool (which rolls back whatever was not committed)."""
+        if self._autocommit and not self._dead:
+            try:
+                self._driver_connection().autocommit = False  # as the pool's other users expect
+            except self._dialect.loaded_dbapi.Error:
+                self._raw.invalidate()
         self._raw.close()  # a second close (after _drop_pool) does nothing
 
     def _run(self, statement: Prepared, params: Mapping[str, Any]) -> _Plan:
@@ -174,12 +185,14 @@ class DriverTransaction:
 
 @contextmanager
 def driver_transaction(
-    engine: Engine, lock: AbstractContextManager[Any], begin: Sequence[str]
+    engine: Engine, lock: AbstractContextManager[Any], begin: Sequence[str], autocommit: bool = False
 ) -> Iterator[DriverTransaction]:
     """A pooled DBAPI connection in a transaction: ``begin`` statements first (SQLite's BEGIN [IMMEDIATE];
-    empty for drivers that open transactions implicitly), commit on success, rollback on any error."""
+    empty for drivers that open transactions implicitly), commit on success, rollback on any error.
+    ``autocommit``: no transaction around the statements, each is its own (for a single read: it saves
+    the BEGIN and COMMIT round trips of a driver that opens transactions implicitly)."""
     with lock:
-        tx = DriverTransaction(engine, begin)
+        tx = DriverTransaction(engine, begin, autocommit)
         try:
             try:
                 yield tx

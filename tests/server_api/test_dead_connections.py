@@ -102,3 +102,21 @@ def test_idle_dead_connections_are_replaced_on_checkout(
     assert r.status_code == 200, r.text
     device = devices.register(ctx, RegisterIn(enrollment_secret=SECRET)).device_id
     assert isinstance(rounds.checkin(ctx, device, CheckinIn(task_id=task_id)), TrainAction)
+
+
+def test_single_statement_reads_hand_back_connections_in_transaction_mode(ctx: ServiceContext) -> None:
+    """driver_read runs its statement in autocommit on PostgreSQL; the pool's other users (ORM sessions,
+    write transactions) must get their connections back in transaction mode, after an error too."""
+    device = devices.register(ctx, RegisterIn(enrollment_secret=SECRET)).device_id
+    with ctx.db.driver_read() as tx:
+        assert queries.device_token_hash(tx, device) is not None
+    with pytest.raises(RuntimeError), ctx.db.driver_read() as tx:
+        queries.device_token_hash(tx, device)
+        raise RuntimeError("abort")
+    pool = ctx.db.engine.pool
+    held = [ctx.db.engine.raw_connection() for _ in range(pool.checkedin())]  # type: ignore[attr-defined]
+    try:
+        assert held and all(not raw.driver_connection.autocommit for raw in held)  # type: ignore[union-attr]
+    finally:
+        for raw in held:
+            raw.close()
