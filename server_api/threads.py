@@ -1,9 +1,9 @@
 """Blocking work of the hot paths off the event loop, on this process's own thread pool.
 
 Starlette's ``run_in_threadpool`` goes through anyio (a cancel scope, a capacity limiter, its worker
-queue): on this machine about 180 us of CPU per call with 8 in flight, against about 75 us for
-:func:`run_sync` (``benchmarks``-style measurement: many hops of a no-op function). A check-in has one
-hop and an upload several, so the difference is a noticeable share of their CPU. The semantics callers
+queue): on the 2-core development machine about 180 us of CPU per call with 8 in flight, against about
+75 us for :func:`run_sync` (40,000 hops of a no-op function each). A check-in has one hop and an upload
+several, so the difference is a noticeable share of their CPU. The semantics callers
 rely on are kept: context variables are carried into the thread, and a caller that is cancelled does not
 go on (to its ``finally`` blocks) while its function still runs in the thread.
 """
