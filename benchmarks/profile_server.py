@@ -3,7 +3,8 @@
 
     python benchmarks/profile_server.py [--devices 400] [--uploads 12] [--top 25] [--out DIR]
 
-Starts the facefl server (uvicorn, 1 worker, SQLite in a temporary directory) as
+Starts the facefl server (uvicorn, 1 worker, SQLite in a temporary directory, or with ``--db URL`` a fresh
+database on that PostgreSQL server, dropped afterwards) as
 benchmarks/server_throughput.py does, attaches ``py-spy record`` (``pip install py-spy``; it needs
 ptrace rights) to it, and drives one phase at a time: check-ins that get a new assignment, check-ins
 that rotate the upload token, then uploads of a real mobilefacenet delta. For each phase it prints the
@@ -31,8 +32,6 @@ for entry in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(entry))
 
 import server_throughput as bench  # noqa: E402
-
-from facefl import codec  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -104,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", type=Path, default=None, help="folder for the collapsed stacks")
+    p.add_argument("--db", default=None, help="a PostgreSQL server URL (default: SQLite in a temp dir)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.perf_counter()
@@ -112,13 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     reports: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="facefl-profile-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="facefl-profile-")))
+        db_url = stack.enter_context(bench.fresh_postgres(args.db)) if args.db else None
         out = args.out or tmp / "stacks"
         out.mkdir(parents=True, exist_ok=True)
         server = bench.ServerProcess(
             "facefl",
             tmp / "facefl",
+            database_url=db_url,
             admin_token=bench.ADMIN,
             enrollment_secret=bench.SECRET,
             min_retry_after_s=1.0,
@@ -131,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 server, reqs, args.concurrency
             )
             with bench.admin_client(server) as admin:
-                task = bench.create_task(
-                    admin,
-                    name="profile-checkin",
+                task = admin.create_task(
+                    "profile-checkin",
                     architecture="small",
                     rounds=1,
                     policy={"target_reports": 100_000, "over_selection": 1.0, "min_reports": 1,
@@ -141,28 +142,27 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
             tokens, _ = bench.register_devices(server, args.devices, args.concurrency)
             warm, _ = bench.register_devices(server, 50, args.concurrency)
-            run(bench.checkin_reqs(warm, task["id"]))
+            run(bench.checkin_reqs(warm, task.id))
             for phase in ("checkin_new", "checkin_rotate"):
                 log(f"{phase}: {args.devices} check-ins")
                 with sampled(server.pid, out / f"{phase}.txt", args.rate):
-                    result = run(bench.checkin_reqs(tokens, task["id"]))
+                    result = run(bench.checkin_reqs(tokens, task.id))
                 log(f"{phase}: {len(result.latencies_s) / result.seconds:.0f} req/s")
                 reports.append(report(phase, out / f"{phase}.txt", args.top))
 
             n = args.uploads + 2
             with bench.admin_client(server) as admin:
-                task = bench.create_task(
-                    admin,
-                    name="profile-upload",
+                task = admin.create_task(
+                    "profile-upload",
                     architecture="mobilefacenet",
                     rounds=1,
                     policy={"target_reports": n, "over_selection": 1.0, "min_reports": n,
                             "round_timeout_s": 86_400.0},
                 )  # fmt: skip
-                blob = admin.get(f"/v1/models/{task['current_version']}").raise_for_status().content
-            base = codec.decode(blob)
+                assert task.current_version is not None
+                base = admin.download_model(task.current_version)
             up_tokens, _ = bench.register_devices(server, n, 4)
-            assignments = bench.assignments_of(run(bench.checkin_reqs(up_tokens, task["id"])))
+            assignments = bench.assignments_of(run(bench.checkin_reqs(up_tokens, task.id)))
             payloads = bench.make_deltas(base, n)
             reqs = []
             for i, a in enumerate(assignments):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,7 +43,40 @@ def create_db_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # no pool_pre_ping: its SELECT 1 cost a round trip (and a BEGIN) on every checkout, more than a
+    # check-in's own SQL; the hot paths replace a connection found dead before their first answer
+    # (server_api.driver), and connections idle for a while are pinged on checkout
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_idle_connections(engine)
+    return engine
+
+
+#: a pooled connection unused for longer than this is pinged before it is handed out (a server restart
+#: or a network device cutting idle connections is found there); busier ones are not
+IDLE_PING_S = 10.0
+_IDLE_SINCE = "facefl_idle_since"
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Pre-ping for idle connections only. A dead one that slips through (the server restarted less
+    than IDLE_PING_S ago) fails its first statement: SQLAlchemy then discards the whole pool, and the
+    driver's hot paths retry on a new connection (server_api.driver.DriverTransaction)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+            dbapi_conn.rollback()
+        except engine.dialect.loaded_dbapi.Error as error:
+            # the pool drops this connection and checks out another (SQLAlchemy's documented protocol)
+            raise exc.DisconnectionError("idle connection is dead") from error
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -122,9 +156,12 @@ class Database:
         return driver_transaction(self.engine, self._write_lock, begin)
 
     def driver_read(self) -> AbstractContextManager[DriverTransaction]:
-        """A read transaction (plain BEGIN on SQLite: readers never queue behind writers)."""
-        begin = ("BEGIN",) if self.is_sqlite else ()
-        return driver_transaction(self.engine, contextlib.nullcontext(), begin)
+        """One read statement (plain BEGIN on SQLite: readers never queue behind writers; on PostgreSQL
+        the statement runs in autocommit, its own transaction, without BEGIN and COMMIT round trips).
+        Statements that must see one snapshot together belong in a write() or read() transaction."""
+        if self.is_sqlite:
+            return driver_transaction(self.engine, contextlib.nullcontext(), ("BEGIN",))
+        return driver_transaction(self.engine, contextlib.nullcontext(), (), autocommit=True)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -6,7 +6,6 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BeforeValidator
 
@@ -16,6 +15,7 @@ from server_api.schemas import MAX_ID
 from server_api.services import devices
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
+from server_api.threads import run_sync
 
 _bearer = HTTPBearer(auto_error=False, description="device token, or the admin token for admin endpoints")
 
@@ -55,13 +55,16 @@ async def _device_of(ctx: ServiceContext, token: str) -> str:
     this process) by a query off the event loop."""
     device_id = devices.authenticate_cached(ctx, token)
     if device_id is None:
-        device_id = await run_in_threadpool(devices.authenticate, ctx, token)
+        device_id = await run_sync(devices.authenticate, ctx, token)
     return device_id
 
 
-async def current_device(ctx: Context, creds: Bearer, request: Request) -> str:
+async def current_device(creds: Bearer, request: Request) -> str:
+    # the context straight from the app, not through the Context dependency: every device request
+    # resolves this one, and each resolved dependency costs FastAPI more than the attribute look-up
     if creds is None:
         raise unauthorized()
+    ctx: ServiceContext = request.app.state.ctx
     return _admit(ctx, request, await _device_of(ctx, creds.credentials))
 
 

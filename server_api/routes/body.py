@@ -9,10 +9,10 @@ from pathlib import Path
 
 import anyio
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 
 from server_api.errors import too_large
 from server_api.services.context import ServiceContext
+from server_api.threads import run_sync
 
 _FLUSH_BYTES = 1 << 20
 
@@ -23,7 +23,7 @@ async def receive_body(request: Request, ctx: ServiceContext) -> Path:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
-    staged = await run_in_threadpool(ctx.blobs.staging_file)
+    staged = await run_sync(ctx.blobs.staging_file)
     try:
         received = 0
         buffer = bytearray()
@@ -69,12 +69,12 @@ async def stream_body(
                 if pending is not None:
                     await pending
                 batch, buffer = buffer, bytearray()  # handed over, not copied
-                pending = asyncio.ensure_future(run_in_threadpool(write, batch))
+                pending = asyncio.ensure_future(run_sync(write, batch))
         if pending is not None:
             await pending
             pending = None
         if buffer and not failed():
-            await run_in_threadpool(write, buffer)
+            await run_sync(write, buffer)
     finally:
         if pending is not None:  # an error or a disconnect: the write in flight ends before the caller
             with contextlib.suppress(Exception):  # discards the staging file

@@ -3,12 +3,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from fastapi.concurrency import run_in_threadpool
 
 from server_api.deps import Admin, Context, Decimal, RegistrationSlot
 from server_api.routes.responses import ADMIN, COMMON, JSON_BODY, errors
 from server_api.schemas import MAX_ID, DevicesOut, RegisterIn, RegisterOut
 from server_api.services import devices, participation
+from server_api.threads import run_sync
 
 router = APIRouter(prefix="/v1", tags=["devices"], responses=COMMON)
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["devices"], responses=COMMON)
 )
 async def register(body: RegisterIn, ctx: Context, _: RegistrationSlot) -> RegisterOut:
     """Register a device with the enrollment secret; the bearer token is returned once."""
-    return await run_in_threadpool(devices.register, ctx, body)
+    return await run_sync(devices.register, ctx, body)
 
 
 @router.get("/devices", response_model=DevicesOut, responses=ADMIN)
@@ -33,4 +33,4 @@ async def list_devices(
 ) -> DevicesOut:
     """Registered devices (admin), most recently seen first: ids, names, last check-in, rounds taken
     part in and reported; `total` counts them all."""
-    return await run_in_threadpool(participation.devices, ctx, limit, offset)
+    return await run_sync(participation.devices, ctx, limit, offset)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
+from pydantic import TypeAdapter
 
 from server_api.deps import Admin, Context, CurrentDevice, Decimal, IdPath, Principal
 from server_api.routes.body import stream_body
@@ -13,26 +13,38 @@ from server_api.schemas import (
     CheckinOut,
     ParticipantOut,
     RoundOut,
+    TrainAction,
     UpdateAccepted,
     WaitAction,
 )
 from server_api.services import participation, rounds, updates
+from server_api.services.context import ServiceContext
+from server_api.threads import run_sync
 
 router = APIRouter(prefix="/v1", tags=["rounds"], responses=COMMON)
 
 
+# the service builds a valid CheckinOut: serialized as FastAPI would (same adapter, by alias), without
+# validating it a second time against the response model
+_CHECKIN_OUT: TypeAdapter[TrainAction | WaitAction] = TypeAdapter(CheckinOut)
+
+
 @router.post("/checkin", response_model=CheckinOut, responses={**AUTHENTICATED, **JSON_BODY})
-async def checkin(body: CheckinIn, ctx: Context, device_id: CurrentDevice, response: Response) -> CheckinOut:
+async def checkin(body: CheckinIn, device_id: CurrentDevice, request: Request) -> Response:
     """Offer this device for training: an assignment, or a wait with Retry-After (pace steering)."""
-    result = await run_in_threadpool(rounds.checkin, ctx, device_id, body)
+    ctx: ServiceContext = request.app.state.ctx  # not a dependency: one fewer to resolve per check-in
+    result = await run_sync(rounds.checkin, ctx, device_id, body)
+    headers = None
     if isinstance(result, WaitAction):
-        response.headers["Retry-After"] = str(max(1, round(result.retry_after_s)))
-    return result
+        headers = {"Retry-After": str(max(1, round(result.retry_after_s)))}
+    return Response(
+        _CHECKIN_OUT.dump_json(result, by_alias=True), media_type="application/json", headers=headers
+    )
 
 
 @router.get("/rounds/{round_id}", response_model=RoundOut, responses={**AUTHENTICATED, **errors(404)})
 async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
-    return await run_in_threadpool(rounds.get, ctx, round_id)
+    return await run_sync(rounds.get, ctx, round_id)
 
 
 @router.get(
@@ -42,14 +54,14 @@ async def get_round(round_id: IdPath, ctx: Context, _: Principal) -> RoundOut:
 )
 async def round_participants(round_id: IdPath, ctx: Context, _: Admin) -> list[ParticipantOut]:
     """The devices selected for the round (admin): reported, pending or dropped, with upload sizes."""
-    return await run_in_threadpool(participation.round_participants, ctx, round_id)
+    return await run_sync(participation.round_participants, ctx, round_id)
 
 
 @router.post("/rounds/{round_id}/abandon", response_model=RoundOut, responses={**ADMIN, **errors(404, 409)})
 async def abandon_round(round_id: IdPath, ctx: Context, _: Admin) -> RoundOut:
     """Abandon the open round (admin): its reports are dropped and the next round opens on the same base
     version. 409 when the round is not open."""
-    return await run_in_threadpool(rounds.abandon_open, ctx, round_id)
+    return await run_sync(rounds.abandon_open, ctx, round_id)
 
 
 @router.post(
@@ -75,14 +87,14 @@ async def upload_update(
 ) -> UpdateAccepted:
     """Upload this device's model delta (safetensors body). Durable before 202."""
     metrics = updates.parse_metrics(x_metrics)
-    target = await run_in_threadpool(updates.preflight, ctx, round_id, device_id, x_upload_token)
+    target = await run_sync(updates.preflight, ctx, round_id, device_id, x_upload_token)
     # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
     with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
-        staged = await run_in_threadpool(updates.staged_update, ctx, target)
+        staged = await run_sync(updates.staged_update, ctx, target)
         try:
             # validated, hashed and staged in one pass while it streams in
             await stream_body(request, ctx, staged.write, lambda: staged.failed)
-            return await run_in_threadpool(
+            return await run_sync(
                 lambda: updates.accept(ctx, target, staged, num_samples=num_samples, metrics=metrics)
             )
         finally:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, func, insert, select, text, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, false, func, insert, select, text, update
 
 from server_api.driver import DriverTransaction, Prepared
 from server_api.orm import (
@@ -59,7 +59,9 @@ def touch_device(
     tx: DriverTransaction, device_id: str, now: datetime, capabilities: dict[str, Any] | None
 ) -> None:
     """last_seen_at (and the capabilities when sent). On PostgreSQL the row lock it takes serializes the
-    check-ins of one device, so two concurrent ones cannot both take a slot in the same round."""
+    check-ins of one device, so two concurrent ones cannot both take a slot in the same round (the
+    check-in's next statement runs with a snapshot taken once the lock is held: it must stay a separate
+    statement, not a CTE of the next one)."""
     if capabilities is None:
         tx.execute(_SEEN, {"device_id": device_id, "now": now})
     else:
@@ -176,6 +178,31 @@ _INSERT_ASSIGNMENT = Prepared(
         reported=False,
     )
 )
+# PostgreSQL: both in one statement (one round trip); the INSERT reads the UPDATE's RETURNING, so it
+# inserts a row exactly when the slot was taken
+_CLAIMED = (
+    update(_rounds)
+    .where(
+        _rounds.c.id == bindparam("round_id"),
+        _rounds.c.status == ROUND_OPEN,
+        _rounds.c.assigned < _rounds.c.max_assignments,
+    )
+    .values(assigned=_rounds.c.assigned + 1)
+    .returning(_rounds.c.id)
+    .cte("claimed")
+)
+_CLAIM_AND_INSERT_ASSIGNMENT = Prepared(
+    insert(_assignments).from_select(
+        ["round_id", "device_id", "upload_token_hash", "issued_at", "reported"],
+        select(
+            _CLAIMED.c.id,
+            bindparam("device_id", type_=_assignments.c.device_id.type),
+            bindparam("token_hash", type_=_assignments.c.upload_token_hash.type),
+            bindparam("now", type_=_assignments.c.issued_at.type),
+            false(),
+        ),
+    )
+)
 _NEW_UPLOAD_TOKEN = Prepared(
     update(_assignments)
     .where(_assignments.c.id == bindparam("assignment_id"))
@@ -188,9 +215,11 @@ def take_assignment(
 ) -> bool:
     """Compare-and-set one of the round's slots (open and not full), then the device's assignment row;
     False (and nothing written) when the round is full or no longer open."""
+    params = {"round_id": round_id, "device_id": device_id, "token_hash": token_hash, "now": now}
+    if tx.dialect_name == "postgresql":
+        return tx.execute(_CLAIM_AND_INSERT_ASSIGNMENT, params) == 1
     if tx.execute(_CLAIM_SLOT, {"round_id": round_id}) != 1:
         return False
-    params = {"round_id": round_id, "device_id": device_id, "token_hash": token_hash, "now": now}
     tx.execute(_INSERT_ASSIGNMENT, params)
     return True
 
