@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 "longest_device_train_s": max(r.device_train_s, default=0.0),
                 "sum_device_train_s": sum(r.device_train_s),
                 "jobs_done_s": r.jobs_done_s, "close_wait_s": r.wall_s - r.jobs_done_s,
-                "mean_phase_s": phases, "warm": r.round > 1,
+                "mean_phase_s": phases, "peak_trainings": r.peak_trainings, "warm": r.round > 1,
             }
         )  # fmt: skip
     warm = [row for row in rows if row["warm"]]
