@@ -5,7 +5,10 @@ federated round machinery: check-in, model download, upload (validated, written,
 round closing and streaming aggregation. ``run_facefl`` starts a server (``facefl serve --workers N`` on
 the given database), creates a task with a round target of every client, registers the clients, then
 runs ``warmup + rounds`` rounds with ``procs`` client processes of ``threads`` threads each (every thread
-drives its share of the devices one after the other, through one ``device_sdk.FederatedClient`` each).
+drives its share of the devices one after the other, through one ``device_sdk.FederatedClient`` each,
+with its own token; the clients of a process share one connection pool, ``device_sdk.SharedTransport``,
+as the simulator's workers do: a pool per device would cost an SSL context each and a new connection per
+device and round).
 
 Timing: start-up = from launching the server until the warm-up round has aggregated (server start,
 migrations, registration, client processes, first connections); the timed rounds run from there until
@@ -18,6 +21,7 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import queue
 import sys
 import threading
 import time
@@ -66,16 +70,30 @@ class FaceflRun:
     round_s: list[float]
     server_cpu_s: float | None
     client_errors: list[str] = field(default_factory=list)
+    # CPU seconds of the client processes over the timed rounds (from the moment each saw the first timed
+    # round open until its last upload): they run on the same cores as the server
+    client_cpu_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
 def _client_process(
-    base_url: str, tokens: list[str], task_id: int, rounds: int, threads: int, seed: int, out: Any
+    base_url: str,
+    tokens: list[str],
+    task_id: int,
+    rounds: int,
+    threads: int,
+    seed: int,
+    out: Any,
+    warmup: int = 1,
 ) -> None:
-    """Drive ``tokens`` (one device each) through ``rounds`` rounds; put (updates, errors) on ``out``."""
-    from device_sdk import Assignment, FederatedClient
+    """Drive ``tokens`` (one device each) through ``rounds`` rounds; put (updates, errors, CPU seconds
+    after the warm-up rounds) on ``out``."""
+    from device_sdk import Assignment, FederatedClient, SharedTransport
+
+    pool = SharedTransport()  # one connection pool for the process's devices
+    cpu_at_timed: list[float] = []
 
     done = [0] * threads
     errors: list[str] = []
@@ -87,7 +105,9 @@ def _client_process(
     stop = threading.Event()
 
     def watch() -> None:
-        with FederatedClient(base_url, token=tokens[0], timeout=60.0, max_retries=5) as reader:
+        with FederatedClient(
+            base_url, token=tokens[0], timeout=60.0, max_retries=5, transport=pool
+        ) as reader:
             while not stop.is_set():
                 info = reader.get_task(task_id)
                 number = (
@@ -96,6 +116,8 @@ def _client_process(
                     else 0
                 )
                 with opened:
+                    if number > warmup and not cpu_at_timed:
+                        cpu_at_timed.append(time.process_time())
                     if number != current[0]:
                         current[0] = number
                         opened.notify_all()
@@ -115,7 +137,9 @@ def _client_process(
         nonlocal template
         rng = np.random.default_rng(seed * 1000 + t)
         mine = tokens[t::threads]
-        clients = [FederatedClient(base_url, token=tok, timeout=120.0, max_retries=5) for tok in mine]
+        clients = [
+            FederatedClient(base_url, token=tok, timeout=120.0, max_retries=5, transport=pool) for tok in mine
+        ]
         last_round = [0] * len(mine)
         try:
             for r in range(1, rounds + 1):
@@ -144,13 +168,15 @@ def _client_process(
             for c in clients:
                 c.close()
 
-    pool = [threading.Thread(target=thread_main, args=(t,), daemon=True) for t in range(threads)]
-    for th in pool:
+    workers = [threading.Thread(target=thread_main, args=(t,), daemon=True) for t in range(threads)]
+    for th in workers:
         th.start()
-    for th in pool:
+    for th in workers:
         th.join()
+    cpu_end = time.process_time()
     stop.set()
-    out.put((sum(done), errors))
+    pool.close_pool()
+    out.put((sum(done), errors, cpu_end - cpu_at_timed[0] if cpu_at_timed else None))
 
 
 def _register(base_url: str, count: int, concurrency: int = 16) -> list[str]:
@@ -224,7 +250,7 @@ def run_facefl(
         children = [
             ctx.Process(
                 target=_client_process,
-                args=(server.base_url, share, task.id, warmup + rounds, threads, p, out),
+                args=(server.base_url, share, task.id, warmup + rounds, threads, p, out, warmup),
                 daemon=True,
             )
             for p, share in enumerate(shares)
@@ -234,6 +260,7 @@ def run_facefl(
         stack.callback(lambda: [ch.kill() for ch in children if ch.is_alive()])
         # watch the task: the time at which each round aggregated
         aggregated_at: list[float] = []
+        reports: list[tuple[int, list[str], float | None]] = []  # (updates, errors, CPU s) per child
         cpu_at_warm: float | None = None
         deadline = time.monotonic() + 3600
         while len(aggregated_at) < warmup + rounds:
@@ -244,18 +271,27 @@ def run_facefl(
                 if len(aggregated_at) == warmup and server.pid is not None:
                     cpu_at_warm = _tree_cpu_s(server.pid, process_cpu_s)
             if any(not ch.is_alive() for ch in children) and not out.empty():
-                _done, errs = out.get()
-                if errs:
-                    raise RuntimeError(f"client errors: {errs[:3]}")
+                reports.append(out.get())
+                if reports[-1][1]:
+                    raise RuntimeError(f"client errors: {reports[-1][1][:3]}")
             if time.monotonic() > deadline:
                 raise RuntimeError("the trivial task did not finish in an hour")
             time.sleep(0.02)
         cpu_end = _tree_cpu_s(server.pid, process_cpu_s) if server.pid is not None else None
-        errors: list[str] = []
         for ch in children:
             ch.join(timeout=60)
-        while not out.empty():
-            errors.extend(out.get()[1])
+        while len(reports) < len(children):
+            try:
+                reports.append(out.get(timeout=10))
+            except queue.Empty:
+                break
+    errors = [e for _done, errs, _cpu in reports for e in errs]
+    client_cpus = [cpu for _done, _errs, cpu in reports]
+    client_cpu = (
+        float(sum(c for c in client_cpus if c is not None))
+        if len(client_cpus) == len(children) and None not in client_cpus
+        else None
+    )
     start = aggregated_at[warmup - 1]
     timed = aggregated_at[-1] - start
     edges = aggregated_at[warmup - 1 :]
@@ -265,7 +301,7 @@ def run_facefl(
         startup_s=start - t0, timed_s=timed, updates_per_s=clients * rounds / timed,
         round_s=[b - a for a, b in itertools.pairwise(edges)],
         server_cpu_s=None if cpu_at_warm is None or cpu_end is None else cpu_end - cpu_at_warm,
-        client_errors=errors,
+        client_errors=errors, client_cpu_s=client_cpu,
     )  # fmt: skip
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Overhead of a facefl round with real training, over the devices' pure local-training time.
 
-    python benchmarks/round_overhead.py [--devices 20] [--workers N] [--local-epochs 2] [--rounds 3]
+    python benchmarks/round_overhead.py [--devices 20] [--workers N] [--overlap 2] [--local-epochs 2]
+        [--rounds 3]
 
 A real simulation (``facefl simulate`` internals: a real server on 127.0.0.1 with SQLite, device SDK jobs
-in ``--workers`` processes, one torch thread each), ``small`` backbone, generated faces. Round 1 also pays
-the one-off costs (worker imports, data generation) and is reported but not used for the ratio.
+in ``--workers`` training slots, one torch thread each, with ``--overlap`` worker processes per slot so
+that one's check-in, download and upload run while another trains), ``small`` backbone, generated
+faces. Round 1 also pays the one-off costs (worker imports, data generation) and is reported but not
+used for the ratio.
 
 Definition. With W parallel workers, the ideal round is the devices' pure training alone with the same
 parallelism: the makespan of their measured local-training times (``Trainer`` seconds: forward, backward,
@@ -53,20 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--overlap", type=int, default=2, help="worker processes per training slot (2; 1: no overlap)"
+    )
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--ids-per-device", type=int, default=5)
     p.add_argument("--images-per-id", type=int, default=20)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = p.parse_args(argv)
-    if args.devices < 1 or args.workers < 1 or args.rounds < 2:
-        p.error("--devices and --workers must be >= 1, --rounds >= 2 (round 1 is the warm-up)")
+    if args.devices < 1 or args.workers < 1 or args.overlap < 1 or args.rounds < 2:
+        p.error("--devices, --workers and --overlap must be >= 1, --rounds >= 2 (round 1 is the warm-up)")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="facefl-overhead-") as tmp:
         cfg = SimulationConfig(
             devices=args.devices, rounds=args.rounds, model="small", ids_per_device=args.ids_per_device,
             images_per_id=args.images_per_id, heldout_ids=10, workers=args.workers,
-            local_epochs=args.local_epochs, batch_size=16, work_dir=tmp, progress=True,
+            local_epochs=args.local_epochs, batch_size=16, work_dir=tmp, progress=True, overlap=args.overlap,
         )  # fmt: skip
         result = simulate(cfg, log=lambda m: print(m, file=sys.stderr))
     workers = min(args.workers, args.devices)
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 "longest_device_train_s": max(r.device_train_s, default=0.0),
                 "sum_device_train_s": sum(r.device_train_s),
                 "jobs_done_s": r.jobs_done_s, "close_wait_s": r.wall_s - r.jobs_done_s,
-                "mean_phase_s": phases, "warm": r.round > 1,
+                "mean_phase_s": phases, "peak_trainings": r.peak_trainings, "warm": r.round > 1,
             }
         )  # fmt: skip
     warm = [row for row in rows if row["warm"]]
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "goal": 1.10,
     }
     meta = {
-        "devices": args.devices, "workers": workers, "local_epochs": args.local_epochs,
+        "devices": args.devices, "workers": workers, "overlap": args.overlap,
+        "local_epochs": args.local_epochs,
         "images_per_device": args.ids_per_device * args.images_per_id, "model": "small",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -101,19 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps({"meta": meta, "rounds": rows, "summary": summary}, indent=2) + "\n")
     print(
         f"round overhead: {args.devices} devices x {meta['images_per_device']} generated faces, "
-        f"{args.local_epochs} local epochs, small model, {workers} workers, {os.cpu_count()} CPUs"
+        f"{args.local_epochs} local epochs, small model, {workers} workers x {args.overlap} processes, "
+        f"{os.cpu_count()} CPUs"
     )
     print(
         "| round | wall s | ideal s (training, LPT on W) | overhead | check-in s | download s | train s "
-        "(incl. set-up) | upload s | close wait s |"
+        "(incl. set-up) | wait for a training slot s | upload s | close wait s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         ph = row["mean_phase_s"]
         print(
             f"| {row['round']}{'' if row['warm'] else ' (warm-up)'} | {row['wall_s']:.2f} | "
             f"{row['ideal_train_makespan_s']:.2f} | {row['overhead']:.3f} | {ph.get('checkin', 0):.3f} | "
-            f"{ph.get('download', 0):.3f} | {ph.get('train', 0):.3f} | {ph.get('upload', 0):.3f} | "
+            f"{ph.get('download', 0):.3f} | {ph.get('train', 0):.3f} | {ph.get('train_wait', 0):.3f} | "
+            f"{ph.get('upload', 0):.3f} | "
             f"{row['close_wait_s']:.2f} |"
         )
     print(f"\noverhead over the warm rounds: {summary['overhead_warm_rounds']:.3f} (goal <= 1.10)")

@@ -41,19 +41,28 @@ class Backend(Protocol):
 
 
 class LocalProcessBackend:
-    """A pool of spawned worker processes on this machine (one torch thread each)."""
+    """A pool of spawned worker processes on this machine (one torch thread each).
+
+    ``overlap`` processes per worker: with more than one, the pool holds ``workers * overlap`` processes
+    but only ``workers`` training slots, so at most ``workers`` devices train at once (one per core)
+    while the other processes' devices check in, download or upload: the HTTP round trips and the
+    server's work on them hide behind the trainings instead of leaving a core idle between two.
+    """
 
     name = "local"
 
-    def __init__(self, workers: int) -> None:
-        self.parallelism = max(1, workers)
+    def __init__(self, workers: int, overlap: int = 1) -> None:
+        if overlap < 1:
+            raise ValueError("overlap must be >= 1")
+        self.parallelism = max(1, workers) * overlap
         context = multiprocessing.get_context("spawn")
         self._ready = context.Semaphore(0)  # released once by each worker after its initializer
+        slots = context.Semaphore(max(1, workers)) if overlap > 1 else None
         self._pool = ProcessPoolExecutor(
             max_workers=self.parallelism,
             mp_context=context,
             initializer=init_worker,
-            initargs=(self._ready,),
+            initargs=(self._ready, slots),
         )
         for _ in range(self.parallelism):  # one job each: the pool starts every process (and its imports) now
             self._pool.submit(warm_up)
@@ -127,9 +136,11 @@ class RayBackend:
             self._ray.shutdown()
 
 
-def make_backend(name: str, workers: int, ray_address: str | None = None) -> Backend:
+def make_backend(name: str, workers: int, ray_address: str | None = None, overlap: int = 1) -> Backend:
     if name == "local":
-        return LocalProcessBackend(workers)
+        return LocalProcessBackend(workers, overlap)
+    if overlap != 1:
+        raise ValueError("overlap applies to the local backend only (Ray schedules its tasks itself)")
     if name == "ray":
         if not ray_available():
             raise ValueError("--backend ray needs Ray: pip install 'facefl[ray]'")

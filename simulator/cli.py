@@ -255,6 +255,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tiny-model devices)",
     )
     s.add_argument(
+        "--overlap",
+        type=_positive_int,
+        default=1,
+        help="worker processes per training slot (1): with 2, at most --workers devices train at once "
+        "while as many more check in, download or upload (their network waits hide behind training)",
+    )
+    s.add_argument(
         "--backend",
         choices=["local", "ray"],
         default="local",
@@ -313,6 +320,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         json_path=args.json_path,
         workers=args.workers,
         device_threads=args.device_threads,
+        overlap=args.overlap,
         seed=args.seed,
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,

@@ -53,6 +53,9 @@ class SimulationConfig:
     # device jobs each worker process runs at once, in threads (their HTTP waits overlap; their trainings
     # take turns): many light devices (the tiny model) per process
     device_threads: int = 1
+    # worker processes per training slot (local backend): with 2, two processes share each of the
+    # ``workers`` slots, so one checks in, downloads or uploads while the other trains
+    overlap: int = 1
     seed: int = 0
     local_epochs: int = 1
     batch_size: int = 16
@@ -173,6 +176,7 @@ class SimulationConfig:
             self.workers = os.cpu_count() or 1
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
         need(self.device_threads >= 1, f"--device-threads must be >= 1 (got {self.device_threads})")
+        need(self.overlap >= 1, f"--overlap must be >= 1 (got {self.overlap})")
         need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (got {self.batch_size})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
@@ -254,6 +258,7 @@ class SimulationConfig:
             self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})"
         )
         need(self.ray_address is None or self.backend == "ray", "--ray-address needs --backend ray")
+        need(self.overlap == 1 or self.backend == "local", "--overlap applies to --backend local only")
         need(
             self.backend != "ray" or ray_available(),
             "--backend ray needs Ray: pip install 'facefl[ray]'",

@@ -19,6 +19,7 @@ __all__ = [
     "fault_counts",
     "job_outcomes",
     "mean_phases",
+    "peak_trainings",
     "secagg_counts",
 ]
 
@@ -59,6 +60,8 @@ class RoundResult:
     # (seconds from the round's start; wall_s - jobs_done_s is the wait for the round to close)
     device_train_s: list[float] = field(default_factory=list)
     jobs_done_s: float = 0.0
+    # the most device trainings that ran at the same time (at most --workers, also with --overlap)
+    peak_trainings: int = 0
     # what devices get after the round: model_version, or the previous served version when the task's
     # release gate held model_version back (None: abandoned)
     served_version: int | None = None
@@ -215,6 +218,21 @@ def mean_phases(results: Sequence[JobResult]) -> dict[str, float]:
         for name, seconds in {**jr.phases, "total": jr.seconds}.items():
             totals.setdefault(name, []).append(seconds)
     return {name: round(float(np.mean(v)), 4) for name, v in totals.items()}
+
+
+def peak_trainings(results: Sequence[JobResult]) -> int:
+    """The most jobs whose training windows overlap at one instant (a window that ends as another
+    begins does not overlap it)."""
+    events = []
+    for jr in results:
+        if jr.train_window is not None:
+            began, ended = jr.train_window
+            events += [(began, 1), (ended, -1)]
+    running = peak = 0
+    for _when, step in sorted(events):  # at equal times -1 sorts first: an end before a start
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 def job_outcomes(results: Sequence[JobResult]) -> dict[str, int]:

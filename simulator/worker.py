@@ -5,22 +5,27 @@ Everything a job needs is in its :class:`DeviceJob` (picklable) or on disk under
 of one worker process share one connection pool (:func:`shared_transport`); a :class:`DeviceBatch` runs
 several jobs at once in threads of one process (:func:`run_device_batch`), so that their HTTP waits
 overlap, while their trainings run one at a time (each seeded training draws from torch's process-wide
-generator alone).
+generator alone). Across processes, a pool may hold more processes than training slots (the simulator's
+``overlap``): a training then first takes a slot (a semaphore shared by the pool), so that at most one
+training per slot runs while the other processes check in, download or upload.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
 import torch
 
 from device_sdk import (
@@ -40,6 +45,7 @@ from device_sdk import (
     TransportError,
     run_round,
 )
+from facefl.fileio import atomic_write
 
 from .faults import DeviceFault, corrupt_payload
 
@@ -117,6 +123,8 @@ class JobResult:
     # secure aggregation: the protocol's requests the server accepted, in order ("secagg_keys",
     # "secagg_shares", "secagg_upload", "secagg_reveal"); empty in a plain round
     secagg_steps: list[str] = field(default_factory=list)
+    # when its training ran (wall-clock seconds, time.time(): comparable across the pool's processes)
+    train_window: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,15 +141,21 @@ _TRANSPORT_LOCK = threading.Lock()
 # one training at a time per process: torch's random generator is process-wide, so seeded trainings in
 # concurrent threads would draw from it in turns that change from run to run
 _TRAIN_LOCK = threading.Lock()
+# the pool's training slots (a multiprocessing semaphore, set by init_worker): None = no limit but the lock
+_TRAIN_SLOTS: Any | None = None
 
 
-def init_worker(ready: Any | None = None) -> None:
+def init_worker(ready: Any | None = None, train_slots: Any | None = None) -> None:
     """Process initializer: one intra-op thread per worker (the pool provides the parallelism).
 
     With ``ready`` (a multiprocessing semaphore), run one small forward and backward pass first, so that
     torch's lazy kernel set-up happens now rather than inside a device's first round, then release it:
     the simulator opens the first round only when every worker is ready (a round's deadline should
-    measure devices, not interpreter start-up)."""
+    measure devices, not interpreter start-up). ``train_slots`` (a multiprocessing semaphore shared by
+    the pool): a training waits for one of its slots, so that a pool with more processes than cores
+    trains no more devices at once than it has slots."""
+    global _TRAIN_SLOTS
+    _TRAIN_SLOTS = train_slots
     torch.set_num_threads(1)
     with contextlib.suppress(RuntimeError):  # only allowed once per process
         torch.set_num_interop_threads(1)
@@ -155,11 +169,55 @@ def warm_up() -> None:
     """A no-op job: submitting one per worker starts the processes (and their imports) early."""
 
 
-def load_device_data(spec: DataSpec) -> LocalDataset:
-    """The device's local dataset, deterministic in ``spec`` (cached per worker process)."""
+def load_device_data(spec: DataSpec, store: Path | None = None) -> LocalDataset:
+    """The device's local dataset, deterministic in ``spec`` (cached per worker process).
+
+    With ``store`` (a directory of the device's), the dataset is also kept there, so that another worker
+    process that runs this device later reads it instead of generating or decoding it again: the pool's
+    processes take a round's jobs in any order, so each would otherwise build every device's data once.
+    """
     cached = _DATA_CACHE.get(spec)
     if cached is not None:
         return cached
+    path = None if store is None else store / f"dataset-{_spec_key(spec)}.npz"
+    dataset = _read_dataset(path) if path is not None else None
+    if dataset is None:
+        dataset = _build_device_data(spec)
+        if path is not None:
+            _write_dataset(path, dataset)
+    if len(_DATA_CACHE) > 256:
+        _DATA_CACHE.clear()
+    _DATA_CACHE[spec] = dataset
+    return dataset
+
+
+def _spec_key(spec: DataSpec) -> str:
+    # the frozen dataclass's repr holds every field (tuples, numbers, strings): stable across processes
+    return hashlib.sha256(repr(spec).encode("utf-8")).hexdigest()[:20]
+
+
+def _read_dataset(path: Path) -> LocalDataset | None:
+    """A dataset written by :func:`_write_dataset`; None when absent or unreadable (then rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return LocalDataset(
+                images=data["images"], labels=data["labels"], identities=tuple(data["identities"].tolist())
+            )
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _write_dataset(path: Path, dataset: LocalDataset) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f, images=dataset.images, labels=dataset.labels, identities=np.array(dataset.identities, str)
+            )
+
+    atomic_write(path, write)  # whole or absent: processes may write the same device's data at once
+
+
+def _build_device_data(spec: DataSpec) -> LocalDataset:
     if spec.kind == "synthetic":
         ids = [int(i) for i in spec.identities]
         dataset = LocalDataset.synthetic(ids, spec.images_per_identity or 10, spec.image_size, spec.seed)
@@ -175,9 +233,6 @@ def load_device_data(spec: DataSpec) -> LocalDataset:
             dataset, _test = dataset.train_test_split(spec.test_fraction, spec.seed)
     else:
         raise ValueError(f"unknown data kind {spec.kind!r}")
-    if len(_DATA_CACHE) > 256:
-        _DATA_CACHE.clear()
-    _DATA_CACHE[spec] = dataset
     return dataset
 
 
@@ -190,11 +245,34 @@ def run_device_batch(batch: DeviceBatch) -> list[JobResult]:
 
 
 class _SerialTrainer(Trainer):
-    """A Trainer whose trainings in this process run one at a time (see ``_TRAIN_LOCK``)."""
+    """A Trainer whose trainings in this process run one at a time (see ``_TRAIN_LOCK``), each in one of
+    the pool's training slots when it has them (``_TRAIN_SLOTS``); ``waited_s``: the time spent waiting."""
+
+    waited_s = 0.0
+    window: tuple[float, float] | None = None
 
     def train(self, *args: Any, **kwargs: Any) -> TrainResult:
-        with _TRAIN_LOCK:
-            return super().train(*args, **kwargs)
+        started = time.perf_counter()
+        with _TRAIN_LOCK, _train_slot():
+            self.waited_s = time.perf_counter() - started
+            began = time.time()
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.window = (began, time.time())
+
+
+@contextlib.contextmanager
+def _train_slot() -> Iterator[None]:
+    slots = _TRAIN_SLOTS
+    if slots is None:
+        yield
+        return
+    slots.acquire()
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def run_device_job(job: DeviceJob) -> JobResult:
@@ -209,7 +287,7 @@ def run_device_job(job: DeviceJob) -> JobResult:
     rng = random.Random(job.seed)
     try:
         creds = DeviceCredentials.load(device_dir / "credentials.json")
-        dataset = load_device_data(job.data)
+        dataset = load_device_data(job.data, device_dir / "data")
         result.num_samples = len(dataset)
         client = FederatedClient(
             job.base_url,
@@ -233,9 +311,9 @@ def run_device_job(job: DeviceJob) -> JobResult:
                 if assignment is not None and fault.drop_after == "checkin":
                     result.status = DROPPED
                 elif assignment is not None:
-                    hooks = _DeviceHooks(job, rng, result, fault, client)
-                    state, seed = device_dir / "state", job.seed
                     trainer = _SerialTrainer()
+                    hooks = _DeviceHooks(job, rng, result, fault, client, trainer)
+                    state, seed = device_dir / "state", job.seed
                     run_round(client, trainer, dataset, state, seed=seed, assignment=assignment, hooks=hooks)
                     result.status = UPLOADED
             except _RoundEnded as ended:
@@ -284,8 +362,10 @@ class _DeviceHooks(RoundHooks):
         result: JobResult,
         fault: DeviceFault,
         client: FederatedClient,
+        trainer: _SerialTrainer,
     ) -> None:
         self.job, self.rng, self.result, self.fault, self.client = job, rng, result, fault, client
+        self.trainer = trainer
         self.vanish_before_masked_upload = False
 
     def call(self, step: str, fn: Callable[[], _T]) -> _T:
@@ -318,6 +398,11 @@ class _DeviceHooks(RoundHooks):
     def on_phase(self, phase: str, seconds: float) -> None:
         if phase == "wait":  # the job checked in itself (phase "checkin")
             return
+        if phase == "train":  # the wait for a training slot is no part of the device's training
+            waited = self.trainer.waited_s
+            self.result.phases["train_wait"] = waited
+            self.result.train_window = self.trainer.window
+            seconds -= waited
         self.result.phases[phase] = seconds
         if phase == "download" and self.fault.drop_after == "download":
             raise _RoundEnded(DROPPED)

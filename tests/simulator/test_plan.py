@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from facefl.data.synthetic import write_image_folder
+from simulator import worker
 from simulator.config import SimulationConfig
 from simulator.evaluation import rank1_identification
 from simulator.plan import HELDOUT_OFFSET, plan_data
@@ -54,3 +55,34 @@ def test_rank1_identification() -> None:
     assert rank1_identification(swapped, labels) == pytest.approx(1 - 2 / 10)
     with pytest.raises(ValueError, match="fewer than two"):
         rank1_identification(tight[:5], np.arange(5))
+
+
+def test_device_data_stored_once_is_read_back_by_another_process(tmp_path: Path) -> None:
+    # the pool's processes share a device's data through its directory; another process starts with an
+    # empty in-memory cache, which clearing it here stands for
+    root = write_image_folder(tmp_path / "faces", range(6), images_per_identity=3, image_size=72)
+    cfg = SimulationConfig(devices=2, ids_per_device=2, heldout_ids=2, data=str(root)).validate()
+    spec = plan_data(cfg, image_size=64).device_specs[0]
+    store = tmp_path / "device" / "data"
+    built = load_device_data(spec, store)
+    (stored,) = store.glob("dataset-*.npz")
+    worker._DATA_CACHE.clear()
+    read = load_device_data(spec, store)
+    assert read is not built
+    assert read.identities == built.identities == spec.identities
+    np.testing.assert_array_equal(read.images, built.images)
+    np.testing.assert_array_equal(read.labels, built.labels)
+    # what another process reads is the stored file, not data built again
+    np.savez(
+        stored, images=np.zeros_like(built.images), labels=built.labels, identities=np.array(spec.identities)
+    )
+    worker._DATA_CACHE.clear()
+    assert not load_device_data(spec, store).images.any()
+    # a damaged file is not trusted: the data is built again and the file replaced
+    stored.write_bytes(b"PK\x03\x04 not a whole archive")
+    worker._DATA_CACHE.clear()
+    rebuilt = load_device_data(spec, store)
+    np.testing.assert_array_equal(rebuilt.images, built.images)
+    worker._DATA_CACHE.clear()
+    np.testing.assert_array_equal(load_device_data(spec, store).labels, built.labels)
+    assert [p.name for p in store.iterdir()] == [stored.name]
