@@ -17,6 +17,10 @@ prototypes as negatives (FedFR's union logits; the 50 held-out CelebA identities
 the public set here). Metrics as in ``benchmarks/accuracy.py``: device TAR@FAR=1e-3 and DIR@FAR=1e-3 with
 the global model on every device (local: each device's own), LFW accuracy and TAR@FAR=1e-3.
 
+``loss="metric"`` settings train with dlib's own loss (:func:`dlib_metric_loss`, on the unnormalized
+output) instead of the CosFace head; ``--devices N --ids-per-device K`` sizes the federation (default the
+strong profile's 6 x 8).
+
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
 plan of that seed does not use, and evaluates LFW on folds 4-5: choose settings here. ``--split test``
 uses the plan's own devices and LFW folds 6-10: run it only for a setting chosen on ``val``.
@@ -55,6 +59,9 @@ class Setting:
     margin: float = 0.4
     public: bool = False
     local: bool = False
+    # "cosface": the SDK's CosFace head; "metric": dlib's own training loss (loss_metric: pairwise hinge
+    # on Euclidean distances of the unnormalized embeddings, threshold 0.6, margin 0.04, hardest negatives)
+    loss: str = "cosface"
 
 
 SETTINGS = {
@@ -68,6 +75,21 @@ SETTINGS = {
         Setting("adam-1e-5", "adam", 1e-5),
         Setting("adam-1e-4", "adam", 1e-4),
         Setting("adam-1e-5-6rounds", "adam", 1e-5, rounds=6),
+        Setting("adam-3e-5", "adam", 3e-5),
+        Setting("adam-3e-5-6rounds", "adam", 3e-5, rounds=6),
+        Setting("public-adam-3e-5", "adam", 3e-5, public=True),
+        Setting("public-adam-3e-5-6rounds", "adam", 3e-5, rounds=6, public=True),
+        Setting("public-adam-1e-4", "adam", 1e-4, public=True),
+        Setting("metric-adam-1e-5", "adam", 1e-5, loss="metric"),
+        Setting("metric-adam-3e-5", "adam", 3e-5, loss="metric"),
+        Setting("metric-adam-1e-4", "adam", 1e-4, loss="metric"),
+        Setting("metric-adam-5e-6", "adam", 5e-6, loss="metric"),
+        Setting("metric-adam-2e-5", "adam", 2e-5, loss="metric"),
+        Setting("metric-adam-1e-5-6rounds", "adam", 1e-5, rounds=6, loss="metric"),
+        Setting("metric-adam-1e-5-2epochs", "adam", 1e-5, epochs=2, loss="metric"),
+        Setting("metric-public-adam-1e-5", "adam", 1e-5, loss="metric", public=True),
+        Setting("metric-sgd-1e-4", "sgd", 1e-4, loss="metric"),
+        Setting("local-metric-adam-3e-5", "adam", 3e-5, loss="metric", local=True),
         Setting("adam-1e-5-margin0.2", "adam", 1e-5, margin=0.2),
         Setting("public-adam-1e-5", "adam", 1e-5, public=True),
         Setting("public-sgd-1e-4", "sgd", 1e-4, public=True),
@@ -135,8 +157,32 @@ def build_cache(checkpoint: Path, lfw: Path, celeba: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------------------ the study
 
 
+def dlib_metric_loss(emb: Any, labels: Any, threshold: float = 0.6, margin: float = 0.04) -> Any:
+    """dlib's loss_metric_ on a batch: same-identity pairs pay for a distance above threshold - margin,
+    different-identity pairs for one below threshold + margin; only as many negatives count as there are
+    positive pairs, the hardest ones (dlib's rule), and the sum is divided by the pairs counted."""
+    import torch
+
+    dist = torch.cdist(emb, emb)
+    same = labels[:, None] == labels[None, :]
+    upper = torch.triu(torch.ones_like(same), diagonal=1)
+    pos = torch.relu(dist - (threshold - margin))[same & upper]
+    neg = torch.relu((threshold + margin) - dist)[~same & upper]
+    k = min(max(len(pos), 1), len(neg))
+    hard = torch.topk(neg, k).values if k else neg[:0]
+    return (pos.sum() + hard.sum()) / max(len(pos) + k, 1)
+
+
 class Study:
-    def __init__(self, checkpoint: Path, cache: Path, celeba: Path, split: str) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        cache: Path,
+        celeba: Path,
+        split: str,
+        devices: int = DEVICES,
+        ids_per_device: int = IDS_PER_DEVICE,
+    ) -> None:
         import torch
 
         from facefl.checkpoint import load_checkpoint
@@ -151,11 +197,15 @@ class Study:
                 super().__init__()
                 self.level0, self.fc = copy.deepcopy(full.level0), copy.deepcopy(full.fc)
 
+            def raw(self, x: torch.Tensor) -> torch.Tensor:
+                return self.fc(self.level0(x).mean(dim=(2, 3)))
+
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.nn.functional.normalize(self.fc(self.level0(x).mean(dim=(2, 3))), dim=1)
+                return torch.nn.functional.normalize(self.raw(x), dim=1)
 
         self.base = Top()
         self.split = split
+        self.devices, self.ids_per_device = devices, ids_per_device
         self.folder = ImageFolder(celeba)
         self.names = list(self.folder.identities)
         c = dict(np.load(cache))
@@ -169,13 +219,18 @@ class Study:
         plan's held-out identities (the stand-in public set)."""
         from facefl.data.protocol import device_split, plan_devices
 
-        p = plan_devices(self.folder, DEVICES, IDS_PER_DEVICE, HELDOUT, seed)
+        n, k = self.devices, self.ids_per_device
+        p = plan_devices(self.folder, n, k, HELDOUT, seed)
         groups = p.devices
         if self.split == "val":
-            used = {n for d in p.devices for n in d} | set(p.heldout)
+            # the identities the strong profile's plan (6 x 8 + 50 held out) of this seed leaves unused
+            strong = plan_devices(self.folder, DEVICES, IDS_PER_DEVICE, HELDOUT, seed)
+            used = {n for d in strong.devices for n in d} | set(strong.heldout)
             rest = [n for n in self.names if n not in used]
+            if len(rest) < n * k:
+                raise SystemExit(f"--split val has {len(rest)} unused identities, fewer than {n} x {k}")
             pick = [str(n) for n in np.random.default_rng(1000 + seed).permutation(rest)]
-            groups = [pick[i * IDS_PER_DEVICE : (i + 1) * IDS_PER_DEVICE] for i in range(DEVICES)]
+            groups = [pick[i * k : (i + 1) * k] for i in range(n)]
         devices, offset = [], 0
         for names in groups:
             index = [self.names.index(n) for n in names]
@@ -239,6 +294,19 @@ class Study:
         lab = torch.from_numpy(self.labels[rows])
         return torch.stack([F.normalize(emb[lab == c].mean(0), dim=0) for c in index])
 
+    def public_bank(self, model: Any, heldout: list[str], s: Setting) -> Any:
+        """CosFace: the public prototypes; metric: the public images and their identities."""
+        import torch
+
+        if not s.public:
+            return None
+        if s.loss == "cosface":
+            return self.bank(model, heldout)
+        index = [self.names.index(n) for n in heldout]
+        rows = np.flatnonzero(np.isin(self.labels, index))
+        images = torch.from_numpy(self.x[rows].astype(np.float32))
+        return images, torch.from_numpy(self.labels[rows] + 100_000)
+
     def train_device(
         self, model: Any, device: dict[str, Any], s: Setting, epochs: int, gen: Any, head_rows: Any, bank: Any
     ) -> tuple[Any, Any]:
@@ -272,6 +340,17 @@ class Study:
                 if len(idx) < 2:
                     continue
                 batch = torch.where(mirror[idx][:, None, None, None], x_mirror[idx], x[idx])
+                if s.loss == "metric":
+                    emb, labels = model.raw(batch), y[idx]
+                    if bank is not None:  # strangers: a batch of public images, their own identities
+                        pick = torch.randint(len(bank[1]), (BATCH,), generator=gen)
+                        emb = torch.cat([emb, model.raw(bank[0][pick])])
+                        labels = torch.cat([labels, bank[1][pick]])
+                    loss = dlib_metric_loss(emb, labels)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    continue
                 emb = model(batch)
                 logits = head(emb, y[idx])
                 if s.public:  # FedFR's union logits: public prototypes as extra negative classes
@@ -288,7 +367,7 @@ class Study:
         devices, heldout = self.plan(seed)
         gen = torch.Generator().manual_seed(seed)
         if s.local:
-            bank = self.bank(self.base, heldout) if s.public else None
+            bank = self.public_bank(self.base, heldout, s)
             models = [
                 self.train_device(self.base, d, s, s.rounds * s.epochs, gen, None, bank)[0] for d in devices
             ]
@@ -297,7 +376,7 @@ class Study:
         weights = np.array([len(d["train"]) for d in devices], float)
         weights /= weights.sum()
         for _ in range(s.rounds):
-            bank = self.bank(model, heldout) if s.public else None
+            bank = self.public_bank(model, heldout, s)
             local = []
             for k, d in enumerate(devices):
                 m, heads[k] = self.train_device(model, d, s, s.epochs, gen, heads[k], bank)
@@ -316,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--configs", default=",".join(SETTINGS), help=f"comma-separated of {', '.join(SETTINGS)}")
+    p.add_argument("--devices", type=int, default=DEVICES, help="devices in the federation")
+    p.add_argument("--ids-per-device", type=int, default=IDS_PER_DEVICE)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--lfw", type=Path, default=SHARED / "lfw")
     p.add_argument("--devices-data", type=Path, default=SHARED / "celeba")
@@ -332,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cache.exists():
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         build_cache(args.checkpoint, args.lfw, args.devices_data, args.cache)
-    study = Study(args.checkpoint, args.cache, args.devices_data, args.split)
+    study = Study(
+        args.checkpoint, args.cache, args.devices_data, args.split, args.devices, args.ids_per_device
+    )
     settings = [SETTINGS[c] for c in args.configs.split(",")]
     results: dict[str, list[dict[str, float]]] = {"pretrained": []}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -361,11 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     suffix = f"-seeds{args.first_seed}-{args.first_seed + args.seeds - 1}" if args.first_seed else ""
+    if (args.devices, args.ids_per_device) != (DEVICES, IDS_PER_DEVICE):
+        suffix += f"-{args.devices}x{args.ids_per_device}"
     out = args.json or REPO / "benchmarks" / "results" / f"finetune_study-{args.split}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {"split": args.split, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+             "devices": args.devices, "ids_per_device": args.ids_per_device,
              "settings": [asdict(s) for s in settings],
              "results": results, "table": lines},
             indent=2,
