@@ -107,10 +107,11 @@ class Method:
 
     name: str
     algorithm: str
-    hyperparams: tuple[tuple[str, float], ...] = ()
+    hyperparams: tuple[tuple[str, float | str], ...] = ()
     mu: float | None = None
 
 
+DLIB_LOSS = "FedAvg (dlib's loss)"
 METHODS = (
     Method("FedAvg", "fedavg"),
     Method("FedProx", "fedprox", mu=0.01),
@@ -122,21 +123,28 @@ METHODS = (
     Method("FedFR", "fedfr"),
     Method("FedFR w/o DFC", "fedfr", (("dfc_weight", 0.0),)),
     Method("FedFR w/o contrastive", "fedfr", (("contrastive_weight", 0.0),)),
+    # dlib-resnet only: fine-tuned with the loss it was trained with (benchmarks/finetune_study.py chose
+    # Adam at the profile's lr on validation identities); its distances are in dlib's units
+    Method(DLIB_LOSS, "fedavg", (("loss", "pair_margin"), ("optimizer", "adam"), ("weight_decay", 0.0))),
 )
 
 
 # the rows of the first table (the smoke profile's, which tests/benchmarks/test_accuracy.py runs)
 CLASSIC = ("FedAvg", "FedProx", "FedFace", "FedFR", "FedFR w/o DFC", "FedFR w/o contrastive")
+# the small-model profiles' rows: every method but the one in dlib's units
+FROM_SCRATCH = tuple(m.name for m in METHODS if m.name != DLIB_LOSS)
 
 PROFILES = {
     "smoke": Profile("small", 2, 4, 3, 2, 2, 1, 0.01, 16, 0.34, methods=CLASSIC),
-    "cpu": Profile("small", 0, 30, 8, 50, 5, 1, 0.01, 32, 0.3),  # 0 epochs: the pretrain CLI's default
-    "paper": Profile("mobilefacenet", 0, 30, 8, 50, 10, 2, 0.01, 32, 0.3),
+    # 0 epochs: the pretrain CLI's default
+    "cpu": Profile("small", 0, 30, 8, 50, 5, 1, 0.01, 32, 0.3, methods=FROM_SCRATCH),
+    "paper": Profile("mobilefacenet", 0, 30, 8, 50, 10, 2, 0.01, 32, 0.3, methods=FROM_SCRATCH),
     # lr 1e-5: benchmarks/strong_lr.py on LFW validation folds 4-5 (benchmarks/results/strong_lr.json)
     "strong": Profile(
         "dlib-resnet", 0, 6, 8, 50, 3, 1, 1e-5, 32, 0.3,
         import_pretrained="dlib-resnet", trainable=("level0", "fc"), gate="accuracy:0.003",
         public_images=1000, local_generic_devices=2, fars="1e-3",
+        methods=(*CLASSIC, DLIB_LOSS),
     ),
     "strong-smoke": Profile(
         "dlib-resnet", 0, 2, 4, 20, 1, 1, 1e-5, 32, 0.3, images_per_id=10,

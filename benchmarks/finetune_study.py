@@ -17,9 +17,9 @@ prototypes as negatives (FedFR's union logits; the 50 held-out CelebA identities
 the public set here). Metrics as in ``benchmarks/accuracy.py``: device TAR@FAR=1e-3 and DIR@FAR=1e-3 with
 the global model on every device (local: each device's own), LFW accuracy and TAR@FAR=1e-3.
 
-``loss="metric"`` settings train with dlib's own loss (:func:`dlib_metric_loss`, on the unnormalized
-output) instead of the CosFace head; ``--devices N --ids-per-device K`` sizes the federation (default the
-strong profile's 6 x 8).
+``loss="metric"`` settings train with dlib's own loss (:func:`facefl.losses.pair_margin_loss`, on the
+unnormalized output) instead of the CosFace head; ``--devices N --ids-per-device K`` sizes the federation
+(default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
 plan of that seed does not use, and evaluates LFW on folds 4-5: choose settings here. ``--split test``
@@ -155,22 +155,6 @@ def build_cache(checkpoint: Path, lfw: Path, celeba: Path, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the study
-
-
-def dlib_metric_loss(emb: Any, labels: Any, threshold: float = 0.6, margin: float = 0.04) -> Any:
-    """dlib's loss_metric_ on a batch: same-identity pairs pay for a distance above threshold - margin,
-    different-identity pairs for one below threshold + margin; only as many negatives count as there are
-    positive pairs, the hardest ones (dlib's rule), and the sum is divided by the pairs counted."""
-    import torch
-
-    dist = torch.cdist(emb, emb)
-    same = labels[:, None] == labels[None, :]
-    upper = torch.triu(torch.ones_like(same), diagonal=1)
-    pos = torch.relu(dist - (threshold - margin))[same & upper]
-    neg = torch.relu((threshold + margin) - dist)[~same & upper]
-    k = min(max(len(pos), 1), len(neg))
-    hard = torch.topk(neg, k).values if k else neg[:0]
-    return (pos.sum() + hard.sum()) / max(len(pos) + k, 1)
 
 
 class Study:
@@ -313,6 +297,7 @@ class Study:
         import torch
         import torch.nn.functional as F
 
+        from facefl.losses import pair_margin_loss
         from facefl.models import CosFaceHead
 
         model = copy.deepcopy(model)
@@ -346,7 +331,7 @@ class Study:
                         pick = torch.randint(len(bank[1]), (BATCH,), generator=gen)
                         emb = torch.cat([emb, model.raw(bank[0][pick])])
                         labels = torch.cat([labels, bank[1][pick]])
-                    loss = dlib_metric_loss(emb, labels)
+                    loss = pair_margin_loss(emb, labels)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

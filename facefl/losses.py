@@ -9,7 +9,10 @@ Every loss here works on cosines between L2-normalized embeddings and L2-normali
 - the one-vs-rest binary CosFace of FedFR's DFC (:func:`binary_cosface_loss`, on cosines sharpened by
   :func:`sharpen_cosine`);
 - FedFace's positive-only loss toward a fixed class embedding (:func:`positive_margin_loss`) and its
-  server-side spreadout of class embeddings (:func:`spreadout_loss`).
+  server-side spreadout of class embeddings (:func:`spreadout_loss`);
+- dlib's pairwise metric loss (:func:`pair_margin_loss`), the one exception to cosines: Euclidean
+  distances between UNnormalized embeddings inside a batch, no class rows. dlib-resnet was trained with
+  it, and fine-tuning that network with it keeps the geometry its weights were made for.
 
 The functions are pure (no state, no device or dtype changes beyond broadcasting) and tested on tiny
 tensors with hand-computed answers (``tests/facefl/test_losses.py``); the algorithms in
@@ -28,6 +31,7 @@ __all__ = [
     "cosface_logits",
     "cosine_similarities",
     "margin_onehot",
+    "pair_margin_loss",
     "positive_margin_loss",
     "sharpen_cosine",
     "spreadout_loss",
@@ -163,3 +167,27 @@ def spreadout_loss(w: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     cos = cosine_similarities(w, w)
     off = ~torch.eye(m, dtype=torch.bool, device=w.device)
     return F.relu(cos[off] - margin).pow(2).mean()
+
+
+def pair_margin_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, threshold: float = 0.6, margin: float = 0.04
+) -> torch.Tensor:
+    """dlib's ``loss_metric`` on one batch of (N, d) unnormalized embeddings and (N,) identity labels.
+
+    Each same-identity pair pays ``relu(distance - (threshold - margin))``, each different-identity pair
+    ``relu(threshold + margin - distance)``; only the hardest negatives count, as many as there are
+    positive pairs (at least one), and the sum is divided by the number of pairs counted. The defaults are
+    dlib's (its descriptors match below a Euclidean distance of 0.6).
+    """
+    if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
+        raise ValueError(
+            f"embeddings (N, d) and labels (N,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}"
+        )
+    distances = torch.cdist(embeddings, embeddings)
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(same).triu(diagonal=1)
+    positive = torch.relu(distances - (threshold - margin))[same & upper]
+    negative = torch.relu(threshold + margin - distances)[~same & upper]
+    k = min(max(positive.numel(), 1), negative.numel())
+    hardest = torch.topk(negative, k).values
+    return (positive.sum() + hardest.sum()) / max(positive.numel() + k, 1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +71,9 @@ class Hyperparams(BaseModel):
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 5e-4
     scale: Annotated[float, Field(gt=0, le=128)] = 30.0
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    # "adam": torch's Adam with lr and weight_decay (momentum unused). A strong pretrained network
+    # fine-tunes better with it at a small lr (benchmarks/finetune_study.py)
+    optimizer: Literal["sgd", "adam"] = "sgd"
 
     @classmethod
     def lenient(cls: type[H], hp: Mapping[str, Any]) -> H:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
-from facefl.algorithms.base import Hyperparams
+from facefl.algorithms.fedavg import FedAvgHyperparams
 from facefl.algorithms.fedavgm import ServerOptimizer
 
 __all__ = ["AdaptiveHyperparams", "FedAdam", "adaptive_step"]
@@ -59,7 +59,7 @@ def adaptive_step(
     return step, new_m, new_v
 
 
-class AdaptiveHyperparams(Hyperparams):
+class AdaptiveHyperparams(FedAvgHyperparams):
     server_lr: Annotated[float, Field(gt=0, le=10)] = 0.01
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99

@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from facefl import codec
-from facefl.algorithms.base import Algorithm, TrainResult
-from facefl.algorithms.local import LocalJob, local_state, train_loop, trainable_parameters
+from facefl.algorithms.base import Algorithm, Hyperparams, TrainResult
+from facefl.algorithms.local import (
+    LocalJob,
+    local_state,
+    train_loop,
+    trainable_parameters,
+    unnormalized_embeddings,
+)
+from facefl.losses import pair_margin_loss
 
 TensorDict = dict[str, np.ndarray]
 
@@ -76,12 +84,27 @@ def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> TensorD
     return acc.result()
 
 
+class FedAvgHyperparams(Hyperparams):
+    """FedAvg's local update (and that of every algorithm built on it): the shared fields plus its loss.
+
+    ``loss``: "cosface" trains the embedding with the device's private CosFace head; "pair_margin" trains
+    it with dlib's pairwise metric loss (:func:`facefl.losses.pair_margin_loss`, on the unnormalized
+    embedding, ``pair_threshold`` and ``pair_margin`` in its units): the loss dlib-resnet was trained with,
+    which fine-tunes it without reshaping its geometry (benchmarks/finetune_study.py).
+    """
+
+    loss: Literal["cosface", "pair_margin"] = "cosface"
+    pair_threshold: Annotated[float, Field(gt=0, le=100)] = 0.6
+    pair_margin: Annotated[float, Field(ge=0, le=100)] = 0.04
+
+
 class FedAvg(Algorithm):
     """FedAvg: the weighted mean of the updates is the new version's delta; the device trains its
     backbone with a CosFace head over its local identities (the head is private and persisted)."""
 
     name = "fedavg"
     title = "FedAvg (McMahan et al., 2017): weighted mean of the updates"
+    hyperparams: ClassVar[type[Hyperparams]] = FedAvgHyperparams
     # the metric reporting the regularizer's mean over steps is "<regularizer_metric>_mean"
     regularizer_metric: ClassVar[str] = "regularizer"
 
@@ -104,15 +127,22 @@ class FedAvg(Algorithm):
         loss_before, _ = job.score(head, emb_before, y_all)
         regularizer = self.regularizer(hp, model)
 
+        pair = hp.loss == "pair_margin"
+
         def step(idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             y = y_all[idx]
-            loss = F.cross_entropy(head(model(x), y), y)
+            if pair:
+                emb = unnormalized_embeddings(model, x)
+                loss = pair_margin_loss(emb, y, hp.pair_threshold, hp.pair_margin)
+            else:
+                loss = F.cross_entropy(head(model(x), y), y)
             if regularizer is None:
                 return loss, {"loss": loss}
             reg = regularizer()
             return loss + reg, {"loss": loss, "regularizer": reg}
 
-        params = trainable_parameters(model) + list(head.parameters())
+        # the pair loss has no classes: the head is kept (and scored) but does not train
+        params = trainable_parameters(model) + ([] if pair else list(head.parameters()))
         stats = train_loop(job, model, trained, params, hp, gen, x_all, step, modules=(head,))
 
         loss_after, acc_after = job.score(head, job.embed(model, x_all), y_all)

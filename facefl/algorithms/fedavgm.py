@@ -23,8 +23,8 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from facefl.algorithms.base import Hyperparams, ServerState, ServerStepInputs, ServerStepResult
-from facefl.algorithms.fedavg import FedAvg
+from facefl.algorithms.base import ServerState, ServerStepInputs, ServerStepResult
+from facefl.algorithms.fedavg import FedAvg, FedAvgHyperparams
 
 __all__ = ["FedAvgM", "FedAvgMHyperparams", "ServerOptimizer", "is_statistic", "momentum_step"]
 
@@ -92,7 +92,7 @@ class ServerOptimizer(FedAvg):
         return ServerState(tensors, {"algorithm": self.name})
 
 
-class FedAvgMHyperparams(Hyperparams):
+class FedAvgMHyperparams(FedAvgHyperparams):
     server_lr: Annotated[float, Field(gt=0, le=10)] = 1.0
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
 

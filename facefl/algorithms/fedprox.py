@@ -12,8 +12,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
-from facefl.algorithms.base import Hyperparams
-from facefl.algorithms.fedavg import FedAvg
+from facefl.algorithms.fedavg import FedAvg, FedAvgHyperparams
 
 
 def proximal_term(
@@ -34,7 +33,7 @@ def proximal_term(
     return 0.5 * mu * total
 
 
-class FedProxHyperparams(Hyperparams):
+class FedProxHyperparams(FedAvgHyperparams):
     mu: Annotated[float, Field(ge=0, le=100)] = 0.0
 
 

@@ -38,10 +38,12 @@ __all__ = [
     "LocalJob",
     "LoopStats",
     "freeze_outside",
+    "make_optimizer",
     "read_head",
     "train_loop",
     "train_mode",
     "trainable_parameters",
+    "unnormalized_embeddings",
 ]
 
 # a batch's loss: (total to minimize, named terms to report)
@@ -238,11 +240,10 @@ def train_loop(
     step: StepFn,
     modules: Sequence[torch.nn.Module] = (),
 ) -> LoopStats:
-    """``hp.local_epochs`` epochs of SGD (``hp``'s lr, momentum and weight decay; parameter groups may
-    override the decay) over ``x_all``; ``step(indices on the device, batch)`` returns the batch's total
-    loss and its named terms. ``model`` trains as ``trained`` says (see :func:`train_mode`), ``modules``
-    (heads, converters) in train mode."""
-    optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    """``hp.local_epochs`` epochs of ``hp.optimizer`` (:func:`make_optimizer`) over ``x_all``;
+    ``step(indices on the device, batch)`` returns the batch's total loss and its named terms. ``model``
+    trains as ``trained`` says (see :func:`train_mode`), ``modules`` (heads, converters) in train mode."""
+    optimizer = make_optimizer(params, hp)
     stats = LoopStats()
     train_mode(model, trained)
     for module in modules:
@@ -265,6 +266,25 @@ def train_loop(
         if epoch == 0:
             stats.first_epoch = dict(stats.last_epoch)
     return stats
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], hp: Hyperparams
+) -> torch.optim.Optimizer:
+    """The local optimizer ``hp.optimizer`` names, with ``hp``'s lr and weight decay (parameter groups
+    may override the decay); SGD also takes ``hp.momentum``."""
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+def unnormalized_embeddings(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's embeddings before L2 normalization (every facefl backbone has ``unnormalized``)."""
+    unnormalized = getattr(model, "unnormalized", None)
+    if unnormalized is None:
+        raise ValueError(f"{type(model).__name__} has no unnormalized embedding")
+    out: torch.Tensor = unnormalized(x)
+    return out
 
 
 def read_head(state_dir: Path, architecture: str, embedding_dim: int) -> dict[str, np.ndarray]:

@@ -138,5 +138,9 @@ class DlibResNet(nn.Module):
             x = getattr(self, name)(x)
         return self.fc(x.mean(dim=(2, 3)))
 
+    def unnormalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before L2 normalization, as every backbone names it."""
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.features(x), dim=1)

@@ -151,9 +151,12 @@ class MobileFaceNet(nn.Module):
     def _init_weights(self) -> None:
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def unnormalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before L2 normalization (what a distance-based loss trains)."""
         x = self.dw_conv1(self.conv1(x))
         x = self.bottlenecks(x)
         x = self.gdconv(self.conv2(x))
-        x = self.embedding(x).flatten(1)
-        return F.normalize(self.bn(x), dim=1)
+        return self.bn(self.embedding(x).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.unnormalized(x), dim=1)

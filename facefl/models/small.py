@@ -65,6 +65,10 @@ class SmallFaceNet(nn.Module):
     def _init_weights(self) -> None:
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def unnormalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before L2 normalization (what a distance-based loss trains)."""
         x = self.gdconv(self.features(x)).flatten(1)
-        return F.normalize(self.bn(self.embedding(x)), dim=1)
+        return self.bn(self.embedding(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.unnormalized(x), dim=1)

@@ -14,5 +14,9 @@ class TinyNet(nn.Module):
         self.embedding_dim = embedding_dim
         self.fc = nn.Linear(3 * image_size * image_size, embedding_dim)
 
+    def unnormalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before L2 normalization (what a distance-based loss trains)."""
+        return self.fc(x.flatten(1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(x.flatten(1)), dim=1)
+        return F.normalize(self.unnormalized(x), dim=1)

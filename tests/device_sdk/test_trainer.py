@@ -306,3 +306,31 @@ def test_prefixes_that_select_nothing_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match="select no parameter"):
         trainer.train(Job(trainable_prefixes=("nothing.",)), base, data)
+
+
+def test_pair_margin_loss_trains_the_embedding_without_the_head(
+    trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset, tmp_path: Path
+) -> None:
+    hp = {"local_epochs": 4, "batch_size": 16, "lr": 0.01, "loss": "pair_margin", "pair_threshold": 4.0}
+    state = tmp_path / "device-state"
+    result = trainer.train(Job(hyperparams=hp), base, data, state_dir=state, seed=0)
+    assert result.metrics["train_loss"] < result.metrics["train_loss_first_epoch"]
+    assert all(np.isfinite(v).all() for v in result.delta.values())
+    assert codec.global_norm(result.delta) > 0
+    cosface = trainer.train(Job(hyperparams={**hp, "loss": "cosface"}), base, data, seed=0)
+    assert any(not np.allclose(cosface.delta[k], result.delta[k]) for k in result.delta)
+    # the head is imprinted from the class means under the received model, and not trained by this loss
+    fresh = tmp_path / "fresh-state"
+    trainer.train(Job(hyperparams={**hp, "lr": 1e-12}), base, data, state_dir=fresh, seed=0)
+    stored, imprinted = Trainer._read_head(state, "small", 32), Trainer._read_head(fresh, "small", 32)
+    assert all(np.allclose(stored[k], imprinted[k], atol=1e-5) for k in stored)
+
+
+def test_adam_optimizer_gives_another_finite_update(
+    trainer: Trainer, base: dict[str, np.ndarray], data: LocalDataset
+) -> None:
+    hp = {"local_epochs": 1, "batch_size": 8, "lr": 1e-3}
+    sgd = trainer.train(Job(hyperparams=hp), base, data, seed=4)
+    adam = trainer.train(Job(hyperparams={**hp, "optimizer": "adam"}), base, data, seed=4)
+    assert all(np.isfinite(v).all() for v in adam.delta.values())
+    assert any(not np.allclose(sgd.delta[k], adam.delta[k]) for k in sgd.delta)

@@ -16,6 +16,7 @@ from facefl.losses import (
     cosface_logits,
     cosine_similarities,
     margin_onehot,
+    pair_margin_loss,
     positive_margin_loss,
     sharpen_cosine,
     spreadout_loss,
@@ -139,3 +140,28 @@ def test_the_algorithms_use_these_losses() -> None:
     assert fedface.positive_loss is losses.positive_margin_loss
     assert fedface.spreadout_loss is losses.spreadout_loss
     assert ModelsCosFaceHead is losses.CosFaceHead
+
+
+def test_pair_margin_loss_counts_positives_and_as_many_hardest_negatives() -> None:
+    # 1-d points: identity 0 at 0 and 1, identity 1 at 0 and 0.3; threshold 0.6, margin 0.04 (dlib's):
+    # positives pay above 0.56: |0-1| = 1 -> 0.44, |0-0.3| -> 0
+    # negatives pay below 0.64: d(0,2) = 0 -> 0.64, d(0,3) = 0.3 -> 0.34, d(1,2) = 1 -> 0, d(1,3) = 0.7 -> 0
+    # two positive pairs, so the two hardest negatives count: (0.44 + 0 + 0.64 + 0.34) / 4
+    emb = torch.tensor([[0.0], [1.0], [0.0], [0.3]])
+    assert float(pair_margin_loss(emb, torch.tensor([0, 0, 1, 1]))) == pytest.approx(1.42 / 4)
+
+
+def test_pair_margin_loss_of_separated_identities_is_zero_and_pulls_far_positives_together() -> None:
+    near = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.0, 0.2]])
+    assert float(pair_margin_loss(near, torch.tensor([0, 0, 1, 1]))) == pytest.approx(0.0)
+    far = torch.tensor([[0.0], [1.0], [10.0], [11.0]], requires_grad=True)
+    pair_margin_loss(far, torch.tensor([0, 0, 1, 1])).backward()
+    assert far.grad is not None
+    assert float(far.grad[0, 0]) < 0 < float(far.grad[1, 0])  # a descent step moves them together
+
+
+def test_pair_margin_loss_without_positive_pairs_takes_the_hardest_negative() -> None:
+    emb = torch.tensor([[0.0], [0.2], [3.0]])  # three identities: negatives 0.44, 0, 0
+    assert float(pair_margin_loss(emb, torch.tensor([0, 1, 2]))) == pytest.approx(0.44)
+    with pytest.raises(ValueError, match="labels"):
+        pair_margin_loss(emb, torch.tensor([0, 1]))

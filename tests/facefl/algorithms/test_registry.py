@@ -60,3 +60,14 @@ def test_no_algorithm_name_is_compared_outside_its_module() -> None:
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_the_local_loss_belongs_to_fedavgs_local_update_only() -> None:
+    hp = registry.task_hyperparams("fedprox", {"mu": 0.01, "loss": "pair_margin", "optimizer": "adam"})
+    assert (hp.loss, hp.optimizer) == ("pair_margin", "adam")
+    with pytest.raises(ValueError, match=r"hyperparams\.loss applies to"):
+        registry.task_hyperparams("fedfr", {"loss": "pair_margin"})
+    with pytest.raises(ValueError, match=r"hyperparams\.loss"):
+        registry.task_hyperparams("fedavg", {"loss": "triplet"})
+    with pytest.raises(ValueError, match=r"hyperparams\.optimizer"):
+        registry.task_hyperparams("fedface", {"optimizer": "rmsprop"})

@@ -67,6 +67,11 @@ def test_forward_shape_and_unit_norm(name: str) -> None:
     assert out.shape == (3, arch.default_embedding_dim)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    # the embedding before normalization (distance-based losses train it) normalizes to the output
+    with torch.no_grad():
+        raw = model.unnormalized(_images(3, arch.image_size))
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=1), out)
 
 
 def test_custom_embedding_dim_and_train_mode() -> None:
