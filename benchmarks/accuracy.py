@@ -109,6 +109,7 @@ class Method:
     algorithm: str
     hyperparams: tuple[tuple[str, float | str], ...] = ()
     mu: float | None = None
+    weight_decay: float | None = None  # None: the simulator's default
 
 
 DLIB_LOSS = "FedAvg (dlib's loss)"
@@ -125,7 +126,7 @@ METHODS = (
     Method("FedFR w/o contrastive", "fedfr", (("contrastive_weight", 0.0),)),
     # dlib-resnet only: fine-tuned with the loss it was trained with (benchmarks/finetune_study.py chose
     # Adam at the profile's lr on validation identities); its distances are in dlib's units
-    Method(DLIB_LOSS, "fedavg", (("loss", "pair_margin"), ("optimizer", "adam"), ("weight_decay", 0.0))),
+    Method(DLIB_LOSS, "fedavg", (("loss", "pair_margin"), ("optimizer", "adam")), weight_decay=0.0),
 )
 
 
@@ -406,6 +407,9 @@ def run_federated(
                 lr=profile.lr,
                 algorithm=method.algorithm,
                 mu=method.mu,
+                weight_decay=(
+                    SimulationConfig.weight_decay if method.weight_decay is None else method.weight_decay
+                ),
                 public_set="lfw-public" if fedfr else None,
                 extra_hyperparams=hyperparams,
                 eval_set="lfw",
