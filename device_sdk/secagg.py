@@ -81,6 +81,9 @@ class _Session:
             raise ProtocolError(f"malformed secure-aggregation state: {exc!r}") from exc
 
     def post(self, what: str, *, json_body: Any = None, content: bytes | None = None) -> dict[str, Any]:
+        """Sent as an idempotent request: the server answers a resend of what it already recorded for
+        this device as it answered the first (docs/protocol.md "Secure aggregation"), so a connection
+        reset or a timeout on the answer is retried like a GET instead of dropping the device."""
         headers = dict(self._headers)
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
@@ -90,7 +93,7 @@ class _Session:
             json_body=json_body,
             content=content,
             headers=headers,
-            idempotent=False,
+            idempotent=True,
             upload=what == "masked-update",
             expect=(200, 202),
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from facefl import codec
+from facefl.fileio import sha256_file
 from facefl.secagg import keys, shamir
 from facefl.secagg.roster import SHARE_CIPHERTEXT_BYTES
 from server_api import metrics as prom
@@ -40,7 +41,7 @@ from server_api.orm import (
     utcnow,
 )
 from server_api.schemas import SecAggAccepted, SecAggKeysIn, SecAggMemberOut, SecAggStateOut, UpdateAccepted
-from server_api.services import models, queries, secagg_stages, secagg_sum
+from server_api.services import models, queries, secagg_resend, secagg_stages, secagg_sum
 from server_api.services.context import ServiceContext, log
 from server_api.services.secagg_cohorts import FrozenCohort
 
@@ -89,6 +90,16 @@ def _member(s: Session, caller: _Caller, device_id: str, *, sharer: bool = False
     return member
 
 
+def _resend_answer(caller: _Caller, device_id: str, what: str) -> SecAggAccepted:
+    """A resend of what this device's request already recorded (it lost the answer): answered like the
+    first one, whatever the stage is now, and nothing changes (secagg_resend)."""
+    log.info(
+        "secure aggregation request resent, answered from the record",
+        extra={"round_id": caller.rnd.id, "device_id": device_id, "request": what},
+    )
+    return SecAggAccepted(round_id=caller.rnd.id, stage=caller.state.stage)  # type: ignore[arg-type]
+
+
 def _public_key(text: str, field: str) -> bytes:
     try:
         raw = base64.b64decode(text, validate=True)
@@ -115,6 +126,10 @@ def advertise(
     now = utcnow()
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
+        mine = s.get(SecAggMember, (round_id, device_id))
+        sent = secagg_resend.keys_digest(c_public, s_public)
+        if mine is not None and secagg_resend.keys_digest(mine.c_public, mine.s_public) == sent:
+            return _resend_answer(caller, device_id, secagg_resend.KEYS)
         _require_stage(caller, SECAGG_ADVERTISE, now)
         members = queries.secagg_members(s, round_id)
         if any(m.device_id == device_id for m in members):
@@ -137,6 +152,9 @@ def post_shares(
     now = utcnow()
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
+        mine = s.get(SecAggMember, (round_id, device_id))
+        if mine is not None and secagg_resend.shares_digest(s, mine) == secagg_resend.body_digest(body):
+            return _resend_answer(caller, device_id, secagg_resend.SHARES)
         _require_stage(caller, SECAGG_SHARE, now)
         member = _member(s, caller, device_id)
         if member.shared:
@@ -168,23 +186,50 @@ class MaskedTarget:
     device_id: str
     upload_token: str
     vector_length: int
+    recorded: secagg_resend.RecordedUpload | None = None  # this device's upload is in: a resend?
 
 
 def preflight_masked(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) -> MaskedTarget:
-    """The checks of a masked upload that need no body (run before it is read)."""
-    now = utcnow()
+    """The checks of a masked upload that need no body (run before it is read). When this device's
+    upload was already accepted, the body decides: the same one is a resend, another is refused."""
     with ctx.db.read() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=False)
-        _require_stage(caller, SECAGG_UPLOAD, now)
-        _member(s, caller, device_id, sharer=True)
-        if caller.assignment.reported:
-            raise conflict("this assignment's update was already accepted")
+        recorded = secagg_resend.masked_of(s, caller.assignment)
+        if recorded is None:
+            _refuse_masked(s, caller, device_id)
         length = _vector_length(ctx, s, caller.rnd)
-    return MaskedTarget(round_id, device_id, upload_token, length)
+    return MaskedTarget(round_id, device_id, upload_token, length, recorded)
+
+
+def _refuse_masked(s: Session, caller: _Caller, device_id: str) -> None:
+    """In this order: 410, 409 ``wrong_stage``, 403 ``not_in_cohort``, 409 ``conflict`` (accepted)."""
+    _require_stage(caller, SECAGG_UPLOAD, utcnow())
+    _member(s, caller, device_id, sharer=True)
+    if caller.assignment.reported:
+        raise conflict("this assignment's update was already accepted")
+
+
+def _masked_resend(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> UpdateAccepted:
+    """The body of a device whose upload was accepted: the same one is answered from the record; another
+    gets the refusal it would have got before its body was read."""
+    assert target.recorded is not None
+    with ctx.db.read() as s:
+        caller = _authorize(s, target.round_id, target.device_id, target.upload_token, lock=False)
+        if sha256_file(staged) != target.recorded.digest:
+            _refuse_masked(s, caller, target.device_id)
+            raise conflict("this assignment's update was already accepted")  # not reached: it is reported
+        reports = len(queries.uploaders_of(s, target.round_id))
+    log.info(
+        "secure aggregation request resent, answered from the record",
+        extra={"round_id": target.round_id, "device_id": target.device_id, "request": secagg_resend.MASKED},
+    )
+    return UpdateAccepted(update_id=target.recorded.update_id, round_id=target.round_id, reports=reports)
 
 
 def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> UpdateAccepted:
     """Validate the staged body (one U32 tensor of the round's vector length), store it, record it."""
+    if target.recorded is not None:
+        return _masked_resend(ctx, target, staged)
     try:
         secagg_sum.masked_values(staged, target.vector_length)
     except codec.CodecError as exc:
@@ -221,6 +266,9 @@ def reveal(
     now = utcnow()
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
+        mine = s.get(SecAggMember, (round_id, device_id))
+        if mine is not None and secagg_resend.reveal_digest(s, mine) == secagg_resend.body_digest(body):
+            return _resend_answer(caller, device_id, secagg_resend.REVEAL)
         _require_stage(caller, SECAGG_UNMASK, now)
         member = _member(s, caller, device_id, sharer=True)
         cohort = _cohort(ctx, s, caller)
@@ -270,6 +318,7 @@ def view(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) 
             deadline=rnd.deadline,
             retry_after_s=ctx.settings.tick_interval_s,
             vector_length=_vector_length(ctx, s, rnd),
+            submitted=secagg_resend.submitted(s, caller.assignment),
         )
         if reached >= _STAGES.index(SECAGG_SHARE):
             cohort = _cohort(ctx, s, caller)
