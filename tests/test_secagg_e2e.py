@@ -49,6 +49,34 @@ class Recorder(httpx.BaseTransport):
         """Shared by every client: closed by the test."""
 
 
+class LosesFirstAnswers(Recorder):
+    """Forwards each device's first POST of a secure-aggregation stage to the server, which records it,
+    then raises a connection error (the stage's kind) instead of returning the answer: the device cannot
+    know whether its request arrived."""
+
+    def __init__(self, errors: dict[str, type[httpx.TransportError]]) -> None:
+        super().__init__()
+        self.errors = errors
+        self.lost: dict[tuple[str, str], int] = {}  # (Authorization header, stage) -> the lost status
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        path = request.url.path
+        stage = path.rsplit("/", 1)[-1]
+        if request.method != "POST" or "/secagg/" not in path or stage not in self.errors:
+            return response
+        who = (request.headers["Authorization"], stage)
+        with self._lock:
+            first = who not in self.lost
+            if first:
+                self.lost[who] = response.status_code
+        if not first:
+            return response
+        response.read()
+        response.close()
+        raise self.errors[stage](f"the answer to {path} was lost", request=request)
+
+
 class _Gone(Exception):
     """A device that goes away at a step of the protocol."""
 
@@ -331,3 +359,41 @@ def test_distributed_dp_the_devices_noise_adds_up_to_the_central_mechanism(serve
     assert abs(noise.mean()) < 5 * expected / math.sqrt(len(noise))
     assert rnd.metrics["dp_epsilon"] == pytest.approx(epsilon_spent(n / population, z, 1, 1e-5))
     assert task.raw["privacy"]["noise_added_by"] == "devices"
+
+
+def test_lost_answers_at_every_stage_are_resent_and_every_device_is_aggregated(
+    server: LocalServer,
+) -> None:
+    """Every device loses the answer to its first request of each stage (the server recorded it; the
+    last one of each stage also closed it): the SDK sends it again, the server answers from the record,
+    and the round aggregates with every device (min_reports = n: a device left out abandons it)."""
+    n = 4
+    lossy = LosesFirstAnswers(
+        {
+            "keys": httpx.ReadError,
+            "shares": httpx.ReadTimeout,
+            "masked-update": httpx.RemoteProtocolError,
+            "reveal": httpx.ReadError,
+        }
+    )
+    cohort = Cohort(server, recorder=lossy)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "resend", n, secure=True, min_reports=n, timeout=30.0)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=3)
+        assert cohort.run(task_id, deltas, weights, secure=True) == {}
+        base, new = _result(admin, task_id)
+        rnd = admin.task_rounds(task_id)[0]
+    # each device's first request of each stage was recorded (2xx) and its answer lost
+    tokens = {f"Bearer {token}" for _, token in cohort.creds}
+    assert sorted(lossy.lost) == sorted((t, s) for t in tokens for s in lossy.errors)
+    assert set(lossy.lost.values()) <= {200, 202}, lossy.lost
+    for stage in lossy.errors:  # sent twice by every device, not more
+        posts = [p for m, p, _ in lossy.requests if m == "POST" and p.endswith(f"/secagg/{stage}")]
+        assert len(posts) == 2 * n, stage
+    assert rnd.reported == n
+    expected = _expected_mean(deltas, weights, list(range(n)))
+    quant = _quantization_bound(n, sum(weights), max_devices=n)
+    for k, mean in expected.items():
+        got = new[k].astype(np.float64) - base[k]
+        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
