@@ -126,9 +126,9 @@ def advertise(
     now = utcnow()
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
-        mine = s.get(SecAggMember, (round_id, device_id))
+        recorded = s.get(SecAggMember, (round_id, device_id))
         sent = secagg_resend.keys_digest(c_public, s_public)
-        if mine is not None and secagg_resend.keys_digest(mine.c_public, mine.s_public) == sent:
+        if recorded is not None and secagg_resend.keys_digest(recorded.c_public, recorded.s_public) == sent:
             return _resend_answer(caller, device_id, secagg_resend.KEYS)
         _require_stage(caller, SECAGG_ADVERTISE, now)
         members = queries.secagg_members(s, round_id)
@@ -149,11 +149,11 @@ def post_shares(
     ctx: ServiceContext, round_id: int, device_id: str, upload_token: str, body: bytes
 ) -> SecAggAccepted:
     """``body``: the encrypted shares for this device's neighbours, sorted by device id, concatenated."""
-    now = utcnow()
+    now, sent = utcnow(), secagg_resend.body_digest(body)
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
-        mine = s.get(SecAggMember, (round_id, device_id))
-        if mine is not None and secagg_resend.shares_digest(s, mine) == secagg_resend.body_digest(body):
+        recorded = s.get(SecAggMember, (round_id, device_id))
+        if recorded is not None and secagg_resend.shares_digest(s, recorded) == sent:
             return _resend_answer(caller, device_id, secagg_resend.SHARES)
         _require_stage(caller, SECAGG_SHARE, now)
         member = _member(s, caller, device_id)
@@ -263,11 +263,11 @@ def reveal(
 ) -> SecAggAccepted:
     """``body``: 66-byte share values, first of the mask keys of this device's dropped neighbours (U2 - U3),
     then of the self-mask seeds of its surviving neighbours (U3), each list sorted by device id."""
-    now = utcnow()
+    now, sent = utcnow(), secagg_resend.body_digest(body)
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
-        mine = s.get(SecAggMember, (round_id, device_id))
-        if mine is not None and secagg_resend.reveal_digest(s, mine) == secagg_resend.body_digest(body):
+        recorded = s.get(SecAggMember, (round_id, device_id))
+        if recorded is not None and secagg_resend.reveal_digest(s, recorded) == sent:
             return _resend_answer(caller, device_id, secagg_resend.REVEAL)
         _require_stage(caller, SECAGG_UNMASK, now)
         member = _member(s, caller, device_id, sharer=True)
