@@ -7,8 +7,10 @@ import contextlib
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,6 +77,72 @@ class LosesFirstAnswers(Recorder):
         response.read()
         response.close()
         raise self.errors[stage](f"the answer to {path} was lost", request=request)
+
+
+class HoldsFirstUpload(Recorder):
+    """The first device to post its masked update is held back until the other ``n - 1`` uploads are in,
+    then its upload goes out slowly: the headers and half the body, the rest only once the device's
+    resend was told that the first is still arriving (409 ``upload_in_progress``). The device itself
+    gets a read timeout as soon as the server is receiving that body (its staging file exists), so its
+    resend always meets the first in flight."""
+
+    def __init__(self, n: int, staging: Path) -> None:
+        super().__init__()
+        self.n, self.staging = n, staging
+        self.held: str | None = None  # the Authorization header of the held device
+        self.others_in = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.first_status: int | None = None
+        self.first_done = threading.Event()
+        self.resends: list[int] = []  # the statuses the held device's resends got
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or not request.url.path.endswith("/secagg/masked-update"):
+            return super().handle_request(request)
+        who = request.headers["Authorization"]
+        with self._lock:
+            first = self.held is None
+            if first:
+                self.held = who
+        if first:
+            self._send_slowly(request)
+            raise httpx.ReadTimeout("the answer to the first masked update was lost", request=request)
+        response = super().handle_request(request)
+        if who != self.held:
+            self.others_in.release()
+            return response
+        response.read()
+        self.resends.append(response.status_code)
+        if response.status_code == 409:
+            self.release.set()
+        return response
+
+    def _send_slowly(self, request: httpx.Request) -> None:
+        for _ in range(self.n - 1):
+            assert self.others_in.acquire(timeout=60)
+        body = request.read()
+        with self._lock:
+            self.requests.append((request.method, request.url.path, body))
+
+        def chunks() -> Iterator[bytes]:
+            yield body[: len(body) // 2]
+            self.release.wait(60)
+            yield body[len(body) // 2 :]
+
+        slow = httpx.Request(request.method, request.url, headers=request.headers, content=chunks())
+
+        def send() -> None:
+            response = self._inner.handle_request(slow)
+            response.read()
+            response.close()
+            self.first_status = response.status_code
+            self.first_done.set()
+
+        threading.Thread(target=send, daemon=True).start()
+        give_up = time.monotonic() + 60
+        while not list(self.staging.rglob("*.part")):  # the only upload in flight: the server has it
+            assert time.monotonic() < give_up, "the server never began to receive the held upload"
+            time.sleep(0.01)
 
 
 class _Gone(Exception):
@@ -397,3 +465,22 @@ def test_lost_answers_at_every_stage_are_resent_and_every_device_is_aggregated(
     for k, mean in expected.items():
         got = new[k].astype(np.float64) - base[k]
         assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+
+
+def test_a_resend_that_meets_the_first_upload_still_arriving_waits_for_it(server: LocalServer) -> None:
+    """The device's read timeout fires while the server is still receiving its masked update: the resend
+    is told 409 upload_in_progress, the SDK sends it again until the first is recorded, and that resend
+    is answered from the record; the round aggregates with every device."""
+    n = 3
+    held = HoldsFirstUpload(n, server.data_dir / "blobs" / "staging")
+    cohort = Cohort(server, recorder=held)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "in-flight", n, secure=True, min_reports=n, timeout=30.0)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=4)
+        assert cohort.run(task_id, deltas, weights, secure=True) == {}
+        _result(admin, task_id)  # aggregated
+        rnd = admin.task_rounds(task_id)[0]
+    assert held.first_done.wait(30) and held.first_status == 202
+    assert held.resends[0] == 409 and held.resends[-1] == 202, held.resends
+    assert rnd.reported == n

@@ -218,12 +218,19 @@ def _masked_resend(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> U
         if sha256_file(staged) != target.recorded.digest:
             _refuse_masked(s, caller, target.device_id)
             raise conflict("this assignment's update was already accepted")  # not reached: it is reported
-        reports = len(queries.uploaders_of(s, target.round_id))
+        return _upload_answer(s, target, target.recorded)
+
+
+def _upload_answer(
+    s: Session, target: MaskedTarget, recorded: secagg_resend.RecordedUpload
+) -> UpdateAccepted:
+    """A resent masked update, answered from the record (with today's count of uploads)."""
     log.info(
         "secure aggregation request resent, answered from the record",
         extra={"round_id": target.round_id, "device_id": target.device_id, "request": secagg_resend.MASKED},
     )
-    return UpdateAccepted(update_id=target.recorded.update_id, round_id=target.round_id, reports=reports)
+    reports = len(queries.uploaders_of(s, target.round_id))
+    return UpdateAccepted(update_id=recorded.update_id, round_id=target.round_id, reports=reports)
 
 
 def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> UpdateAccepted:
@@ -239,6 +246,11 @@ def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> Up
     try:
         with ctx.db.write() as s:
             caller = _authorize(s, target.round_id, target.device_id, target.upload_token, lock=True)
+            # the same body may have been recorded since the preflight (a resend racing the first
+            # request, on another worker): answered from the record, before the stage (it may have moved)
+            recorded = secagg_resend.masked_of(s, caller.assignment)
+            if recorded is not None and recorded.digest == key:
+                return _upload_answer(s, target, recorded)  # the blob is the recorded one: kept
             _require_stage(caller, SECAGG_UPLOAD, now)
             _member(s, caller, target.device_id, sharer=True)
             update_id = queries.record_masked_update(

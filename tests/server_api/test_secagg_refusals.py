@@ -21,7 +21,9 @@ from facefl import codec
 from facefl.secagg.client import SecAggClient
 from facefl.secagg.roster import Advertisement, Roster
 from server_api.app import create_app
+from server_api.errors import ApiError
 from server_api.orm import Round, SecAggMember, SecAggReveal, SecAggRound, SecAggShare
+from server_api.services import secagg
 from tests.conftest import SECRET, make_settings
 from tests.server_api.test_api import ADMIN_H, Api, wait_for
 
@@ -338,3 +340,41 @@ def test_too_few_reveals_abandon_the_round_at_the_stage_deadline(api: Api) -> No
     assert "too few shares revealed" in rnd["metrics"]["abandoned_reason"]
     task = api.c.get("/v1/tasks/1", headers=ADMIN_H).json()
     assert task["current_round"]["id"] != view["round_id"] and task["current_version"] == 1  # reopened
+
+
+def test_a_resend_racing_its_first_masked_update_is_answered_from_the_record(api: Api) -> None:
+    """Its preflight ran before the first upload was recorded (another worker, or just after the first
+    released its claim): the write sees the record and answers from it; a different body is refused."""
+    cohort, _ = _cohort(api)
+    for d in cohort:
+        assert d.post("keys", json=d.keys_body()).status_code == 200
+    roster = cohort[0].roster()
+    for d in cohort:
+        out = d.machine.share(roster)
+        assert d.post("shares", content=b"".join(out[p] for p in roster.neighbours(d.id))).status_code == 200
+    first = cohort[0]
+    view = first.view()
+    inbox = {k: base64.b64decode(v) for k, v in view["inbox"].items()}
+    vector = np.zeros(view["vector_length"], np.uint32)
+    vector[-1] = 1
+    masked = first.machine.mask(inbox, vector)
+    body = codec.encode({"masked": masked})
+    rid, token = first.a["round_id"], first.a["upload_token"]
+
+    racing = [secagg.preflight_masked(api.ctx, rid, first.id, token) for _ in range(2)]
+    assert all(t.recorded is None for t in racing)  # nothing recorded yet
+    r = first.post("masked-update", content=body)
+    assert r.status_code == 202, r.text
+
+    before = state(api)
+    staged = api.ctx.blobs.staging_file()
+    staged.write_bytes(body)
+    again = secagg.accept_masked(api.ctx, racing[0], staged)
+    assert again.update_id == r.json()["update_id"] and again.reports == 1
+    assert state(api) == before
+    staged = api.ctx.blobs.staging_file()
+    staged.write_bytes(codec.encode({"masked": masked + np.uint32(1)}))
+    with pytest.raises(ApiError) as refusal:
+        secagg.accept_masked(api.ctx, racing[1], staged)
+    assert (refusal.value.status_code, refusal.value.code) == (409, "conflict")
+    assert state(api) == before
