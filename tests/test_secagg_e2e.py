@@ -3,9 +3,7 @@ and synthetic deltas (so that the expected aggregate is known exactly)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +20,9 @@ from device_sdk import AdminClient, FederatedClient
 from facefl import codec
 from facefl.privacy.accountant import epsilon_spent
 from facefl.secagg import fixedpoint
-from server_api.db import normalize_url, scratch_database
+from server_api.db import normalize_url
 from simulator.server import LocalServer
-from tests.conftest import ADMIN, SECRET, LiveServer
+from tests.conftest import ADMIN, SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -204,21 +202,6 @@ class Cohort:
             t.join(120)
         assert not any(t.is_alive() for t in threads)
         return errors
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """One server for the module's tests (each creates its own tasks and devices)."""
-    with contextlib.ExitStack() as stack:
-        url = None
-        if request.param == "postgres":
-            base = os.environ.get("FACEFL_TEST_DATABASE_URL")
-            if not base:
-                pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
-            url = stack.enter_context(scratch_database(base, "facefl_test"))
-        live = LiveServer(tmp_path_factory.mktemp("secagg"), url).start()
-        stack.callback(live.stop)
-        yield live
 
 
 def _task(
