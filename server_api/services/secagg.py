@@ -330,7 +330,7 @@ def view(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) 
             deadline=rnd.deadline,
             retry_after_s=ctx.settings.tick_interval_s,
             vector_length=_vector_length(ctx, s, rnd),
-            submitted=secagg_resend.submitted(s, caller.assignment),
+            submitted=secagg_resend.submitted(s, caller.assignment, state.stage, ctx.secagg_submitted),
         )
         if reached >= _STAGES.index(SECAGG_SHARE):
             cohort = _cohort(ctx, s, caller)
