@@ -3,6 +3,7 @@ and synthetic deltas (so that the expected aggregate is known exactly)."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -141,6 +142,41 @@ class HoldsFirstUpload(Recorder):
         while not list(self.staging.rglob("*.part")):  # the only upload in flight: the server has it
             assert time.monotonic() < give_up, "the server never began to receive the held upload"
             time.sleep(0.01)
+
+
+class SendsTamperedCopies(Recorder):
+    """Right after the first device's request of each stage is answered, sends the server a copy with
+    a different content (keys swapped, one byte of a body flipped) under the same tokens, and keeps the
+    answer. The stage's other requests wait meanwhile (one lock per stage), so the stage is still the
+    one the copy belongs to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage_locks: dict[str, threading.Lock] = {}
+        self.answers: dict[str, tuple[int, str]] = {}  # stage -> (status, code) of the tampered copy
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        stage = request.url.path.rsplit("/", 1)[-1]
+        if request.method != "POST" or "/secagg/" not in request.url.path:
+            return super().handle_request(request)
+        with self._lock:
+            lock = self.stage_locks.setdefault(stage, threading.Lock())
+        with lock:
+            response = super().handle_request(request)
+            if stage in self.answers or response.status_code not in (200, 202):
+                return response
+            body = request.read()
+            if stage == "keys":
+                keys = json.loads(body)
+                tampered = json.dumps({"c_public": keys["s_public"], "s_public": keys["c_public"]}).encode()
+            else:
+                tampered = body[:-1] + bytes([body[-1] ^ 1])
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+            copy = httpx.Request("POST", request.url, headers=headers, content=tampered)
+            answer = self._inner.handle_request(copy)
+            answer.read()
+            self.answers[stage] = (answer.status_code, answer.json().get("code", ""))
+            return response
 
 
 class _Gone(Exception):
@@ -467,3 +503,29 @@ def test_a_resend_that_meets_the_first_upload_still_arriving_waits_for_it(server
     assert held.first_done.wait(30) and held.first_status == 202
     assert held.resends[0] == 409 and held.resends[-1] == 202, held.resends
     assert rnd.reported == n
+
+
+def test_a_resend_with_different_content_is_refused_and_changes_nothing(server: LocalServer) -> None:
+    """Each stage's first request is followed by a copy with another content: refused (409), and the
+    round still aggregates to the exact mean of the devices' own updates (a swapped key, or a flipped
+    byte of a share, a masked update or a revealed share taken in, would break the unmasking)."""
+    n = 3
+    tamper = SendsTamperedCopies()
+    cohort = Cohort(server, recorder=tamper)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "tampered", n, secure=True, min_reports=n, timeout=30.0)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=5)
+        assert cohort.run(task_id, deltas, weights, secure=True) == {}
+        base, new = _result(admin, task_id)
+    assert tamper.answers == {
+        "keys": (409, "already_done"),
+        "shares": (409, "already_done"),
+        "masked-update": (409, "conflict"),
+        "reveal": (409, "already_done"),
+    }
+    expected = _expected_mean(deltas, weights, list(range(n)))
+    quant = _quantization_bound(n, sum(weights), max_devices=n)
+    for k, mean in expected.items():
+        got = new[k].astype(np.float64) - base[k]
+        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
