@@ -153,7 +153,12 @@ def post_shares(
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
         recorded = s.get(SecAggMember, (round_id, device_id))
-        if recorded is not None and secagg_resend.shares_digest(s, recorded) == sent:
+        # in the share stage, shares rows exist exactly when the flag is set: no read for a first post
+        if (
+            recorded is not None
+            and (recorded.shared or caller.state.stage != SECAGG_SHARE)
+            and secagg_resend.shares_digest(s, recorded) == sent
+        ):
             return _resend_answer(caller, device_id, secagg_resend.SHARES)
         _require_stage(caller, SECAGG_SHARE, now)
         member = _member(s, caller, device_id)
