@@ -33,6 +33,7 @@ __all__ = ["STAGES", "upload_secure"]
 STAGES = ("advertise", "share", "upload", "unmask", "done")
 # the server's codes for a device the protocol has moved past (docs/protocol.md)
 _LEFT_OUT = frozenset({"wrong_stage", "not_in_cohort"})
+_IN_PROGRESS = "upload_in_progress"  # a resent masked update while the first is still arriving
 _T = TypeVar("_T")
 Step = Callable[[str, Callable[[], _T]], _T]
 
@@ -80,21 +81,36 @@ class _Session:
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed secure-aggregation state: {exc!r}") from exc
 
-    def post(self, what: str, *, json_body: Any = None, content: bytes | None = None) -> dict[str, Any]:
+    def post(
+        self, what: str, *, json_body: Any = None, content: bytes | None = None, patience_s: float = 0.0
+    ) -> dict[str, Any]:
+        """Sent as an idempotent request: the server answers a resend of what it already recorded for
+        this device as it answered the first (docs/protocol.md "Secure aggregation"), so a connection
+        reset or a timeout on the answer is retried like a GET instead of dropping the device. A resend
+        that finds the first still arriving (409 ``upload_in_progress``) is sent again, with backoff,
+        for up to ``patience_s``: once the first is recorded, the resend is answered from it."""
         headers = dict(self._headers)
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
-        resp = self._conn.request(
-            "POST",
-            f"{self._path}/{what}",
-            json_body=json_body,
-            content=content,
-            headers=headers,
-            idempotent=False,
-            upload=what == "masked-update",
-            expect=(200, 202),
-        )
-        return dict(self._conn.json(resp))
+        give_up, attempt = self._clock() + patience_s, 0
+        while True:
+            try:
+                resp = self._conn.request(
+                    "POST",
+                    f"{self._path}/{what}",
+                    json_body=json_body,
+                    content=content,
+                    headers=headers,
+                    idempotent=True,
+                    upload=what == "masked-update",
+                    expect=(200, 202),
+                )
+                return dict(self._conn.json(resp))
+            except APIError as exc:
+                if exc.code != _IN_PROGRESS or self._clock() >= give_up:
+                    raise
+            self._conn.sleep(max(0.01, min(self._conn.backoff(attempt), give_up - self._clock())))
+            attempt += 1
 
     def wait_for(self, stage: str, timeout_s: float) -> _View:
         """Poll until the round reaches ``stage`` (or a later one)."""
@@ -207,7 +223,10 @@ def _run(
     inbox = {str(sender): _b64(text) for sender, text in (view.raw.get("inbox") or {}).items()}
     masked = machine.mask(inbox, vector)
     payload = codec.encode({"masked": masked})
-    accepted = step("secagg_upload", lambda: session.post("masked-update", content=payload))
+    accepted = step(
+        "secagg_upload",
+        lambda: session.post("masked-update", content=payload, patience_s=info.stage_timeout_s),
+    )
 
     view = session.wait_for("unmask", 2 * info.stage_timeout_s)
     sharers, uploaders = set(view.raw.get("sharers") or []), set(view.raw.get("uploaders") or [])

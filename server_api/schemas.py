@@ -457,6 +457,10 @@ class SecAggStateOut(BaseModel):
     sharers: list[str] | None = None  # upload stage on: the devices whose shares were delivered (U2)
     inbox: dict[str, str] | None = None  # upload stage on: encrypted shares for this device, by sender
     uploaders: list[str] | None = None  # unmask stage on: the devices whose masked update arrived (U3)
+    # what this device's own requests recorded: request name (keys, shares, masked-update, reveal) ->
+    # SHA-256 hex of the content (server_api.services.secagg_resend), so that a device that lost an
+    # answer can tell whether its request arrived
+    submitted: dict[str, str] = Field(default_factory=dict)
 
 
 class SecAggAccepted(BaseModel):

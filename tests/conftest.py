@@ -1,7 +1,9 @@
-"""Shared fixtures: settings on a temporary SQLite file, a fresh PostgreSQL database, live servers."""
+"""Shared fixtures: settings on a temporary SQLite file, a fresh PostgreSQL database, live servers (one per
+database backend and test module: ``server``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +54,26 @@ class LiveServer(LocalServer):
             min_retry_after_s=0.05,
             extra_env={"FACEFL_TICK_INTERVAL_S": "0.2", **env},
         )
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One live server per database backend for the module that asks for it (its tests make their own
+    tasks and devices); the PostgreSQL one runs on a fresh scratch database, skipped without
+    FACEFL_TEST_DATABASE_URL. A module's own ``server`` fixture, where it has one, takes precedence."""
+    with contextlib.ExitStack() as stack:
+        url = None
+        if request.param == "postgres":
+            base = os.environ.get("FACEFL_TEST_DATABASE_URL")
+            if not base:
+                pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
+            from server_api.db import scratch_database
+
+            url = stack.enter_context(scratch_database(base, "facefl_test"))
+        live = LiveServer(tmp_path_factory.mktemp("server"), url)
+        live.start()
+        stack.callback(live.stop)
+        yield live
 
 
 @pytest.hookimpl(hookwrapper=True)

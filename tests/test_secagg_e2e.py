@@ -3,12 +3,13 @@ and synthetic deltas (so that the expected aggregate is known exactly)."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
-import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,9 +21,9 @@ from device_sdk import AdminClient, FederatedClient
 from facefl import codec
 from facefl.privacy.accountant import epsilon_spent
 from facefl.secagg import fixedpoint
-from server_api.db import normalize_url, scratch_database
+from server_api.db import normalize_url
 from simulator.server import LocalServer
-from tests.conftest import ADMIN, SECRET, LiveServer
+from tests.conftest import ADMIN, SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,135 @@ class Recorder(httpx.BaseTransport):
 
     def close(self) -> None:
         """Shared by every client: closed by the test."""
+
+
+class LosesFirstAnswers(Recorder):
+    """Forwards each device's first POST of a secure-aggregation stage to the server, which records it,
+    then raises a connection error (the stage's kind) instead of returning the answer: the device cannot
+    know whether its request arrived."""
+
+    def __init__(self, errors: dict[str, type[httpx.TransportError]]) -> None:
+        super().__init__()
+        self.errors = errors
+        self.lost: dict[tuple[str, str], int] = {}  # (Authorization header, stage) -> the lost status
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        path = request.url.path
+        stage = path.rsplit("/", 1)[-1]
+        if request.method != "POST" or "/secagg/" not in path or stage not in self.errors:
+            return response
+        who = (request.headers["Authorization"], stage)
+        with self._lock:
+            first = who not in self.lost
+            if first:
+                self.lost[who] = response.status_code
+        if not first:
+            return response
+        response.read()
+        response.close()
+        raise self.errors[stage](f"the answer to {path} was lost", request=request)
+
+
+class HoldsFirstUpload(Recorder):
+    """The first device to post its masked update is held back until the other ``n - 1`` uploads are in,
+    then its upload goes out slowly: the headers and half the body, the rest only once the device's
+    resend was told that the first is still arriving (409 ``upload_in_progress``). The device itself
+    gets a read timeout as soon as the server is receiving that body (its staging file exists), so its
+    resend always meets the first in flight."""
+
+    def __init__(self, n: int, staging: Path) -> None:
+        super().__init__()
+        self.n, self.staging = n, staging
+        self.held: str | None = None  # the Authorization header of the held device
+        self.others_in = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.first_status: int | None = None
+        self.first_done = threading.Event()
+        self.resends: list[int] = []  # the statuses the held device's resends got
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or not request.url.path.endswith("/secagg/masked-update"):
+            return super().handle_request(request)
+        who = request.headers["Authorization"]
+        with self._lock:
+            first = self.held is None
+            if first:
+                self.held = who
+        if first:
+            self._send_slowly(request)
+            raise httpx.ReadTimeout("the answer to the first masked update was lost", request=request)
+        response = super().handle_request(request)
+        if who != self.held:
+            self.others_in.release()
+            return response
+        response.read()
+        self.resends.append(response.status_code)
+        if response.status_code == 409:
+            self.release.set()
+        return response
+
+    def _send_slowly(self, request: httpx.Request) -> None:
+        for _ in range(self.n - 1):
+            assert self.others_in.acquire(timeout=60)
+        body = request.read()
+        with self._lock:
+            self.requests.append((request.method, request.url.path, body))
+
+        def chunks() -> Iterator[bytes]:
+            yield body[: len(body) // 2]
+            self.release.wait(60)
+            yield body[len(body) // 2 :]
+
+        slow = httpx.Request(request.method, request.url, headers=request.headers, content=chunks())
+
+        def send() -> None:
+            response = self._inner.handle_request(slow)
+            response.read()
+            response.close()
+            self.first_status = response.status_code
+            self.first_done.set()
+
+        threading.Thread(target=send, daemon=True).start()
+        give_up = time.monotonic() + 60
+        while not list(self.staging.rglob("*.part")):  # the only upload in flight: the server has it
+            assert time.monotonic() < give_up, "the server never began to receive the held upload"
+            time.sleep(0.01)
+
+
+class SendsTamperedCopies(Recorder):
+    """Right after the first device's request of each stage is answered, sends the server a copy with
+    a different content (keys swapped, one byte of a body flipped) under the same tokens, and keeps the
+    answer. The stage's other requests wait meanwhile (one lock per stage), so the stage is still the
+    one the copy belongs to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage_locks: dict[str, threading.Lock] = {}
+        self.answers: dict[str, tuple[int, str]] = {}  # stage -> (status, code) of the tampered copy
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        stage = request.url.path.rsplit("/", 1)[-1]
+        if request.method != "POST" or "/secagg/" not in request.url.path:
+            return super().handle_request(request)
+        with self._lock:
+            lock = self.stage_locks.setdefault(stage, threading.Lock())
+        with lock:
+            response = super().handle_request(request)
+            if stage in self.answers or response.status_code not in (200, 202):
+                return response
+            body = request.read()
+            if stage == "keys":
+                keys = json.loads(body)
+                tampered = json.dumps({"c_public": keys["s_public"], "s_public": keys["c_public"]}).encode()
+            else:
+                tampered = body[:-1] + bytes([body[-1] ^ 1])
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+            copy = httpx.Request("POST", request.url, headers=headers, content=tampered)
+            answer = self._inner.handle_request(copy)
+            answer.read()
+            self.answers[stage] = (answer.status_code, answer.json().get("code", ""))
+            return response
 
 
 class _Gone(Exception):
@@ -108,21 +238,6 @@ class Cohort:
             t.join(120)
         assert not any(t.is_alive() for t in threads)
         return errors
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """One server for the module's tests (each creates its own tasks and devices)."""
-    with contextlib.ExitStack() as stack:
-        url = None
-        if request.param == "postgres":
-            base = os.environ.get("FACEFL_TEST_DATABASE_URL")
-            if not base:
-                pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
-            url = stack.enter_context(scratch_database(base, "facefl_test"))
-        live = LiveServer(tmp_path_factory.mktemp("secagg"), url).start()
-        stack.callback(live.stop)
-        yield live
 
 
 def _task(
@@ -331,3 +446,86 @@ def test_distributed_dp_the_devices_noise_adds_up_to_the_central_mechanism(serve
     assert abs(noise.mean()) < 5 * expected / math.sqrt(len(noise))
     assert rnd.metrics["dp_epsilon"] == pytest.approx(epsilon_spent(n / population, z, 1, 1e-5))
     assert task.raw["privacy"]["noise_added_by"] == "devices"
+
+
+def test_lost_answers_at_every_stage_are_resent_and_every_device_is_aggregated(
+    server: LocalServer,
+) -> None:
+    """Every device loses the answer to its first request of each stage (the server recorded it; the
+    last one of each stage also closed it): the SDK sends it again, the server answers from the record,
+    and the round aggregates with every device (min_reports = n: a device left out abandons it)."""
+    n = 4
+    lossy = LosesFirstAnswers(
+        {
+            "keys": httpx.ReadError,
+            "shares": httpx.ReadTimeout,
+            "masked-update": httpx.RemoteProtocolError,
+            "reveal": httpx.ReadError,
+        }
+    )
+    cohort = Cohort(server, recorder=lossy)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "resend", n, secure=True, min_reports=n, timeout=30.0)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=3)
+        assert cohort.run(task_id, deltas, weights, secure=True) == {}
+        base, new = _result(admin, task_id)
+        rnd = admin.task_rounds(task_id)[0]
+    # each device's first request of each stage was recorded (2xx) and its answer lost
+    tokens = {f"Bearer {token}" for _, token in cohort.creds}
+    assert sorted(lossy.lost) == sorted((t, s) for t in tokens for s in lossy.errors)
+    assert set(lossy.lost.values()) <= {200, 202}, lossy.lost
+    for stage in lossy.errors:  # sent twice by every device, not more
+        posts = [p for m, p, _ in lossy.requests if m == "POST" and p.endswith(f"/secagg/{stage}")]
+        assert len(posts) == 2 * n, stage
+    assert rnd.reported == n
+    expected = _expected_mean(deltas, weights, list(range(n)))
+    quant = _quantization_bound(n, sum(weights), max_devices=n)
+    for k, mean in expected.items():
+        got = new[k].astype(np.float64) - base[k]
+        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+
+
+def test_a_resend_that_meets_the_first_upload_still_arriving_waits_for_it(server: LocalServer) -> None:
+    """The device's read timeout fires while the server is still receiving its masked update: the resend
+    is told 409 upload_in_progress, the SDK sends it again until the first is recorded, and that resend
+    is answered from the record; the round aggregates with every device."""
+    n = 3
+    held = HoldsFirstUpload(n, server.data_dir / "blobs" / "staging")
+    cohort = Cohort(server, recorder=held)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "in-flight", n, secure=True, min_reports=n, timeout=30.0)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=4)
+        assert cohort.run(task_id, deltas, weights, secure=True) == {}
+        _result(admin, task_id)  # aggregated
+        rnd = admin.task_rounds(task_id)[0]
+    assert held.first_done.wait(30) and held.first_status == 202
+    assert held.resends[0] == 409 and held.resends[-1] == 202, held.resends
+    assert rnd.reported == n
+
+
+def test_a_resend_with_different_content_is_refused_and_changes_nothing(server: LocalServer) -> None:
+    """Each stage's first request is followed by a copy with another content: refused (409), and the
+    round still aggregates to the exact mean of the devices' own updates (a swapped key, or a flipped
+    byte of a share, a masked update or a revealed share taken in, would break the unmasking)."""
+    n = 3
+    tamper = SendsTamperedCopies()
+    cohort = Cohort(server, recorder=tamper)
+    cohort.register(n)
+    with AdminClient(server.base_url, ADMIN, timeout=30) as admin:
+        task_id = _task(admin, "tampered", n, secure=True, min_reports=n, timeout=30.0)
+        deltas, weights = _deltas(admin, _current_version(admin, task_id), n, seed=5)
+        assert cohort.run(task_id, deltas, weights, secure=True) == {}
+        base, new = _result(admin, task_id)
+    assert tamper.answers == {
+        "keys": (409, "already_done"),
+        "shares": (409, "already_done"),
+        "masked-update": (409, "conflict"),
+        "reveal": (409, "already_done"),
+    }
+    expected = _expected_mean(deltas, weights, list(range(n)))
+    quant = _quantization_bound(n, sum(weights), max_devices=n)
+    for k, mean in expected.items():
+        got = new[k].astype(np.float64) - base[k]
+        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k

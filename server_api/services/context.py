@@ -15,6 +15,7 @@ from server_api.db import Database
 from server_api.errors import conflict
 from server_api.ratelimit import RateLimiter
 from server_api.services.secagg_cohorts import FrozenCohorts
+from server_api.services.secagg_resend import RecordedDigests
 from server_api.services.token_cache import TokenHashes
 from server_api.settings import Settings
 
@@ -70,6 +71,8 @@ class ServiceContext:
     device_tokens: TokenHashes = field(default_factory=TokenHashes)
     # secure-aggregation cohorts as of a stage (final once reached: see FrozenCohorts)
     secagg_cohorts: FrozenCohorts = field(default_factory=FrozenCohorts)
+    # digests of the devices' recorded secure-aggregation requests (immutable once recorded)
+    secagg_submitted: RecordedDigests = field(default_factory=RecordedDigests)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:

@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from facefl import codec
+from facefl.fileio import sha256_file
 from facefl.secagg import keys, shamir
 from facefl.secagg.roster import SHARE_CIPHERTEXT_BYTES
 from server_api import metrics as prom
@@ -40,7 +41,7 @@ from server_api.orm import (
     utcnow,
 )
 from server_api.schemas import SecAggAccepted, SecAggKeysIn, SecAggMemberOut, SecAggStateOut, UpdateAccepted
-from server_api.services import models, queries, secagg_stages, secagg_sum
+from server_api.services import models, queries, secagg_resend, secagg_stages, secagg_sum
 from server_api.services.context import ServiceContext, log
 from server_api.services.secagg_cohorts import FrozenCohort
 
@@ -89,6 +90,16 @@ def _member(s: Session, caller: _Caller, device_id: str, *, sharer: bool = False
     return member
 
 
+def _resend_answer(caller: _Caller, device_id: str, what: str) -> SecAggAccepted:
+    """A resend of what this device's request already recorded (it lost the answer): answered like the
+    first one, whatever the stage is now, and nothing changes (secagg_resend)."""
+    log.info(
+        "secure aggregation request resent, answered from the record",
+        extra={"round_id": caller.rnd.id, "device_id": device_id, "request": what},
+    )
+    return SecAggAccepted(round_id=caller.rnd.id, stage=caller.state.stage)  # type: ignore[arg-type]
+
+
 def _public_key(text: str, field: str) -> bytes:
     try:
         raw = base64.b64decode(text, validate=True)
@@ -115,6 +126,10 @@ def advertise(
     now = utcnow()
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
+        recorded = s.get(SecAggMember, (round_id, device_id))
+        sent = secagg_resend.keys_digest(c_public, s_public)
+        if recorded is not None and secagg_resend.keys_digest(recorded.c_public, recorded.s_public) == sent:
+            return _resend_answer(caller, device_id, secagg_resend.KEYS)
         _require_stage(caller, SECAGG_ADVERTISE, now)
         members = queries.secagg_members(s, round_id)
         if any(m.device_id == device_id for m in members):
@@ -134,9 +149,17 @@ def post_shares(
     ctx: ServiceContext, round_id: int, device_id: str, upload_token: str, body: bytes
 ) -> SecAggAccepted:
     """``body``: the encrypted shares for this device's neighbours, sorted by device id, concatenated."""
-    now = utcnow()
+    now, sent = utcnow(), secagg_resend.body_digest(body)
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
+        recorded = s.get(SecAggMember, (round_id, device_id))
+        # in the share stage, shares rows exist exactly when the flag is set: no read for a first post
+        if (
+            recorded is not None
+            and (recorded.shared or caller.state.stage != SECAGG_SHARE)
+            and secagg_resend.shares_digest(s, recorded) == sent
+        ):
+            return _resend_answer(caller, device_id, secagg_resend.SHARES)
         _require_stage(caller, SECAGG_SHARE, now)
         member = _member(s, caller, device_id)
         if member.shared:
@@ -168,23 +191,57 @@ class MaskedTarget:
     device_id: str
     upload_token: str
     vector_length: int
+    recorded: secagg_resend.RecordedUpload | None = None  # this device's upload is in: a resend?
 
 
 def preflight_masked(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) -> MaskedTarget:
-    """The checks of a masked upload that need no body (run before it is read)."""
-    now = utcnow()
+    """The checks of a masked upload that need no body (run before it is read). When this device's
+    upload was already accepted, the body decides: the same one is a resend, another is refused."""
     with ctx.db.read() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=False)
-        _require_stage(caller, SECAGG_UPLOAD, now)
-        _member(s, caller, device_id, sharer=True)
-        if caller.assignment.reported:
-            raise conflict("this assignment's update was already accepted")
+        recorded = secagg_resend.masked_of(s, caller.assignment)
+        if recorded is None:
+            _refuse_masked(s, caller, device_id)
         length = _vector_length(ctx, s, caller.rnd)
-    return MaskedTarget(round_id, device_id, upload_token, length)
+    return MaskedTarget(round_id, device_id, upload_token, length, recorded)
+
+
+def _refuse_masked(s: Session, caller: _Caller, device_id: str) -> None:
+    """In this order: 410, 409 ``wrong_stage``, 403 ``not_in_cohort``, 409 ``conflict`` (accepted)."""
+    _require_stage(caller, SECAGG_UPLOAD, utcnow())
+    _member(s, caller, device_id, sharer=True)
+    if caller.assignment.reported:
+        raise conflict("this assignment's update was already accepted")
+
+
+def _masked_resend(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> UpdateAccepted:
+    """The body of a device whose upload was accepted: the same one is answered from the record; another
+    gets the refusal it would have got before its body was read."""
+    assert target.recorded is not None
+    with ctx.db.read() as s:
+        caller = _authorize(s, target.round_id, target.device_id, target.upload_token, lock=False)
+        if sha256_file(staged) != target.recorded.digest:
+            _refuse_masked(s, caller, target.device_id)
+            raise conflict("this assignment's update was already accepted")  # not reached: it is reported
+        return _upload_answer(s, target, target.recorded)
+
+
+def _upload_answer(
+    s: Session, target: MaskedTarget, recorded: secagg_resend.RecordedUpload
+) -> UpdateAccepted:
+    """A resent masked update, answered from the record (with today's count of uploads)."""
+    log.info(
+        "secure aggregation request resent, answered from the record",
+        extra={"round_id": target.round_id, "device_id": target.device_id, "request": secagg_resend.MASKED},
+    )
+    reports = len(queries.uploaders_of(s, target.round_id))
+    return UpdateAccepted(update_id=recorded.update_id, round_id=target.round_id, reports=reports)
 
 
 def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> UpdateAccepted:
     """Validate the staged body (one U32 tensor of the round's vector length), store it, record it."""
+    if target.recorded is not None:
+        return _masked_resend(ctx, target, staged)
     try:
         secagg_sum.masked_values(staged, target.vector_length)
     except codec.CodecError as exc:
@@ -194,6 +251,11 @@ def accept_masked(ctx: ServiceContext, target: MaskedTarget, staged: Path) -> Up
     try:
         with ctx.db.write() as s:
             caller = _authorize(s, target.round_id, target.device_id, target.upload_token, lock=True)
+            # the same body may have been recorded since the preflight (a resend racing the first
+            # request, on another worker): answered from the record, before the stage (it may have moved)
+            recorded = secagg_resend.masked_of(s, caller.assignment)
+            if recorded is not None and recorded.digest == key:
+                return _upload_answer(s, target, recorded)  # the blob is the recorded one: kept
             _require_stage(caller, SECAGG_UPLOAD, now)
             _member(s, caller, target.device_id, sharer=True)
             update_id = queries.record_masked_update(
@@ -218,9 +280,12 @@ def reveal(
 ) -> SecAggAccepted:
     """``body``: 66-byte share values, first of the mask keys of this device's dropped neighbours (U2 - U3),
     then of the self-mask seeds of its surviving neighbours (U3), each list sorted by device id."""
-    now = utcnow()
+    now, sent = utcnow(), secagg_resend.body_digest(body)
     with ctx.db.write() as s:
         caller = _authorize(s, round_id, device_id, upload_token, lock=True)
+        recorded = s.get(SecAggMember, (round_id, device_id))
+        if recorded is not None and secagg_resend.reveal_digest(s, recorded) == sent:
+            return _resend_answer(caller, device_id, secagg_resend.REVEAL)
         _require_stage(caller, SECAGG_UNMASK, now)
         member = _member(s, caller, device_id, sharer=True)
         cohort = _cohort(ctx, s, caller)
@@ -270,6 +335,7 @@ def view(ctx: ServiceContext, round_id: int, device_id: str, upload_token: str) 
             deadline=rnd.deadline,
             retry_after_s=ctx.settings.tick_interval_s,
             vector_length=_vector_length(ctx, s, rnd),
+            submitted=secagg_resend.submitted(s, caller.assignment, state.stage, ctx.secagg_submitted),
         )
         if reached >= _STAGES.index(SECAGG_SHARE):
             cohort = _cohort(ctx, s, caller)

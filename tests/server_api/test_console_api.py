@@ -4,8 +4,6 @@ of rounds; and the console login throttle."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,25 +14,9 @@ import pytest
 
 from device_sdk import FederatedClient
 from device_sdk.client import Assignment
-from server_api.db import scratch_database
 from tests.conftest import ADMIN, SECRET, LiveServer
 
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One server per backend for the module (the tests make their own tasks and devices)."""
-    with contextlib.ExitStack() as stack:
-        url = None
-        if request.param == "postgres":
-            base = os.environ.get("FACEFL_TEST_DATABASE_URL")
-            if not base:
-                pytest.skip("FACEFL_TEST_DATABASE_URL is not set")
-            url = stack.enter_context(scratch_database(base, "facefl_console"))
-        srv = LiveServer(tmp_path_factory.mktemp("console-api"), url).start()
-        stack.callback(srv.stop)
-        yield srv
 
 
 @pytest.fixture

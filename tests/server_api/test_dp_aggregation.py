@@ -29,22 +29,6 @@ from tests.conftest import ADMIN, SECRET, make_settings
 D = 8 * 48 + 8  # coordinates of the tiny architecture at embedding_dim 8
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    s = make_settings(tmp_path)
-    upgrade(s.database_url)
-    return s
-
-
-@pytest.fixture
-def ctx(settings: Settings) -> Iterator[ServiceContext]:
-    context = ServiceContext.from_settings(settings)
-    try:
-        yield context
-    finally:
-        context.close()
-
-
 def _released(
     tmp_path: Path, updates: list[dict[str, np.ndarray]], norms: list[float], clip: float, z: float
 ) -> dict[str, np.ndarray]:

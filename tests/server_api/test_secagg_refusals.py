@@ -1,11 +1,13 @@
 """Secure aggregation's refusals through the app on a real SQLite file (PostgreSQL with
-FACEFL_TEST_DATABASE_URL): a request in the wrong stage, a replay, a share of the wrong length, a device
-outside the cohort, bad keys, a masked upload of the wrong length. Each is a clear 4xx that changes no
-row, flag, stage or blob."""
+FACEFL_TEST_DATABASE_URL): a request in the wrong stage, a replay of different content, a share of the
+wrong length, a device outside the cohort, bad keys, a masked upload of the wrong length. Each is a
+clear 4xx that changes no row, flag, stage or blob. A resend of the same content (a device that lost
+the answer) is answered as the first request was, and changes nothing either."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from facefl import codec
 from facefl.secagg.client import SecAggClient
 from facefl.secagg.roster import Advertisement, Roster
 from server_api.app import create_app
+from server_api.errors import ApiError
 from server_api.orm import Round, SecAggMember, SecAggReveal, SecAggRound, SecAggShare
+from server_api.services import secagg
 from tests.conftest import SECRET, make_settings
 from tests.server_api.test_api import ADMIN_H, Api, wait_for
 
@@ -102,6 +106,19 @@ def refused(api: Api, status: int, code: str, action: Callable[[], Any]) -> None
     assert state(api) == before
 
 
+def resent(api: Api, status: int, action: Callable[[], Any]) -> dict[str, Any]:
+    """A resend of what the device already submitted: answered as the first time, nothing changes."""
+    before = state(api)
+    r = action()
+    assert r.status_code == status, r.text
+    assert state(api) == before
+    return r.json()  # type: ignore[no-any-return]
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _cohort(api: Api) -> tuple[list[Dev], Dev]:
     api.task(rounds=1, architecture="tiny", policy=POLICY)
     devs = [Dev(api) for _ in range(4)]
@@ -165,13 +182,26 @@ def test_stage_refusals_change_nothing(api: Api) -> None:
     refused(api, 409, "secure_aggregation", lambda: api.upload(first.auth, first.a, plain))
 
     assert first.post("keys", json=keys).status_code == 200
-    refused(api, 409, "already_done", lambda: first.post("keys", json=keys))  # a replay
+    assert resent(api, 200, lambda: first.post("keys", json=keys)) == {
+        "round_id": first.a["round_id"],
+        "stage": "advertise",
+    }
+    other = SecAggClient(first.id, first.a["round_id"]).advertise()
+    other_keys = {
+        "c_public": base64.b64encode(other.c_public).decode(),
+        "s_public": base64.b64encode(other.s_public).decode(),
+    }
+    refused(api, 409, "already_done", lambda: first.post("keys", json=other_keys))  # different keys
+    raw = base64.b64decode(keys["c_public"]) + base64.b64decode(keys["s_public"])
+    assert first.view()["submitted"] == {"keys": digest(raw)}
     stolen = {**cohort[1].keys_body(), "s_public": keys["s_public"]}
     refused(api, 422, "bad_key", lambda: cohort[1].post("keys", json=stolen))
     for d in cohort[1:]:
         r = d.post("keys", json=d.keys_body())
         assert r.status_code == 200, r.text
     assert r.json()["stage"] == "share"  # the third advertisement closed the stage: the cohort is fixed
+    # its answer lost, the device that closed it sends its keys again: the stage has moved, it is in
+    assert resent(api, 200, lambda: d.post("keys", json=d.keys_body()))["stage"] == "share"
 
     # share stage: the fourth device is outside the cohort and can no longer advertise or check in
     refused(api, 409, "wrong_stage", lambda: late.post("keys", json=late.keys_body()))
@@ -182,7 +212,10 @@ def test_stage_refusals_change_nothing(api: Api) -> None:
     refused(api, 422, "bad_shares", lambda: first.post("shares", content=body[:-1]))
     refused(api, 422, "bad_shares", lambda: first.post("shares", content=body + body[:162]))
     assert first.post("shares", content=body).status_code == 200
-    refused(api, 409, "already_done", lambda: first.post("shares", content=body))
+    assert resent(api, 200, lambda: first.post("shares", content=body))["stage"] == "share"
+    tampered = body[:-1] + bytes([body[-1] ^ 1])
+    refused(api, 409, "already_done", lambda: first.post("shares", content=tampered))
+    assert first.view()["submitted"]["shares"] == digest(body)
     for d in cohort[1:]:
         out = d.machine.share(roster)
         assert d.post("shares", content=b"".join(out[p] for p in roster.neighbours(d.id))).status_code == 200
@@ -200,15 +233,19 @@ def test_stage_refusals_change_nothing(api: Api) -> None:
     refused(api, 422, "bad_update", lambda: first.post("masked-update", content=as_float))
     refused(api, 403, "not_in_cohort", lambda: late.post("masked-update", content=short))
     refused(api, 409, "wrong_stage", lambda: first.post("reveal", content=b""))
+    accepted = {}
     for d in cohort:
         r = d.post("masked-update", content=codec.encode({"masked": masked[d.id]}))
         assert r.status_code == 202, r.text
-    refused(
-        api,
-        409,
-        "wrong_stage",
-        lambda: first.post("masked-update", content=codec.encode({"masked": masked[first.id]})),
-    )
+        accepted[d.id] = r.json()
+    # the last upload closed the stage; a resend of the same body is answered from the record, another
+    # body gets the refusal it always got
+    mine = codec.encode({"masked": masked[first.id]})
+    again = resent(api, 202, lambda: first.post("masked-update", content=mine))
+    assert again["update_id"] == accepted[first.id]["update_id"] and again["reports"] == 3
+    other_masked = codec.encode({"masked": masked[first.id] + np.uint32(1)})
+    refused(api, 409, "wrong_stage", lambda: first.post("masked-update", content=other_masked))
+    assert first.view()["submitted"]["masked-update"] == digest(mine)
 
     # unmask stage: a reveal of the wrong length, or from outside, is refused; a replay too
     view = first.view()
@@ -222,7 +259,15 @@ def test_stage_refusals_change_nothing(api: Api) -> None:
     )  # outside the field
     refused(api, 403, "not_in_cohort", lambda: late.post("reveal", content=shares))
     assert first.post("reveal", content=shares).status_code == 200
-    refused(api, 409, "already_done", lambda: first.post("reveal", content=shares))
+    assert resent(api, 200, lambda: first.post("reveal", content=shares))["stage"] == "unmask"
+    swapped = shares[66:] + shares[:66]
+    refused(api, 409, "already_done", lambda: first.post("reveal", content=swapped))
+    assert first.view()["submitted"] == {
+        "keys": digest(raw),
+        "shares": digest(body),
+        "masked-update": digest(mine),
+        "reveal": digest(shares),
+    }
 
 
 def _drive_to_unmask(api: Api, cohort: list[Dev]) -> dict[str, Any]:
@@ -295,3 +340,41 @@ def test_too_few_reveals_abandon_the_round_at_the_stage_deadline(api: Api) -> No
     assert "too few shares revealed" in rnd["metrics"]["abandoned_reason"]
     task = api.c.get("/v1/tasks/1", headers=ADMIN_H).json()
     assert task["current_round"]["id"] != view["round_id"] and task["current_version"] == 1  # reopened
+
+
+def test_a_resend_racing_its_first_masked_update_is_answered_from_the_record(api: Api) -> None:
+    """Its preflight ran before the first upload was recorded (another worker, or just after the first
+    released its claim): the write sees the record and answers from it; a different body is refused."""
+    cohort, _ = _cohort(api)
+    for d in cohort:
+        assert d.post("keys", json=d.keys_body()).status_code == 200
+    roster = cohort[0].roster()
+    for d in cohort:
+        out = d.machine.share(roster)
+        assert d.post("shares", content=b"".join(out[p] for p in roster.neighbours(d.id))).status_code == 200
+    first = cohort[0]
+    view = first.view()
+    inbox = {k: base64.b64decode(v) for k, v in view["inbox"].items()}
+    vector = np.zeros(view["vector_length"], np.uint32)
+    vector[-1] = 1
+    masked = first.machine.mask(inbox, vector)
+    body = codec.encode({"masked": masked})
+    rid, token = first.a["round_id"], first.a["upload_token"]
+
+    racing = [secagg.preflight_masked(api.ctx, rid, first.id, token) for _ in range(2)]
+    assert all(t.recorded is None for t in racing)  # nothing recorded yet
+    r = first.post("masked-update", content=body)
+    assert r.status_code == 202, r.text
+
+    before = state(api)
+    staged = api.ctx.blobs.staging_file()
+    staged.write_bytes(body)
+    again = secagg.accept_masked(api.ctx, racing[0], staged)
+    assert again.update_id == r.json()["update_id"] and again.reports == 1
+    assert state(api) == before
+    staged = api.ctx.blobs.staging_file()
+    staged.write_bytes(codec.encode({"masked": masked + np.uint32(1)}))
+    with pytest.raises(ApiError) as refusal:
+        secagg.accept_masked(api.ctx, racing[1], staged)
+    assert (refusal.value.status_code, refusal.value.code) == (409, "conflict")
+    assert state(api) == before

@@ -19,28 +19,14 @@ from sqlalchemy import select
 from facefl import codec
 from facefl.algorithms.fedavgm import is_statistic
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, CLASS_EMBEDDINGS
-from server_api.db import upgrade
 from server_api.orm import ModelVersion, Round, Task
 from server_api.schemas import CheckinIn, RegisterIn, TaskIn, TrainAction
 from server_api.services import aggregation, devices, rounds, server_state, tasks, updates
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
-from tests.conftest import SECRET, make_settings
+from tests.conftest import SECRET
 
 POLICY = {"target_reports": 3, "min_reports": 1}  # three: intake never starts an aggregation itself
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    s = make_settings(tmp_path)
-    upgrade(s.database_url)
-    return s
-
-
-@pytest.fixture
-def ctx(settings: Settings) -> Iterator[ServiceContext]:
-    with _restarted(settings) as context:
-        yield context
 
 
 @contextmanager
