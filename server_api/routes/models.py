@@ -87,7 +87,9 @@ async def download_model(
     """The weights of a model version (immutable; ETag = sha256). A version the task's release gate held
     back is not served to devices (404); the admin may still fetch it."""
     # a cached row needs no thread hop; the gate check below runs on every request all the same
-    row = ctx.version_blobs.get(version) or await run_sync(models.version_blob, ctx, version)
+    row = ctx.version_blobs.get(version)
+    if row is None:
+        row = await run_sync(models.version_blob, ctx, version)
     if not row.served and principal != "admin":
         raise not_found(f"model version {version}")
     etag = f'"{row.sha256}"'
