@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from facefl import codec
 from server_api.app import create_app
 from server_api.services import models
-from server_api.services.blob_cache import SmallBlobs
+from server_api.services.blob_cache import BlobBytes, SmallBlobs, VersionBlob, VersionBlobs
 from tests.conftest import ADMIN, make_settings
 from tests.server_api.test_api import ADMIN_H, Api
 
@@ -113,3 +113,18 @@ def test_held_back_version_stays_the_admins_once_cached(api: Api) -> None:
     for _ in range(2):
         assert api.c.get(f"/v1/models/{held}", headers=dev).status_code == 404
     assert api.c.get(f"/v1/models/{held}", headers=ADMIN_H).status_code == 200
+
+
+def test_caches_stay_within_their_bounds() -> None:
+    small = SmallBlobs(budget=10, max_item=4)
+    for i in range(5):
+        small.put(str(i), BlobBytes(data=b"abc", last_modified="x"))
+    assert (
+        small.cached_bytes <= 10 and len(small) == 3 and small.get("0") is None and small.get("4") is not None
+    )
+    small.put("big", BlobBytes(data=b"12345", last_modified="x"))  # over max_item: not kept
+    assert small.get("big") is None
+    rows = VersionBlobs(max_entries=2)
+    for v in (1, 2, 3):
+        rows.put(v, VersionBlob(blob_key="k", sha256="k", size=1, served=True))
+    assert len(rows) == 2 and rows.get(1) is None and rows.get(3) is not None
