@@ -4,13 +4,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
 
 from server_api.deps import Admin, Context, Decimal, IdPath, IdQuery, Principal
+from server_api.errors import not_found
 from server_api.routes.body import receive_body
+from server_api.routes.immutable import CACHE_CONTROL, blob_response, not_modified
 from server_api.routes.responses import ADMIN, AUTHENTICATED, COMMON, UPLOAD, errors
 from server_api.schemas import ModelVersionOut
 from server_api.services import models
+from server_api.threads import run_sync
 
 router = APIRouter(prefix="/v1", tags=["models"], responses=COMMON)
 
@@ -76,13 +78,22 @@ async def model_info(version: IdPath, ctx: Context, _: Principal) -> ModelVersio
     },
 )
 async def download_model(
-    version: IdPath, ctx: Context, principal: Principal, if_none_match: Annotated[str | None, Header()] = None
+    version: IdPath,
+    request: Request,
+    ctx: Context,
+    principal: Principal,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The weights of a model version (immutable; ETag = sha256). A version the task's release gate held
     back is not served to devices (404); the admin may still fetch it."""
-    path, sha = await run_in_threadpool(models.served_blob_path, ctx, version, principal)
-    etag = f'"{sha}"'
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
-    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+    # a cached row needs no thread hop; the gate check below runs on every request all the same
+    row = ctx.version_blobs.get(version)
+    if row is None:
+        row = await run_sync(models.version_blob, ctx, version)
+    if not row.served and principal != "admin":
+        raise not_found(f"model version {version}")
+    etag = f'"{row.sha256}"'
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if not_modified(etag, if_none_match):
         return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type="application/octet-stream", headers=headers)
+    return await blob_response(request, ctx, row.blob_key, headers, row.size)

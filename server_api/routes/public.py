@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
 
 from server_api.deps import Context, CurrentDevice, IdPath, Principal
+from server_api.routes.immutable import CACHE_CONTROL, blob_response, not_modified
 from server_api.routes.responses import AUTHENTICATED, COMMON, errors
 from server_api.services import public, server_state
 
@@ -22,29 +22,37 @@ _BINARY: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _immutable_file(ctx: Context, key: str, if_none_match: str | None) -> Response:
+async def _immutable_file(request: Request, ctx: Context, key: str, if_none_match: str | None) -> Response:
     etag = f'"{key}"'  # blobs are content-addressed: the key is the sha256
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
-    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if not_modified(etag, if_none_match):
         return Response(status_code=304, headers=headers)
-    return FileResponse(ctx.blobs.path(key), media_type="application/octet-stream", headers=headers)
+    return await blob_response(request, ctx, key, headers)
 
 
 @router.get("/tasks/{task_id}/public-pack", response_class=Response, responses=_BINARY)
 async def public_pack(
-    task_id: IdPath, ctx: Context, _: Principal, if_none_match: Annotated[str | None, Header()] = None
+    task_id: IdPath,
+    request: Request,
+    ctx: Context,
+    _: Principal,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """FedFR: every image of the task's public set (uint8, model input size) with identity labels.
 
     The same bytes for every device: download once, cache by ETag (sha256).
     """
     key = await run_in_threadpool(public.task_pack_key, ctx, task_id)
-    return _immutable_file(ctx, key, if_none_match)
+    return await _immutable_file(request, ctx, key, if_none_match)
 
 
 @router.get("/models/{version}/public-bank", response_class=Response, responses=_BINARY)
 async def public_bank(
-    version: IdPath, ctx: Context, _: Principal, if_none_match: Annotated[str | None, Header()] = None
+    version: IdPath,
+    request: Request,
+    ctx: Context,
+    _: Principal,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """FedFR: fp16 embeddings of the public pack under this version, with identity labels.
 
@@ -52,7 +60,7 @@ async def public_bank(
     which public faces resemble a device's people.
     """
     key = await run_in_threadpool(public.bank_key, ctx, version)
-    return _immutable_file(ctx, key, if_none_match)
+    return await _immutable_file(request, ctx, key, if_none_match)
 
 
 @router.get("/models/{version}/class-embedding", response_class=Response, responses=_BINARY)

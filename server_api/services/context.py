@@ -14,6 +14,7 @@ from server_api.blobstore import FileBlobStore
 from server_api.db import Database
 from server_api.errors import conflict
 from server_api.ratelimit import RateLimiter
+from server_api.services.blob_cache import SmallBlobs, VersionBlobs
 from server_api.services.secagg_cohorts import FrozenCohorts
 from server_api.services.secagg_resend import RecordedDigests
 from server_api.services.token_cache import TokenHashes
@@ -73,6 +74,9 @@ class ServiceContext:
     secagg_cohorts: FrozenCohorts = field(default_factory=FrozenCohorts)
     # digests of the devices' recorded secure-aggregation requests (immutable once recorded)
     secagg_submitted: RecordedDigests = field(default_factory=RecordedDigests)
+    # model version -> its blob row, and small blobs' bytes (immutable values: see blob_cache)
+    version_blobs: VersionBlobs = field(default_factory=VersionBlobs)
+    small_blobs: SmallBlobs = field(default_factory=SmallBlobs)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:

@@ -18,6 +18,7 @@ from server_api.errors import invalid, not_found
 from server_api.orm import ModelVersion
 from server_api.schemas import ModelVersionOut
 from server_api.services import queries
+from server_api.services.blob_cache import VersionBlob
 from server_api.services.context import ServiceContext, log
 
 
@@ -97,6 +98,20 @@ def served_blob_path(ctx: ServiceContext, version: int, principal: str) -> tuple
         if mv is None or (not mv.served and principal != "admin"):
             raise not_found(f"model version {version}")
         return ctx.blobs.path(mv.blob_key), mv.sha256
+
+
+def version_blob(ctx: ServiceContext, version: int) -> VersionBlob:
+    """The blob row of a model version, from this process's cache or the database (404: no such
+    version). Only found rows are cached: a version another worker commits later is found then."""
+    row = ctx.version_blobs.get(version)
+    if row is None:
+        with ctx.db.driver_read() as tx:
+            found = queries.version_blob(tx, version)
+        if found is None:
+            raise not_found(f"model version {version}")
+        row = VersionBlob(*found)
+        ctx.version_blobs.put(version, row)
+    return row
 
 
 def expected_specs(ctx: ServiceContext, version: int) -> dict[str, codec.TensorSpec]:

@@ -21,6 +21,7 @@ from server_api.services.queries.hot_path import (
     take_assignment,
     touch_device,
     upload_view,
+    version_blob,
 )
 from server_api.services.queries.records import (
     active_round,
@@ -99,5 +100,6 @@ __all__ = [
     "updates_of",
     "upload_view",
     "uploaders_of",
+    "version_blob",
     "version_metrics",
 ]

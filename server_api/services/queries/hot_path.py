@@ -231,6 +231,18 @@ def replace_upload_token(tx: DriverTransaction, assignment_id: int, token_hash: 
 _updates = cast(Table, Update.__table__)
 _versions = cast(Table, ModelVersion.__table__)
 
+_VERSION_BLOB = Prepared(
+    select(_versions.c.blob_key, _versions.c.sha256, _versions.c.size_bytes, _versions.c.served).where(
+        _versions.c.version == bindparam("version")
+    )
+)
+
+
+def version_blob(tx: DriverTransaction, version: int) -> tuple[str, str, int, bool] | None:
+    """A model version's (blob key, sha256, size, served), or None: no such (committed) version."""
+    row = tx.first(_VERSION_BLOB, {"version": version})
+    return None if row is None else (row[0], row[1], int(row[2]), bool(row[3]))
+
 
 @dataclass(frozen=True)
 class UploadView:
