@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -370,7 +371,7 @@ def run_federated(
     algorithm = registry.get(method.algorithm)
     fedface = algorithm.one_identity_per_device
     fedfr = "public_set" in algorithm.hyperparams.model_fields
-    slug = method.name.lower().replace(" ", "-").replace("/", "")
+    slug = re.sub(r"[^a-z0-9-]", "", method.name.lower().replace(" ", "-"))  # a plain file name
     hyperparams = dict(method.hyperparams)
     if fedfr:
         hyperparams.setdefault("max_hard_negatives", profile.max_hard_negatives)
