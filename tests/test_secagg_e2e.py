@@ -324,6 +324,24 @@ def _float32_slack(*arrays: np.ndarray) -> float:
     return 3 * float(np.spacing(np.float32(biggest)))
 
 
+def _assert_secure_mean(
+    deltas: list[dict[str, np.ndarray]],
+    weights: list[int],
+    members: list[int],
+    max_devices: int,
+    base: dict[str, np.ndarray],
+    new: dict[str, np.ndarray],
+) -> float:
+    """The new version minus its base equals the members' exact weighted mean within the derived
+    quantization bound (plus float32 rounding) in every coordinate; returns that bound."""
+    expected = _expected_mean(deltas, weights, members)
+    quant = _quantization_bound(len(members), sum(weights[i] for i in members), max_devices=max_devices)
+    for k, mean in expected.items():
+        got = new[k].astype(np.float64) - base[k]
+        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+    return quant
+
+
 def _stored_masked_blobs(server: LocalServer, task_id: int) -> dict[str, np.ndarray]:
     engine = sa.create_engine(normalize_url(server.database_url))
     try:
@@ -415,11 +433,7 @@ def test_dropouts_at_every_stage_still_aggregate(server: LocalServer) -> None:
     # the sum holds every device whose masked update arrived, including those gone before unmasking
     uploaded = [i for i in range(n) if drop_at.get(i) not in ("secagg_shares", "secagg_upload")]
     assert len(uploaded) == 14
-    expected = _expected_mean(deltas, weights, uploaded)
-    quant = _quantization_bound(len(uploaded), sum(weights[i] for i in uploaded), max_devices=n)
-    for k, mean in expected.items():
-        got = new[k].astype(np.float64) - base[k]
-        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+    quant = _assert_secure_mean(deltas, weights, uploaded, n, base, new)
     assert math.isfinite(quant)
 
 
@@ -479,11 +493,7 @@ def test_lost_answers_at_every_stage_are_resent_and_every_device_is_aggregated(
         posts = [p for m, p, _ in lossy.requests if m == "POST" and p.endswith(f"/secagg/{stage}")]
         assert len(posts) == 2 * n, stage
     assert rnd.reported == n
-    expected = _expected_mean(deltas, weights, list(range(n)))
-    quant = _quantization_bound(n, sum(weights), max_devices=n)
-    for k, mean in expected.items():
-        got = new[k].astype(np.float64) - base[k]
-        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+    _assert_secure_mean(deltas, weights, list(range(n)), n, base, new)
 
 
 def test_a_resend_that_meets_the_first_upload_still_arriving_waits_for_it(server: LocalServer) -> None:
@@ -524,8 +534,4 @@ def test_a_resend_with_different_content_is_refused_and_changes_nothing(server: 
         "masked-update": (409, "conflict"),
         "reveal": (409, "already_done"),
     }
-    expected = _expected_mean(deltas, weights, list(range(n)))
-    quant = _quantization_bound(n, sum(weights), max_devices=n)
-    for k, mean in expected.items():
-        got = new[k].astype(np.float64) - base[k]
-        assert np.abs(got - mean).max() <= quant + _float32_slack(new[k], base[k], mean), k
+    _assert_secure_mean(deltas, weights, list(range(n)), n, base, new)

@@ -160,7 +160,8 @@ def checkin_view(tx: DriverTransaction, task_id: int | None, device_id: str) -> 
     )
 
 
-_CLAIM_SLOT = Prepared(
+# a slot of the round, taken only while it is open and not full
+_claim_slot = (
     update(_rounds)
     .where(
         _rounds.c.id == bindparam("round_id"),
@@ -169,6 +170,7 @@ _CLAIM_SLOT = Prepared(
     )
     .values(assigned=_rounds.c.assigned + 1)
 )
+_CLAIM_SLOT = Prepared(_claim_slot)
 _INSERT_ASSIGNMENT = Prepared(
     insert(_assignments).values(
         round_id=bindparam("round_id"),
@@ -180,17 +182,7 @@ _INSERT_ASSIGNMENT = Prepared(
 )
 # PostgreSQL: both in one statement (one round trip); the INSERT reads the UPDATE's RETURNING, so it
 # inserts a row exactly when the slot was taken
-_CLAIMED = (
-    update(_rounds)
-    .where(
-        _rounds.c.id == bindparam("round_id"),
-        _rounds.c.status == ROUND_OPEN,
-        _rounds.c.assigned < _rounds.c.max_assignments,
-    )
-    .values(assigned=_rounds.c.assigned + 1)
-    .returning(_rounds.c.id)
-    .cte("claimed")
-)
+_CLAIMED = _claim_slot.returning(_rounds.c.id).cte("claimed")
 _CLAIM_AND_INSERT_ASSIGNMENT = Prepared(
     insert(_assignments).from_select(
         ["round_id", "device_id", "upload_token_hash", "issued_at", "reported"],
