@@ -270,13 +270,18 @@ def test_stage_refusals_change_nothing(api: Api) -> None:
     }
 
 
-def _drive_to_unmask(api: Api, cohort: list[Dev]) -> dict[str, Any]:
+def _drive_to_upload(cohort: list[Dev]) -> None:
+    """Every device of the cohort sends its keys, then its shares: the round waits for masked updates."""
     for d in cohort:
         assert d.post("keys", json=d.keys_body()).status_code == 200
     roster = cohort[0].roster()
     for d in cohort:
         out = d.machine.share(roster)
         assert d.post("shares", content=b"".join(out[p] for p in roster.neighbours(d.id))).status_code == 200
+
+
+def _drive_to_unmask(api: Api, cohort: list[Dev]) -> dict[str, Any]:
+    _drive_to_upload(cohort)
     for d in cohort:
         view = d.view()
         inbox = {k: base64.b64decode(v) for k, v in view["inbox"].items()}
@@ -346,12 +351,7 @@ def test_a_resend_racing_its_first_masked_update_is_answered_from_the_record(api
     """Its preflight ran before the first upload was recorded (another worker, or just after the first
     released its claim): the write sees the record and answers from it; a different body is refused."""
     cohort, _ = _cohort(api)
-    for d in cohort:
-        assert d.post("keys", json=d.keys_body()).status_code == 200
-    roster = cohort[0].roster()
-    for d in cohort:
-        out = d.machine.share(roster)
-        assert d.post("shares", content=b"".join(out[p] for p in roster.neighbours(d.id))).status_code == 200
+    _drive_to_upload(cohort)
     first = cohort[0]
     view = first.view()
     inbox = {k: base64.b64decode(v) for k, v in view["inbox"].items()}
