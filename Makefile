@@ -32,8 +32,10 @@ lock:
 run: install
 	$(BIN)/facefl simulate --devices 20 --rounds 3 --local-epochs 5 --model small --data synthetic --json runs/simulate.json
 
+# two worker processes, one per core; --dist loadfile keeps a file's tests (and its module-scoped live
+# servers) on one worker
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

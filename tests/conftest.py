@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import pytest
 
 from server_api.settings import Settings
 from simulator.server import LocalServer
+
+# Under `pytest -n 2` (make test) each worker gets one core: one intra-op thread for torch and for the
+# servers and simulators it starts (they inherit the variable), instead of 2 x 2 threads on 2 cores.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 ADMIN = "test-admin-token"
 SECRET = "test-enrollment-secret"
