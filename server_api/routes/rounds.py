@@ -19,7 +19,7 @@ from server_api.schemas import (
 )
 from server_api.services import participation, rounds, updates
 from server_api.services.context import ServiceContext
-from server_api.threads import run_sync
+from server_api.threads import run_sync, run_write
 
 router = APIRouter(prefix="/v1", tags=["rounds"], responses=COMMON)
 
@@ -32,7 +32,7 @@ _CHECKIN_OUT: TypeAdapter[TrainAction | WaitAction] = TypeAdapter(CheckinOut)
 async def checkin_response(ctx: ServiceContext, device_id: str, body: CheckinIn) -> Response:
     """The check-in of an authenticated device, answered (the route's work after its dependencies; also
     :mod:`server_api.checkin_fast`'s, which answers most check-ins without FastAPI's routing)."""
-    result = await run_sync(rounds.checkin, ctx, device_id, body)
+    result = await run_write(ctx.db.serial_writes, rounds.checkin, ctx, device_id, body)
     headers = None
     if isinstance(result, WaitAction):
         headers = {"Retry-After": str(max(1, round(result.retry_after_s)))}
