@@ -5,7 +5,8 @@
 
 1. Check-ins/s: `POST /v1/checkin` by registered devices (a new assignment each, then a re-check-in that
    rotates the upload token) against a bare FastAPI `POST /checkin` that parses a small JSON body and
-   answers a small JSON (benchmarks/_bare_app.py), both served by the same uvicorn command line.
+   answers a small JSON (benchmarks/_bare_app.py), both served by the same uvicorn command line (with
+   httptools and uvloop, server_api/serving.py; the JSON records whether each server really loaded them).
 2. Uploads/s of a real, valid ~4 MB delta (mobilefacenet) to `POST /v1/rounds/{id}/updates` against a bare
    endpoint that streams the body to a file (with and without fsync).
 3. FedAvg aggregation in GB/s: the server's mean of update blob files (`facefl.update_files.mean_of_files`:
@@ -51,6 +52,7 @@ if str(REPO) not in sys.path:
 from device_sdk import AdminClient  # noqa: E402
 from facefl import codec, update_files  # noqa: E402
 from facefl.algorithms.fedavg import WeightedMean  # noqa: E402
+from server_api.serving import uvicorn_options  # noqa: E402
 from simulator.server import LocalServer  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789"
@@ -97,6 +99,17 @@ class ServerProcess(LocalServer):
 
     def cpu_s(self) -> float | None:
         return process_cpu_s(self.pid) if self.pid is not None else None
+
+    def native_modules(self) -> dict[str, bool] | None:
+        """Whether the running server has loaded httptools' parser and uvloop's loop (their extension
+        modules in /proc/PID/maps): what it really runs on, not what its command line asked for."""
+        if self.pid is None:
+            return None
+        try:
+            maps = Path(f"/proc/{self.pid}/maps").read_text()
+        except OSError:
+            return None
+        return {"httptools": "/httptools/parser/" in maps, "uvloop": "/uvloop/loop." in maps}
 
 
 def fresh_postgres(url: str) -> contextlib.AbstractContextManager[str]:
@@ -674,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             servers.append(facefl)
             facefl.start()
+            native = {s.name: s.native_modules() for s in servers}
             ck = bench_checkin(facefl, bare, sizes, log)
             up, base = bench_upload(facefl, bare, sizes, log)
             agg = bench_aggregation(base, sizes, tmp, log)
@@ -696,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
-            "uvicorn": "--factory --workers 1 --log-level warning (same for both servers)",
+            "uvicorn": f"--factory --workers 1 --log-level warning {' '.join(uvicorn_options())} "
+            "(same for both servers)",
+            "native_modules_loaded": native,
             "server_env": extra_env,
             "client": "threads, one keep-alive http.client connection each",
             "wall_s": time.perf_counter() - t_start,

@@ -17,6 +17,7 @@ from starlette.types import Scope
 
 from server_api import console, logs, metrics
 from server_api import db as dbmod
+from server_api.checkin_fast import CheckinFastPath
 from server_api.errors import ApiError
 from server_api.limits import BodyLimits
 from server_api.routes import devices, health, models, public, rounds, secagg, tasks
@@ -127,5 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, devices, tasks, rounds, secagg, models, public, metrics_route):
         app.include_router(module.router)
     console.install(app)  # the operator's console: HTML pages under /console
-    app.add_middleware(BodyLimits, settings=settings)  # body size, timeouts, uploads in flight
+    # POST /v1/checkin without FastAPI's routing and dependencies (the route answers all it hands on)
+    app.add_middleware(CheckinFastPath, on_error=_api_error)
+    app.add_middleware(BodyLimits, settings=settings)  # body size, timeouts, uploads in flight (first)
     return app

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from server_api import serving
 from server_api.metrics import MULTIPROC_ENV
 
 
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        http=serving.HTTP,
+        loop=serving.LOOP,
     )
     return 0
 

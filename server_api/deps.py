@@ -59,13 +59,18 @@ async def _device_of(ctx: ServiceContext, token: str) -> str:
     return device_id
 
 
+async def device_of_request(ctx: ServiceContext, request: Request, token: str) -> str:
+    """The device of a bearer token, authenticated and admitted by its rate limit (401, 429)."""
+    return _admit(ctx, request, await _device_of(ctx, token))
+
+
 async def current_device(creds: Bearer, request: Request) -> str:
     # the context straight from the app, not through the Context dependency: every device request
     # resolves this one, and each resolved dependency costs FastAPI more than the attribute look-up
     if creds is None:
         raise unauthorized()
     ctx: ServiceContext = request.app.state.ctx
-    return _admit(ctx, request, await _device_of(ctx, creds.credentials))
+    return await device_of_request(ctx, request, creds.credentials)
 
 
 async def require_admin(ctx: Context, creds: Bearer) -> None:

@@ -16,13 +16,13 @@ than its headers:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 import time
 from typing import Any
 
-import anyio
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -80,13 +80,14 @@ class _BodyReader:
         if remaining <= 0:
             raise body_timeout("the request body was not complete before the body deadline")
         wait = min(self.idle_s, remaining)
-        message: Message | None = None
-        with anyio.move_on_after(wait):
-            message = await self._receive()
-        if message is None:
+        try:
+            # asyncio's own timeout: about half the CPU of anyio's cancel scope, paid on every request
+            async with asyncio.timeout(wait):
+                message = await self._receive()
+        except TimeoutError:
             if wait < self.idle_s:
-                raise body_timeout("the request body was not complete before the body deadline")
-            raise body_timeout(f"no body bytes for {self.idle_s:g} s")
+                raise body_timeout("the request body was not complete before the body deadline") from None
+            raise body_timeout(f"no body bytes for {self.idle_s:g} s") from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:

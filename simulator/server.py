@@ -14,6 +14,7 @@ from typing import IO
 import httpx
 
 from facefl.devmode import DEV_ADMIN_TOKEN, DEV_ENROLLMENT_SECRET
+from server_api.serving import uvicorn_options
 
 __all__ = ["LocalServer", "ServerStartError", "free_port"]
 
@@ -32,7 +33,8 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """``python -m uvicorn APP --factory`` on a free 127.0.0.1 port, as a context manager.
+    """``python -m uvicorn APP --factory`` on a free 127.0.0.1 port, as a context manager, with the HTTP
+    parser and event loop of ``facefl serve`` (:mod:`server_api.serving`) whatever APP is.
 
     By default APP is the facefl server, in dev mode with its SQLite database and blob store under
     ``work_dir`` (unless ``database_url`` is given) and a short pace-steering floor, so that simulated
@@ -122,7 +124,8 @@ class LocalServer:
     def _spawn(self, env: dict[str, str]) -> None:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "uvicorn", self.app, "--factory",
-               "--host", self.host, "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+               "--host", self.host, "--port", str(self.port), "--log-level", "warning",
+               *uvicorn_options()]  # fmt: skip
         if self.app_dir is not None:
             cmd += ["--app-dir", str(self.app_dir)]
         self._proc = subprocess.Popen(

@@ -8,7 +8,7 @@ from server_api.deps import Admin, Context, Decimal, RegistrationSlot
 from server_api.routes.responses import ADMIN, COMMON, JSON_BODY, errors
 from server_api.schemas import MAX_ID, DevicesOut, RegisterIn, RegisterOut
 from server_api.services import devices, participation
-from server_api.threads import run_sync
+from server_api.threads import run_sync, run_write
 
 router = APIRouter(prefix="/v1", tags=["devices"], responses=COMMON)
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["devices"], responses=COMMON)
 )
 async def register(body: RegisterIn, ctx: Context, _: RegistrationSlot) -> RegisterOut:
     """Register a device with the enrollment secret; the bearer token is returned once."""
-    return await run_sync(devices.register, ctx, body)
+    return await run_write(ctx.db.serial_writes, devices.register, ctx, body)
 
 
 @router.get("/devices", response_model=DevicesOut, responses=ADMIN)

@@ -19,7 +19,7 @@ from server_api.schemas import (
 )
 from server_api.services import participation, rounds, updates
 from server_api.services.context import ServiceContext
-from server_api.threads import run_sync
+from server_api.threads import run_sync, run_write
 
 router = APIRouter(prefix="/v1", tags=["rounds"], responses=COMMON)
 
@@ -29,17 +29,23 @@ router = APIRouter(prefix="/v1", tags=["rounds"], responses=COMMON)
 _CHECKIN_OUT: TypeAdapter[TrainAction | WaitAction] = TypeAdapter(CheckinOut)
 
 
-@router.post("/checkin", response_model=CheckinOut, responses={**AUTHENTICATED, **JSON_BODY})
-async def checkin(body: CheckinIn, device_id: CurrentDevice, request: Request) -> Response:
-    """Offer this device for training: an assignment, or a wait with Retry-After (pace steering)."""
-    ctx: ServiceContext = request.app.state.ctx  # not a dependency: one fewer to resolve per check-in
-    result = await run_sync(rounds.checkin, ctx, device_id, body)
+async def checkin_response(ctx: ServiceContext, device_id: str, body: CheckinIn) -> Response:
+    """The check-in of an authenticated device, answered (the route's work after its dependencies; also
+    :mod:`server_api.checkin_fast`'s, which answers most check-ins without FastAPI's routing)."""
+    result = await run_write(ctx.db.serial_writes, rounds.checkin, ctx, device_id, body)
     headers = None
     if isinstance(result, WaitAction):
         headers = {"Retry-After": str(max(1, round(result.retry_after_s)))}
     return Response(
         _CHECKIN_OUT.dump_json(result, by_alias=True), media_type="application/json", headers=headers
     )
+
+
+@router.post("/checkin", response_model=CheckinOut, responses={**AUTHENTICATED, **JSON_BODY})
+async def checkin(body: CheckinIn, device_id: CurrentDevice, request: Request) -> Response:
+    """Offer this device for training: an assignment, or a wait with Retry-After (pace steering)."""
+    ctx: ServiceContext = request.app.state.ctx  # not a dependency: one fewer to resolve per check-in
+    return await checkin_response(ctx, device_id, body)
 
 
 @router.get("/rounds/{round_id}", response_model=RoundOut, responses={**AUTHENTICATED, **errors(404)})
