@@ -8,7 +8,8 @@ elsewhere) so that the fuzzer reaches the handlers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +103,7 @@ load_all_checks()
 CHECKS_TO_RUN = [c for c in CHECKS.get_all() if c.__name__ not in EXCLUDED_CHECKS]
 
 
-@schema.parametrize()
-@settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
-def test_no_server_errors_and_refusals_change_nothing(case: Any, target: Target) -> None:
+def _check_case(case: Any, target: Target) -> None:
     admin = (case.method.upper(), case.path) in ADMIN_ONLY
     token = ADMIN if admin else target.device_token
     headers = {"Authorization": f"Bearer {token}"}
@@ -128,3 +121,36 @@ def test_no_server_errors_and_refusals_change_nothing(case: Any, target: Target)
         headers=headers,
         transport_kwargs={"base_url": target.server.base_url, "headers": headers, "timeout": 30},
     )
+
+
+def _fuzz_test(method: str, path: str) -> Callable[[Any, Target], None]:
+    """One test function per operation. `schema.parametrize()` over the whole schema gives all its items
+    one node id, and pytest-xdist (`make test` runs on two workers) schedules by node id: it ran only
+    the first operation. A function per operation keeps every node id distinct."""
+
+    @schema.include(method=method, path=path).parametrize()
+    @settings(
+        max_examples=25,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def test(case: Any, target: Target) -> None:
+        _check_case(case, target)
+
+    return test
+
+
+OPERATIONS = sorted(
+    (op.method.upper(), op.path) for op in (result.ok() for result in schema.get_all_operations())
+)
+for _method, _path in OPERATIONS:
+    _name = "test_no_5xx_and_refusals_change_nothing_" + re.sub(r"\W+", "_", f"{_method}{_path}").strip("_")
+    globals()[_name] = _fuzz_test(_method, _path)
+    globals()[_name].__name__ = _name
+
+
+def test_every_operation_has_its_own_fuzz_test() -> None:
+    names = [n for n in globals() if n.startswith("test_no_5xx_and_refusals_change_nothing_")]
+    assert len(names) == len(OPERATIONS) == len(set(names)) >= 20
