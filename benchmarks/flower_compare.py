@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--clients must be >= 2 and --rounds >= 1")
     if args.procs < 1 or args.threads < 1 or args.server_workers < 1:
         p.error("--procs, --threads and --server-workers must be >= 1")
+    # absolute (Flower runs in a temporary directory), without resolving the venv's interpreter symlink
+    args.flower_python = os.path.abspath(args.flower_python)
     if not args.facefl_only and not Path(args.flower_python).exists():
         p.error(
             f"--flower-python {args.flower_python} does not exist (pip install 'flwr[simulation]==1.41.0')"
