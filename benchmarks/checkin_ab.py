@@ -62,19 +62,8 @@ class StackServer(bench.ServerProcess):
             env["PYTHONPATH"] = os.pathsep.join([str(self.source), env["PYTHONPATH"]])
         return env
 
-    def _spawn(self, env: dict[str, str]) -> None:
-        options = STACKS[self.stack]
-        if options is None:
-            super()._spawn(env)
-            return
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "uvicorn", self.app, "--factory", "--host", self.host,
-               "--port", str(self.port), "--log-level", "warning", *options]  # fmt: skip
-        if self.app_dir is not None:
-            cmd += ["--app-dir", str(self.app_dir)]
-        self._proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.work_dir
-        )
+    def uvicorn_options(self) -> list[str]:
+        return STACKS[self.stack] or super().uvicorn_options()
 
 
 def export_ref(ref: str, dest: Path) -> str:

@@ -131,12 +131,15 @@ class Database:
         self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
-        #: hot-path write transactions run on one thread (server_api.threads.run_write): SQLite
-        self.serial_writes = self.is_sqlite
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    @property
+    def serial_writes(self) -> bool:
+        """Hot-path write transactions run on one thread (server_api.threads.run_write): SQLite."""
+        return self.is_sqlite
 
     @contextmanager
     def write(self) -> Iterator[Session]:

@@ -121,11 +121,15 @@ class LocalServer:
                 self.stop()
         raise ServerStartError(f"{last_error}\n--- server log tail ---\n{self.log_tail()}")
 
+    def uvicorn_options(self) -> list[str]:
+        """The HTTP parser and event loop options (a benchmark may serve another stack)."""
+        return uvicorn_options()
+
     def _spawn(self, env: dict[str, str]) -> None:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "uvicorn", self.app, "--factory",
                "--host", self.host, "--port", str(self.port), "--log-level", "warning",
-               *uvicorn_options()]  # fmt: skip
+               *self.uvicorn_options()]  # fmt: skip
         if self.app_dir is not None:
             cmd += ["--app-dir", str(self.app_dir)]
         self._proc = subprocess.Popen(
