@@ -1,4 +1,6 @@
-"""Content-addressed blob store on the filesystem (keys = sha256 hex). S3 could implement the same API."""
+"""Blob store on the filesystem, keyed by 64 hex digits: the sha256 of the content (model versions, packs,
+masked updates), or a random name (plain updates: server_api.services.intake). S3 could implement the
+same API."""
 
 from __future__ import annotations
 
@@ -113,8 +115,8 @@ class FileBlobStore:
         return key, size
 
     def adopt(self, staged: Path, key: str) -> None:
-        """Rename a staged file whose bytes are already fsynced and whose sha256 is ``key`` into place,
-        and fsync its folder: durable when this returns (the caller hashed it while writing it)."""
+        """Rename a staged file whose bytes are already fsynced into place under ``key`` (its sha256, or
+        a random name that no other blob has), and fsync its folder: durable when this returns."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, dest)  # atomic: readers see the whole blob or none

@@ -93,15 +93,15 @@ async def upload_update(
 ) -> UpdateAccepted:
     """Upload this device's model delta (safetensors body). Durable before 202."""
     metrics = updates.parse_metrics(x_metrics)
-    target = await run_sync(updates.preflight, ctx, round_id, device_id, x_upload_token)
-    # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
-    with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
-        staged = await run_sync(updates.staged_update, ctx, target)
-        try:
+    # authorized and checked before the body is read; its staging file opened in the same thread hop
+    target, staged = await run_sync(updates.open_upload, ctx, round_id, device_id, x_upload_token)
+    try:
+        # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
+        with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
             # validated, hashed and staged in one pass while it streams in
-            await stream_body(request, ctx, staged.write, lambda: staged.failed)
+            await stream_body(request, ctx, staged.write_chunks, lambda: staged.failed)
             return await run_sync(
                 lambda: updates.accept(ctx, target, staged, num_samples=num_samples, metrics=metrics)
             )
-        finally:
-            staged.discard()
+    finally:
+        staged.discard()

@@ -129,6 +129,14 @@ def staged_update(ctx: ServiceContext, target: UploadTarget) -> StagedUpdate:
     return StagedUpdate(ctx.blobs, target.expected, target.extras)
 
 
+def open_upload(
+    ctx: ServiceContext, round_id: int, device_id: str, upload_token: str
+) -> tuple[UploadTarget, StagedUpdate]:
+    """:func:`preflight`, then the staging file the body streams into (one thread hop for both)."""
+    target = preflight(ctx, round_id, device_id, upload_token)
+    return target, staged_update(ctx, target)
+
+
 def validate(target: UploadTarget, staged: StagedUpdate) -> float:
     """The checks that need the whole payload (its names, shapes, dtypes and finite values were checked
     while it streamed): the algorithm's extras and the norm bound on the decoded values; the norm."""
@@ -203,4 +211,4 @@ def accept(
     return UpdateAccepted(update_id=update_id, round_id=target.round_id, reports=reports)
 
 
-__all__ = ["UploadTarget", "accept", "parse_metrics", "preflight", "staged_update", "validate"]
+__all__ = ["UploadTarget", "accept", "open_upload", "parse_metrics", "preflight", "staged_update", "validate"]

@@ -85,6 +85,24 @@ def test_norm_by_hand_for_float16() -> None:
     assert scanner.finish().norm == 5.0
 
 
+def test_finite_values_whose_float32_squares_overflow_get_the_exact_norm() -> None:
+    """3e20^2 is past float32's range: the one-pass float32 sum overflows, and the float64 pass answers."""
+    payload = codec.encode({"w": np.array([[3e20, 4e20]], np.float32)})
+    scanner = UpdateScanner({"w": TensorSpec((1, 2), "F32")})
+    scanner.feed(payload)
+    assert scanner.finish().norm == pytest.approx(5e20, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_value_among_many_is_refused_with_its_tensor(bad: float) -> None:
+    delta = {"a": np.ones(10_000, np.float32), "b": np.full(50_000, 0.5, np.float32)}
+    delta["b"][31_337] = bad
+    payload = codec.encode(delta)
+    scanner = UpdateScanner({"a": TensorSpec((10_000,), "F32"), "b": TensorSpec((50_000,), "F32")})
+    with pytest.raises(CodecError, match=r"'b' contains NaN or Inf"):
+        scanner.feed(payload)
+
+
 def _refused(payload: bytes, match: str, chunk: int = 7) -> None:
     scanner = UpdateScanner(EXPECTED, frozenset({"extra"}))
     with pytest.raises(CodecError, match=match):
