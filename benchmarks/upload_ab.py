@@ -30,6 +30,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="facefl-upload-ab-")))
         old_commit = export_ref(args.old_ref, tmp / "old-src")
         servers: dict[str, StackServer] = {}
-        stack.callback(lambda: [s.stop() for s in servers.values()])
+
+        @stack.callback
+        def stop_all() -> None:
+            for server in servers.values():
+                server.stop()
+
         for name, source in (("old", tmp / "old-src"), ("new", None)):
             db_url = stack.enter_context(bench.fresh_postgres(args.db)) if args.db else None
             servers[name] = StackServer(
@@ -132,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(os.getloadavg()[0])
             for variant in rotated:
                 if variant.startswith("bare"):
-                    result = bench.run_load(
+                    load = bench.run_load(
                         servers["bare"], bare_reqs(int(variant == "bare_fsync"), lo, hi), args.concurrency
                     )
                 else:
-                    result = bench.run_load(servers[variant], reqs[variant][lo:hi], args.concurrency)
-                assert result.server_cpu_s is not None
-                samples.setdefault(f"{variant}_cpu_ms", []).append(1000 * result.server_cpu_s / args.uploads)
-                samples.setdefault(f"{variant}_per_s", []).append(args.uploads / result.seconds)
+                    load = bench.run_load(servers[variant], reqs[variant][lo:hi], args.concurrency)
+                assert load.server_cpu_s is not None
+                samples.setdefault(f"{variant}_cpu_ms", []).append(1000 * load.server_cpu_s / args.uploads)
+                samples.setdefault(f"{variant}_per_s", []).append(args.uploads / load.seconds)
 
     medians = {k: float(np.median(v)) for k, v in samples.items()}
     command = " ".join(["python benchmarks/upload_ab.py", *(sys.argv[1:] if argv is None else argv)])
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_s_over_bare_fsync": per_s / medians["bare_fsync_per_s"],
             "bare_fsync_cpu_over_cpu": medians["bare_fsync_cpu_ms"] / medians[f"{variant}_cpu_ms"],
         })  # fmt: skip
-    result = {
+    result: dict[str, Any] = {
         "meta": {
             "command": command,
             "old_ref": args.old_ref, "old_commit": old_commit, "new_commit": bench.git_commit(),
