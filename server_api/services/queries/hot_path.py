@@ -151,7 +151,12 @@ def checkin_view(tx: DriverTransaction, task_id: int | None, device_id: str) -> 
         row = tx.first(_CHECKIN_VIEW_DEFAULT, {"device_id": device_id})
     else:
         row = tx.first(_CHECKIN_VIEW_OF_TASK, {"task_id": task_id, "device_id": device_id})
-    if row is None:
+    return None if row is None else view_of_row(row)
+
+
+def view_of_row(row: tuple[Any, ...]) -> CheckinView | None:
+    """The CheckinView of a row of the check-in view's columns (all NULL: no such task)."""
+    if row[0] is None:
         return None
     active = ActiveRound(*row[9:]) if row[9] is not None else None
     task_id, status, algorithm, architecture, dim, size, hyperparams, trainable, policy = row[:9]
