@@ -61,7 +61,8 @@ def touch_device(
     """last_seen_at (and the capabilities when sent). On PostgreSQL the row lock it takes serializes the
     check-ins of one device, so two concurrent ones cannot both take a slot in the same round (the
     check-in's next statement runs with a snapshot taken once the lock is held: it must stay a separate
-    statement, not a CTE of the next one)."""
+    statement, not a CTE of the next one; :mod:`.checkin_statement`, which has it as a CTE, detects a
+    concurrent check-in instead and then leaves the check-in to this transaction)."""
     if capabilities is None:
         tx.execute(_SEEN, {"device_id": device_id, "now": now})
     else:
