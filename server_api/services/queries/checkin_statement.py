@@ -6,9 +6,9 @@ The statement's CTEs touch the device, read the check-in's view (the same SELECT
 :func:`~server_api.services.queries.hot_path.checkin_view`), and then either claim a slot and insert the
 assignment, or give the device's unreported assignment a new upload token, when the task and round take
 check-ins. It returns the view and what it wrote; the caller decides the answer from the view
-(``rounds._decide``, the one definition of the wait reasons). The write conditions are that decision's
-"take" and "renew" outcomes written in SQL; tests/server_api/test_checkin_statement.py checks on real
-PostgreSQL that both paths agree for every kind of state.
+(``rounds.decide``, the one definition of the outcomes and wait reasons). The write conditions are that
+decision's "take" and "renew" outcomes written in SQL; tests/server_api/test_checkin_statement.py checks
+on real PostgreSQL that both paths agree for every kind of state.
 
 Concurrency (READ COMMITTED). The transaction path touches the device first, and its next statement takes
 a snapshot once that row lock is held: it sees every earlier check-in of the device. One statement has
@@ -18,10 +18,13 @@ The touch therefore only updates the row version the snapshot saw (``xmin`` unch
 update of the device row makes PostgreSQL re-check the WHERE on the newest version, which then fails; the
 touch returns no row, and every other write of the statement is conditional on the touch, so the statement
 writes nothing and the caller runs the transaction path, which waits for the lock and reads afresh. When
-the touch succeeds, the row was not changed since the snapshot (and it is locked until the statement
-commits), so the view is what the transaction path would read after its touch. Slot claims are
-compare-and-set on the round row as before (re-checked on its newest version), the lock order (device,
-then round) is the transaction path's.
+the touch succeeds, no check-in of the device committed since the snapshot (and none can until this
+statement commits): the view holds every one the transaction path would see after its touch (only
+check-ins create or renew a device's assignment, and they all update its row). Other rows may change
+after the snapshot, as they may after the transaction path's view: slot claims are compare-and-set on the
+round row (re-checked on its newest version) as before, and an upload that marks the assignment reported
+meanwhile races with a renewal as it does there. The lock order (device, then round or assignment) is
+the transaction path's.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class CheckinDone:
     renewed: bool  # replaced the assignment's upload token
 
 
-def _statement(view_select: Any, with_capabilities: bool) -> Prepared:
+def _statement(view_select: Prepared, with_capabilities: bool) -> Prepared:
     d, r, a = _devices, _rounds, _assignments
     seen = d.alias("seen")
     # the xmin of the device row this statement's snapshot sees (an InitPlan: evaluated on that snapshot,
@@ -83,12 +86,12 @@ def _statement(view_select: Any, with_capabilities: bool) -> Prepared:
         .cte("touched")
     )
     did_touch = select(touched.c.id).exists()
-    view: CTE = view_select.statement.cte("v")
+    view: CTE = view_select.statement.cte("v")  # type: ignore[attr-defined]
     cols = list(view.c)  # CheckinView's fields, then ActiveRound's (see hot_path._checkin_view)
     task_status, round_id, round_status, deadline, assignment_id, reported = (
         cols[1], cols[9], cols[11], cols[13], cols[14], cols[15],
     )  # fmt: skip
-    # rounds._decide's "take"/"renew" outcomes: a running task whose active round is open, before its
+    # rounds.decide's "take"/"renew" outcomes: a running task whose active round is open, before its
     # deadline, and the device's assignment in it (none: take; unreported: renew)
     takes_checkins: ColumnElement[bool] = and_(
         task_status == TASK_RUNNING, round_status == ROUND_OPEN, deadline > bindparam("now")
