@@ -166,6 +166,12 @@ class Database:
         Statements that must see one snapshot together belong in a write() or read() transaction."""
         if self.is_sqlite:
             return driver_transaction(self.engine, contextlib.nullcontext(), ("BEGIN",))
+        return self.driver_statement()
+
+    def driver_statement(self) -> AbstractContextManager[DriverTransaction]:
+        """Not SQLite: statements in autocommit, each its own transaction (no BEGIN and COMMIT round
+        trips); for one statement that reads or writes all it needs."""
+        assert not self.is_sqlite
         return driver_transaction(self.engine, contextlib.nullcontext(), (), autocommit=True)
 
     def dispose(self) -> None:

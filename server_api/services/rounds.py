@@ -4,7 +4,8 @@ The deadline tick that closes rounds lives in :mod:`server_api.services.ticker`.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
@@ -79,42 +80,97 @@ def get(ctx: ServiceContext, round_id: int) -> RoundOut:
         return RoundOut.model_validate(rnd)
 
 
+#: what a check-in does: wait (for this reason), take a new assignment, or renew its assignment's token
+Step = WaitReason | Literal["take", "renew"]
+
+
+def decide(view: queries.CheckinView | None, now: datetime) -> Step:
+    """The one definition of what a check-in does with what it read. PostgreSQL's one-statement
+    check-in (:mod:`server_api.services.queries.checkin_statement`) writes exactly on its "take" and
+    "renew" outcomes; tests/server_api/test_checkin_statement.py checks that they agree."""
+    if view is None:
+        return "no_task"
+    if view.task_status == TASK_PAUSED:
+        return "task_paused"
+    if view.task_status == TASK_BUDGET_EXHAUSTED:
+        return "privacy_budget_exhausted"
+    if view.task_status != TASK_RUNNING:
+        return "task_completed"
+    rnd = view.round
+    if rnd is None or rnd.status != ROUND_OPEN or rnd.deadline <= now:
+        return "no_open_round"
+    if rnd.assignment_id is None:
+        return "take"
+    # reported: done for this round; else the device lost its token (crash, reinstall): a fresh one
+    # replaces it, the old one dies
+    return "already_participated" if rnd.assignment_reported else "renew"
+
+
 def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction | WaitAction:
     """An assignment in the task's open round (a new one if a slot is free, or the device's own one with
-    a fresh upload token), else a wait: one transaction of three or four indexed statements."""
-    st = ctx.settings
+    a fresh upload token), else a wait. On PostgreSQL one statement in autocommit (one round trip), else
+    (or when that statement finds a concurrent check-in of the same device) one transaction of three or
+    four indexed statements: :func:`checkin_transaction`."""
     now = utcnow()
-
-    def wait(seconds: float, reason: WaitReason) -> WaitAction:
-        return WaitAction(
-            retry_after_s=retry_after(seconds, st.min_retry_after_s, st.max_retry_after_s), reason=reason
-        )
-
     token = security.new_secret()
     token_hash = security.hash_secret(token)
     capabilities = body.capabilities.model_dump() if body.capabilities is not None else None
+    done: queries.CheckinDone | None = None
+    if not ctx.db.is_sqlite:
+        with ctx.db.driver_statement() as tx:
+            done = queries.checkin_at_once(tx, body.task_id, device_id, now, capabilities, token_hash)
+    if done is None:
+        view, step = checkin_transaction(ctx, device_id, body.task_id, now, capabilities, token_hash)
+    else:
+        view, step = done.view, decide(done.view, now)
+        # the statement's write conditions are decide()'s outcomes (same row, same clock)
+        assert done.took <= (step == "take") and done.renewed <= (step == "renew"), (step, done)
+        if step == "take" and not done.took:
+            step = "round_full"
+    return answer(ctx, view, step, now, token)
+
+
+def checkin_transaction(
+    ctx: ServiceContext,
+    device_id: str,
+    task_id: int | None,
+    now: datetime,
+    capabilities: dict[str, Any] | None,
+    token_hash: str,
+) -> tuple[queries.CheckinView | None, Step]:
+    """The check-in as a transaction of three or four statements: what it read, and what it did."""
     with ctx.db.driver_write() as tx:
         queries.touch_device(tx, device_id, now, capabilities)  # first: see touch_device
-        view = queries.checkin_view(tx, body.task_id, device_id)
-        if view is None:
-            return wait(st.max_retry_after_s, "no_task")
-        if view.task_status == TASK_PAUSED:
-            return wait(st.max_retry_after_s, "task_paused")
-        if view.task_status == TASK_BUDGET_EXHAUSTED:
-            return wait(st.max_retry_after_s, "privacy_budget_exhausted")
-        if view.task_status != TASK_RUNNING:
-            return wait(st.max_retry_after_s, "task_completed")
-        rnd = view.round
-        if rnd is None or rnd.status != ROUND_OPEN or rnd.deadline <= now:
-            return wait(st.tick_interval_s, "no_open_round")
-        until_deadline = (rnd.deadline - now).total_seconds()
-        if rnd.assignment_id is not None:
-            if rnd.assignment_reported:
-                return wait(until_deadline, "already_participated")
-            # the device lost its token (crash, reinstall): a fresh one replaces it, the old one dies
-            queries.replace_upload_token(tx, rnd.assignment_id, token_hash)
-        elif not queries.take_assignment(tx, rnd.id, device_id, token_hash, now):
-            return wait(until_deadline, "round_full")
+        view = queries.checkin_view(tx, task_id, device_id)
+        step = decide(view, now)
+        if step == "renew":
+            assert view is not None and view.round is not None and view.round.assignment_id is not None
+            queries.replace_upload_token(tx, view.round.assignment_id, token_hash)
+        elif step == "take":
+            assert view is not None and view.round is not None
+            if not queries.take_assignment(tx, view.round.id, device_id, token_hash, now):
+                step = "round_full"
+    return view, step
+
+
+def answer(
+    ctx: ServiceContext, view: queries.CheckinView | None, step: Step, now: datetime, token: str
+) -> TrainAction | WaitAction:
+    """The check-in's answer: a wait (Retry-After by reason), or the assignment with its upload token."""
+    st = ctx.settings
+    if step != "take" and step != "renew":
+        if view is None or step in _TASK_WAITS:
+            seconds = st.max_retry_after_s
+        elif step == "no_open_round":
+            seconds = st.tick_interval_s
+        else:  # already_participated, round_full: until the round's deadline
+            assert view.round is not None
+            seconds = (view.round.deadline - now).total_seconds()
+        return WaitAction(
+            retry_after_s=retry_after(seconds, st.min_retry_after_s, st.max_retry_after_s), reason=step
+        )
+    assert view is not None and view.round is not None
+    rnd = view.round
     return TrainAction(
         assignment=AssignmentOut(
             round_id=rnd.id,
@@ -138,6 +194,9 @@ def checkin(ctx: ServiceContext, device_id: str, body: CheckinIn) -> TrainAction
             secure_aggregation=assignment_info(view.policy),
         )
     )
+
+
+_TASK_WAITS = frozenset({"no_task", "task_paused", "privacy_budget_exhausted", "task_completed"})
 
 
 def _list_or_none(values: tuple[str, ...] | None) -> list[str] | None:

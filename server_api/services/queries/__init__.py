@@ -2,6 +2,7 @@
 
 - :mod:`.hot_path`: authentication, check-in and upload intake as prepared Core statements on the
   driver's connection;
+- :mod:`.checkin_statement`: PostgreSQL's check-in in one statement;
 - :mod:`.records`: ORM queries of rounds (and their aggregation leases), tasks, devices and model versions;
 - :mod:`.secure`: the rows of secure-aggregation rounds.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 from server_api.services.queries._tables import ACTIVE
+from server_api.services.queries.checkin_statement import CheckinDone, checkin_at_once
 from server_api.services.queries.hot_path import (
     ActiveRound,
     CheckinView,
@@ -61,11 +63,13 @@ from server_api.services.queries.secure import (
 __all__ = [
     "ACTIVE",
     "ActiveRound",
+    "CheckinDone",
     "CheckinView",
     "UploadView",
     "active_round",
     "assignment_of",
     "blob_referenced",
+    "checkin_at_once",
     "checkin_view",
     "claim_assignment_slot",
     "count_devices",

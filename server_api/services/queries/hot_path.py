@@ -61,7 +61,8 @@ def touch_device(
     """last_seen_at (and the capabilities when sent). On PostgreSQL the row lock it takes serializes the
     check-ins of one device, so two concurrent ones cannot both take a slot in the same round (the
     check-in's next statement runs with a snapshot taken once the lock is held: it must stay a separate
-    statement, not a CTE of the next one)."""
+    statement, not a CTE of the next one; :mod:`.checkin_statement`, which has it as a CTE, detects a
+    concurrent check-in instead and then leaves the check-in to this transaction)."""
     if capabilities is None:
         tx.execute(_SEEN, {"device_id": device_id, "now": now})
     else:
@@ -151,7 +152,12 @@ def checkin_view(tx: DriverTransaction, task_id: int | None, device_id: str) -> 
         row = tx.first(_CHECKIN_VIEW_DEFAULT, {"device_id": device_id})
     else:
         row = tx.first(_CHECKIN_VIEW_OF_TASK, {"task_id": task_id, "device_id": device_id})
-    if row is None:
+    return None if row is None else view_of_row(row)
+
+
+def view_of_row(row: tuple[Any, ...]) -> CheckinView | None:
+    """The CheckinView of a row of the check-in view's columns (all NULL: no such task)."""
+    if row[0] is None:
         return None
     active = ActiveRound(*row[9:]) if row[9] is not None else None
     task_id, status, algorithm, architecture, dim, size, hyperparams, trainable, policy = row[:9]
