@@ -7,8 +7,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from server_api.deps import Admin, Context, Decimal, IdPath, IdQuery, Principal
 from server_api.routes.responses import ADMIN, AUTHENTICATED, COMMON, JSON_BODY, errors
-from server_api.schemas import RoundOut, TaskIn, TaskOut
+from server_api.schemas import RoundOut, TaskOut
 from server_api.services import tasks
+from server_api.task_schemas import TaskIn
 
 router = APIRouter(prefix="/v1", tags=["tasks"], responses=COMMON)
 

@@ -24,7 +24,7 @@ from server_api.schemas import PrivacyOut
 
 @dataclass(frozen=True)
 class DpPolicy:
-    """``policy.dp`` of a stored task (validated at creation by schemas.DifferentialPrivacy)."""
+    """``policy.dp`` of a stored task (validated at creation by task_schemas.DifferentialPrivacy)."""
 
     clip_norm: float
     noise_multiplier: float

@@ -12,9 +12,10 @@ from facefl.algorithms.base import Algorithm, Hyperparams
 from facefl.models import ARCHITECTURES, backbone_state, build_backbone, resolve_trainable, state_to_numpy
 from server_api.errors import conflict, invalid, not_found
 from server_api.orm import TASK_PAUSED, TASK_RUNNING, ModelVersion, Task
-from server_api.schemas import RoundOut, TaskIn, TaskOut
+from server_api.schemas import RoundOut, TaskOut
 from server_api.services import evaluation, models, privacy, public, queries, rounds
 from server_api.services.context import ServiceContext, log
+from server_api.task_schemas import TaskIn
 
 
 def create(ctx: ServiceContext, body: TaskIn) -> TaskOut:

@@ -20,10 +20,11 @@ from facefl.privacy.accountant import epsilon_spent, rounds_within_budget
 from server_api.app import create_app
 from server_api.db import upgrade
 from server_api.orm import ModelVersion, Round, Task
-from server_api.schemas import CheckinIn, RegisterIn, TaskIn, TrainAction, WaitAction
+from server_api.schemas import CheckinIn, RegisterIn, TrainAction, WaitAction
 from server_api.services import aggregation, devices, privacy, rounds, tasks, updates
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
+from server_api.task_schemas import TaskIn
 from tests.conftest import ADMIN, SECRET, make_settings
 
 D = 8 * 48 + 8  # coordinates of the tiny architecture at embedding_dim 8

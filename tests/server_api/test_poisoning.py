@@ -16,8 +16,8 @@ from facefl import codec
 from facefl.models import build_backbone, state_to_numpy
 from server_api.app import create_app
 from server_api.orm import ModelVersion
-from server_api.schemas import DEFAULT_MAX_SAMPLE_WEIGHT
 from server_api.services.tasks import NORM_BOUND_FACTOR
+from server_api.task_schemas import DEFAULT_MAX_SAMPLE_WEIGHT
 from tests.conftest import make_settings
 from tests.server_api.test_api import ADMIN_H, Api, unchanged, wait_for
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from facefl.secagg import fixedpoint
-from server_api.schemas import RoundPolicy
 from server_api.secagg_policy import assignment_info, dp_noise_stddev
+from server_api.task_schemas import RoundPolicy
 
 
 def _policy(**extra: Any) -> dict[str, Any]:

@@ -20,10 +20,11 @@ from facefl import codec
 from facefl.algorithms.fedavgm import is_statistic
 from facefl.algorithms.fedface import CLASS_EMBEDDING_KEY, CLASS_EMBEDDINGS
 from server_api.orm import ModelVersion, Round, Task
-from server_api.schemas import CheckinIn, RegisterIn, TaskIn, TrainAction
+from server_api.schemas import CheckinIn, RegisterIn, TrainAction
 from server_api.services import aggregation, devices, rounds, server_state, tasks, updates
 from server_api.services.context import ServiceContext
 from server_api.settings import Settings
+from server_api.task_schemas import TaskIn
 from tests.conftest import SECRET
 
 POLICY = {"target_reports": 3, "min_reports": 1}  # three: intake never starts an aggregation itself

@@ -194,7 +194,7 @@ def test_gate_metrics_are_keys_of_the_evaluation_report() -> None:
     from typing import get_args
 
     from facefl.metrics import verification_report
-    from server_api.schemas import GateMetric
+    from server_api.task_schemas import GateMetric
 
     rng = np.random.default_rng(0)
     is_same = np.arange(40) % 2 == 0

@@ -37,7 +37,7 @@ def test_protocol_docs_table_is_the_registry() -> None:
 
 
 def test_the_api_enum_is_the_registry() -> None:
-    from server_api.schemas import TaskIn
+    from server_api.task_schemas import TaskIn
 
     enum = TaskIn.model_json_schema()["properties"]["algorithm"]["enum"]
     assert tuple(enum) == registry.NAMES
