@@ -18,7 +18,10 @@ the public set here). Metrics as in ``benchmarks/accuracy.py``: device TAR@FAR=1
 the global model on every device (local: each device's own), LFW accuracy and TAR@FAR=1e-3.
 
 ``loss="metric"`` settings train with dlib's own loss (:func:`facefl.losses.pair_margin_loss`, on the
-unnormalized output) instead of the CosFace head; ``--devices N --ids-per-device K`` sizes the federation
+unnormalized output) instead of the CosFace head; their variants aimed at device DIR count every
+violating negative pair (``allneg``), widen dlib's margin (``margin0.1``), train only ``fc`` (``fc``), or
+let each device fine-tune the global model one more local epoch and test it with its own
+(``personalize``; LFW then uses device 0's model). ``--devices N --ids-per-device K`` sizes the federation
 (default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
@@ -62,6 +65,13 @@ class Setting:
     # "cosface": the SDK's CosFace head; "metric": dlib's own training loss (loss_metric: pairwise hinge
     # on Euclidean distances of the unnormalized embeddings, threshold 0.6, margin 0.04, hardest negatives)
     loss: str = "cosface"
+    # aimed at device DIR (metric loss only): every violating negative pair instead of dlib's hardest ones,
+    # dlib's margin widened, only ``fc`` trained (level0 frozen), and after the federated rounds each
+    # device fine-tuning its own copy of the global model for this many epochs (tested with its own)
+    all_negatives: bool = False
+    pair_margin: float = 0.04
+    fc_only: bool = False
+    personalize_epochs: int = 0
 
 
 SETTINGS = {
@@ -89,6 +99,11 @@ SETTINGS = {
         Setting("metric-adam-1e-5-2epochs", "adam", 1e-5, epochs=2, loss="metric"),
         Setting("metric-public-adam-1e-5", "adam", 1e-5, loss="metric", public=True),
         Setting("metric-sgd-1e-4", "sgd", 1e-4, loss="metric"),
+        Setting("metric-allneg-adam-1e-5", "adam", 1e-5, loss="metric", all_negatives=True),
+        Setting("metric-margin0.1-adam-1e-5", "adam", 1e-5, loss="metric", pair_margin=0.1),
+        Setting("metric-fc-adam-1e-4", "adam", 1e-4, loss="metric", fc_only=True),
+        Setting("metric-fc-adam-3e-4", "adam", 3e-4, loss="metric", fc_only=True),
+        Setting("metric-adam-1e-5-personalize", "adam", 1e-5, loss="metric", personalize_epochs=1),
         Setting("local-metric-adam-3e-5", "adam", 3e-5, loss="metric", local=True),
         Setting("adam-1e-5-margin0.2", "adam", 1e-5, margin=0.2),
         Setting("public-adam-1e-5", "adam", 1e-5, public=True),
@@ -311,7 +326,7 @@ class Study:
                 emb = torch.from_numpy(self.embed(model, x.numpy()))
                 head_rows = torch.stack([F.normalize(emb[y == c].mean(0), dim=0) for c in range(classes)])
             head.weight.copy_(head_rows)
-        params = list(model.parameters()) + list(head.parameters())
+        params = list((model.fc if s.fc_only else model).parameters()) + list(head.parameters())
         opt = (
             torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=5e-4)
             if s.optimizer == "sgd"
@@ -331,7 +346,9 @@ class Study:
                         pick = torch.randint(len(bank[1]), (BATCH,), generator=gen)
                         emb = torch.cat([emb, model.raw(bank[0][pick])])
                         labels = torch.cat([labels, bank[1][pick]])
-                    loss = pair_margin_loss(emb, labels)
+                    loss = pair_margin_loss(
+                        emb, labels, margin=s.pair_margin, hardest_negatives=not s.all_negatives
+                    )
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -369,6 +386,13 @@ class Study:
             model.load_state_dict(
                 {k: sum(w * sd[k] for w, sd in zip(weights, local, strict=True)) for k in local[0]}
             )
+        if s.personalize_epochs:  # LFW is then device 0's model, as for ``local``
+            bank = self.public_bank(model, heldout, s)
+            models = [
+                self.train_device(model, d, s, s.personalize_epochs, gen, heads[k], bank)[0]
+                for k, d in enumerate(devices)
+            ]
+            return self.evaluate(models, devices)
         return self.evaluate([model], devices)
 
 
