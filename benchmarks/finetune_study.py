@@ -21,7 +21,8 @@ the global model on every device (local: each device's own), LFW accuracy and TA
 unnormalized output) instead of the CosFace head; their variants aimed at device DIR count every
 violating negative pair (``allneg``), widen dlib's margin (``margin0.1``), train only ``fc`` (``fc``), or
 let each device fine-tune the global model one more local epoch and test it with its own
-(``personalize``; LFW then uses device 0's model). ``--devices N --ids-per-device K`` sizes the federation
+(``personalize``; LFW then uses device 0's model), or use the public strangers only as negatives of the
+device's images (``strangers``). ``--devices N --ids-per-device K`` sizes the federation
 (default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
@@ -72,6 +73,9 @@ class Setting:
     pair_margin: float = 0.04
     fc_only: bool = False
     personalize_epochs: int = 0
+    # with public=True: the strangers are negatives only (each device image against each stranger, the
+    # same hinge on the raw distance), never pairs among themselves
+    strangers_only_negative: bool = False
 
 
 SETTINGS = {
@@ -104,6 +108,14 @@ SETTINGS = {
         Setting("metric-fc-adam-1e-4", "adam", 1e-4, loss="metric", fc_only=True),
         Setting("metric-fc-adam-3e-4", "adam", 3e-4, loss="metric", fc_only=True),
         Setting("metric-adam-1e-5-personalize", "adam", 1e-5, loss="metric", personalize_epochs=1),
+        Setting(
+            "metric-strangers-adam-1e-5",
+            "adam",
+            1e-5,
+            loss="metric",
+            public=True,
+            strangers_only_negative=True,
+        ),
         Setting("local-metric-adam-3e-5", "adam", 3e-5, loss="metric", local=True),
         Setting("adam-1e-5-margin0.2", "adam", 1e-5, margin=0.2),
         Setting("public-adam-1e-5", "adam", 1e-5, public=True),
@@ -341,14 +353,20 @@ class Study:
                     continue
                 batch = torch.where(mirror[idx][:, None, None, None], x_mirror[idx], x[idx])
                 if s.loss == "metric":
-                    emb, labels = model.raw(batch), y[idx]
+                    emb, labels, strangers = model.raw(batch), y[idx], None
                     if bank is not None:  # strangers: a batch of public images, their own identities
                         pick = torch.randint(len(bank[1]), (BATCH,), generator=gen)
-                        emb = torch.cat([emb, model.raw(bank[0][pick])])
-                        labels = torch.cat([labels, bank[1][pick]])
+                        strangers = model.raw(bank[0][pick])
+                        if not s.strangers_only_negative:
+                            emb = torch.cat([emb, strangers])
+                            labels = torch.cat([labels, bank[1][pick]])
                     loss = pair_margin_loss(
                         emb, labels, margin=s.pair_margin, hardest_negatives=not s.all_negatives
                     )
+                    if strangers is not None and s.strangers_only_negative:
+                        # the mean over violating (device image, stranger) pairs, added to dlib's loss
+                        hinge = torch.relu(0.6 + s.pair_margin - torch.cdist(emb, strangers))
+                        loss = loss + hinge.sum() / max(int((hinge > 0).sum()), 1)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
