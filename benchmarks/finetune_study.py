@@ -26,8 +26,10 @@ device's images (``strangers``). ``--devices N --ids-per-device K`` sizes the fe
 (default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
-plan of that seed does not use, and evaluates LFW on folds 4-5: choose settings here. ``--split test``
-uses the plan's own devices and LFW folds 6-10: run it only for a setting chosen on ``val``.
+plan of that seed does not use (less any ``--exclude``: CelebA 07392 and 07393 are one person, and a
+plan splitting them over two devices caps both devices' DIR whatever the model), and evaluates LFW on
+folds 4-5: choose settings here. ``--split test`` uses the plan's own devices and LFW folds 6-10: run it
+only for a setting chosen on ``val``.
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ class Study:
         split: str,
         devices: int = DEVICES,
         ids_per_device: int = IDS_PER_DEVICE,
+        exclude: tuple[str, ...] = (),
     ) -> None:
         import torch
 
@@ -215,7 +218,7 @@ class Study:
                 return torch.nn.functional.normalize(self.raw(x), dim=1)
 
         self.base = Top()
-        self.split = split
+        self.split, self.exclude = split, set(exclude)
         self.devices, self.ids_per_device = devices, ids_per_device
         self.folder = ImageFolder(celeba)
         self.names = list(self.folder.identities)
@@ -237,7 +240,7 @@ class Study:
             # the identities the strong profile's plan (6 x 8 + 50 held out) of this seed leaves unused
             strong = plan_devices(self.folder, DEVICES, IDS_PER_DEVICE, HELDOUT, seed)
             used = {n for d in strong.devices for n in d} | set(strong.heldout)
-            rest = [n for n in self.names if n not in used]
+            rest = [n for n in self.names if n not in used and n not in self.exclude]
             if len(rest) < n * k:
                 raise SystemExit(f"--split val has {len(rest)} unused identities, fewer than {n} x {k}")
             pick = [str(n) for n in np.random.default_rng(1000 + seed).permutation(rest)]
@@ -424,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(SETTINGS), help=f"comma-separated of {', '.join(SETTINGS)}")
     p.add_argument("--devices", type=int, default=DEVICES, help="devices in the federation")
     p.add_argument("--ids-per-device", type=int, default=IDS_PER_DEVICE)
+    p.add_argument(
+        "--exclude",
+        default="",
+        help="val only: comma-separated CelebA identities never drawn (e.g. one of a duplicate person)",
+    )
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--lfw", type=Path, default=SHARED / "lfw")
     p.add_argument("--devices-data", type=Path, default=SHARED / "celeba")
@@ -434,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.configs.split(",") if c not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    if args.exclude and args.split != "val":
+        p.error("--exclude changes the devices, so only --split val takes it (test is the strong plan's)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -441,7 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         build_cache(args.checkpoint, args.lfw, args.devices_data, args.cache)
     study = Study(
-        args.checkpoint, args.cache, args.devices_data, args.split, args.devices, args.ids_per_device
+        args.checkpoint,
+        args.cache,
+        args.devices_data,
+        args.split,
+        args.devices,
+        args.ids_per_device,
+        tuple(n for n in args.exclude.split(",") if n),
     )
     settings = [SETTINGS[c] for c in args.configs.split(",")]
     results: dict[str, list[dict[str, float]]] = {"pretrained": []}
@@ -478,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {"split": args.split, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-             "devices": args.devices, "ids_per_device": args.ids_per_device,
+             "devices": args.devices, "ids_per_device": args.ids_per_device, "exclude": args.exclude,
              "settings": [asdict(s) for s in settings],
              "results": results, "table": lines},
             indent=2,
