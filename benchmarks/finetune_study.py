@@ -22,7 +22,8 @@ unnormalized output) instead of the CosFace head; their variants aimed at device
 violating negative pair (``allneg``), widen dlib's margin (``margin0.1``), train only ``fc`` (``fc``), or
 let each device fine-tune the global model one more local epoch and test it with its own
 (``personalize``; LFW then uses device 0's model), or use the public strangers only as negatives of the
-device's images (``strangers``). ``--devices N --ids-per-device K`` sizes the federation
+device's images (``strangers``; ``hardstrangers``: only the 64 closest to the device's people).
+``--devices N --ids-per-device K`` sizes the federation
 (default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
@@ -78,6 +79,9 @@ class Setting:
     # with public=True: the strangers are negatives only (each device image against each stranger, the
     # same hinge on the raw distance), never pairs among themselves
     strangers_only_negative: bool = False
+    # > 0: only this many public images, those closest to the device's class means (cosine, the model the
+    # device starts from), are its strangers: DIR's threshold is set by the closest impostor, a look-alike
+    hard_strangers: int = 0
 
 
 SETTINGS = {
@@ -117,6 +121,15 @@ SETTINGS = {
             loss="metric",
             public=True,
             strangers_only_negative=True,
+        ),
+        Setting(
+            "metric-hardstrangers-adam-1e-5",
+            "adam",
+            1e-5,
+            loss="metric",
+            public=True,
+            strangers_only_negative=True,
+            hard_strangers=64,
         ),
         Setting("local-metric-adam-3e-5", "adam", 3e-5, loss="metric", local=True),
         Setting("adam-1e-5-margin0.2", "adam", 1e-5, margin=0.2),
@@ -341,6 +354,12 @@ class Study:
                 emb = torch.from_numpy(self.embed(model, x.numpy()))
                 head_rows = torch.stack([F.normalize(emb[y == c].mean(0), dim=0) for c in range(classes)])
             head.weight.copy_(head_rows)
+            if bank is not None and s.hard_strangers:
+                own = torch.from_numpy(self.embed(model, x.numpy()))
+                means = F.normalize(torch.stack([own[y == c].mean(0) for c in range(classes)]), dim=1)
+                near = (torch.from_numpy(self.embed(model, bank[0].numpy())) @ means.T).max(1).values
+                top = torch.topk(near, min(s.hard_strangers, len(near))).indices
+                bank = bank[0][top], bank[1][top]
         params = list((model.fc if s.fc_only else model).parameters()) + list(head.parameters())
         opt = (
             torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=5e-4)
