@@ -18,12 +18,19 @@ the public set here). Metrics as in ``benchmarks/accuracy.py``: device TAR@FAR=1
 the global model on every device (local: each device's own), LFW accuracy and TAR@FAR=1e-3.
 
 ``loss="metric"`` settings train with dlib's own loss (:func:`facefl.losses.pair_margin_loss`, on the
-unnormalized output) instead of the CosFace head; ``--devices N --ids-per-device K`` sizes the federation
+unnormalized output) instead of the CosFace head; their variants aimed at device DIR count every
+violating negative pair (``allneg``), widen dlib's margin (``margin0.1``), train only ``fc`` (``fc``), or
+let each device fine-tune the global model one more local epoch and test it with its own
+(``personalize``; LFW then uses device 0's model), or use the public strangers only as negatives of the
+device's images (``strangers``; ``hardstrangers``: only the 64 closest to the device's people).
+``--devices N --ids-per-device K`` sizes the federation
 (default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
-plan of that seed does not use, and evaluates LFW on folds 4-5: choose settings here. ``--split test``
-uses the plan's own devices and LFW folds 6-10: run it only for a setting chosen on ``val``.
+plan of that seed does not use (less any ``--exclude``: CelebA 07392 and 07393 are one person, and a
+plan splitting them over two devices caps both devices' DIR whatever the model), and evaluates LFW on
+folds 4-5: choose settings here. ``--split test`` uses the plan's own devices and LFW folds 6-10: run it
+only for a setting chosen on ``val``.
 """
 
 from __future__ import annotations
@@ -62,6 +69,19 @@ class Setting:
     # "cosface": the SDK's CosFace head; "metric": dlib's own training loss (loss_metric: pairwise hinge
     # on Euclidean distances of the unnormalized embeddings, threshold 0.6, margin 0.04, hardest negatives)
     loss: str = "cosface"
+    # aimed at device DIR (metric loss only): every violating negative pair instead of dlib's hardest ones,
+    # dlib's margin widened, only ``fc`` trained (level0 frozen), and after the federated rounds each
+    # device fine-tuning its own copy of the global model for this many epochs (tested with its own)
+    all_negatives: bool = False
+    pair_margin: float = 0.04
+    fc_only: bool = False
+    personalize_epochs: int = 0
+    # with public=True: the strangers are negatives only (each device image against each stranger, the
+    # same hinge on the raw distance), never pairs among themselves
+    strangers_only_negative: bool = False
+    # > 0: only this many public images, those closest to the device's class means (cosine, the model the
+    # device starts from), are its strangers: DIR's threshold is set by the closest impostor, a look-alike
+    hard_strangers: int = 0
 
 
 SETTINGS = {
@@ -89,6 +109,28 @@ SETTINGS = {
         Setting("metric-adam-1e-5-2epochs", "adam", 1e-5, epochs=2, loss="metric"),
         Setting("metric-public-adam-1e-5", "adam", 1e-5, loss="metric", public=True),
         Setting("metric-sgd-1e-4", "sgd", 1e-4, loss="metric"),
+        Setting("metric-allneg-adam-1e-5", "adam", 1e-5, loss="metric", all_negatives=True),
+        Setting("metric-margin0.1-adam-1e-5", "adam", 1e-5, loss="metric", pair_margin=0.1),
+        Setting("metric-fc-adam-1e-4", "adam", 1e-4, loss="metric", fc_only=True),
+        Setting("metric-fc-adam-3e-4", "adam", 3e-4, loss="metric", fc_only=True),
+        Setting("metric-adam-1e-5-personalize", "adam", 1e-5, loss="metric", personalize_epochs=1),
+        Setting(
+            "metric-strangers-adam-1e-5",
+            "adam",
+            1e-5,
+            loss="metric",
+            public=True,
+            strangers_only_negative=True,
+        ),
+        Setting(
+            "metric-hardstrangers-adam-1e-5",
+            "adam",
+            1e-5,
+            loss="metric",
+            public=True,
+            strangers_only_negative=True,
+            hard_strangers=64,
+        ),
         Setting("local-metric-adam-3e-5", "adam", 3e-5, loss="metric", local=True),
         Setting("adam-1e-5-margin0.2", "adam", 1e-5, margin=0.2),
         Setting("public-adam-1e-5", "adam", 1e-5, public=True),
@@ -166,6 +208,7 @@ class Study:
         split: str,
         devices: int = DEVICES,
         ids_per_device: int = IDS_PER_DEVICE,
+        exclude: tuple[str, ...] = (),
     ) -> None:
         import torch
 
@@ -188,7 +231,7 @@ class Study:
                 return torch.nn.functional.normalize(self.raw(x), dim=1)
 
         self.base = Top()
-        self.split = split
+        self.split, self.exclude = split, set(exclude)
         self.devices, self.ids_per_device = devices, ids_per_device
         self.folder = ImageFolder(celeba)
         self.names = list(self.folder.identities)
@@ -210,7 +253,7 @@ class Study:
             # the identities the strong profile's plan (6 x 8 + 50 held out) of this seed leaves unused
             strong = plan_devices(self.folder, DEVICES, IDS_PER_DEVICE, HELDOUT, seed)
             used = {n for d in strong.devices for n in d} | set(strong.heldout)
-            rest = [n for n in self.names if n not in used]
+            rest = [n for n in self.names if n not in used and n not in self.exclude]
             if len(rest) < n * k:
                 raise SystemExit(f"--split val has {len(rest)} unused identities, fewer than {n} x {k}")
             pick = [str(n) for n in np.random.default_rng(1000 + seed).permutation(rest)]
@@ -311,7 +354,13 @@ class Study:
                 emb = torch.from_numpy(self.embed(model, x.numpy()))
                 head_rows = torch.stack([F.normalize(emb[y == c].mean(0), dim=0) for c in range(classes)])
             head.weight.copy_(head_rows)
-        params = list(model.parameters()) + list(head.parameters())
+            if bank is not None and s.hard_strangers:
+                own = torch.from_numpy(self.embed(model, x.numpy()))
+                means = F.normalize(torch.stack([own[y == c].mean(0) for c in range(classes)]), dim=1)
+                near = (torch.from_numpy(self.embed(model, bank[0].numpy())) @ means.T).max(1).values
+                top = torch.topk(near, min(s.hard_strangers, len(near))).indices
+                bank = bank[0][top], bank[1][top]
+        params = list((model.fc if s.fc_only else model).parameters()) + list(head.parameters())
         opt = (
             torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=5e-4)
             if s.optimizer == "sgd"
@@ -326,12 +375,20 @@ class Study:
                     continue
                 batch = torch.where(mirror[idx][:, None, None, None], x_mirror[idx], x[idx])
                 if s.loss == "metric":
-                    emb, labels = model.raw(batch), y[idx]
+                    emb, labels, strangers = model.raw(batch), y[idx], None
                     if bank is not None:  # strangers: a batch of public images, their own identities
                         pick = torch.randint(len(bank[1]), (BATCH,), generator=gen)
-                        emb = torch.cat([emb, model.raw(bank[0][pick])])
-                        labels = torch.cat([labels, bank[1][pick]])
-                    loss = pair_margin_loss(emb, labels)
+                        strangers = model.raw(bank[0][pick])
+                        if not s.strangers_only_negative:
+                            emb = torch.cat([emb, strangers])
+                            labels = torch.cat([labels, bank[1][pick]])
+                    loss = pair_margin_loss(
+                        emb, labels, margin=s.pair_margin, hardest_negatives=not s.all_negatives
+                    )
+                    if strangers is not None and s.strangers_only_negative:
+                        # the mean over violating (device image, stranger) pairs, added to dlib's loss
+                        hinge = torch.relu(0.6 + s.pair_margin - torch.cdist(emb, strangers))
+                        loss = loss + hinge.sum() / max(int((hinge > 0).sum()), 1)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -369,6 +426,13 @@ class Study:
             model.load_state_dict(
                 {k: sum(w * sd[k] for w, sd in zip(weights, local, strict=True)) for k in local[0]}
             )
+        if s.personalize_epochs:  # LFW is then device 0's model, as for ``local``
+            bank = self.public_bank(model, heldout, s)
+            models = [
+                self.train_device(model, d, s, s.personalize_epochs, gen, heads[k], bank)[0]
+                for k, d in enumerate(devices)
+            ]
+            return self.evaluate(models, devices)
         return self.evaluate([model], devices)
 
 
@@ -382,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(SETTINGS), help=f"comma-separated of {', '.join(SETTINGS)}")
     p.add_argument("--devices", type=int, default=DEVICES, help="devices in the federation")
     p.add_argument("--ids-per-device", type=int, default=IDS_PER_DEVICE)
+    p.add_argument(
+        "--exclude",
+        default="",
+        help="val only: comma-separated CelebA identities never drawn (e.g. one of a duplicate person)",
+    )
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--lfw", type=Path, default=SHARED / "lfw")
     p.add_argument("--devices-data", type=Path, default=SHARED / "celeba")
@@ -392,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.configs.split(",") if c not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    if args.exclude and args.split != "val":
+        p.error("--exclude changes the devices, so only --split val takes it (test is the strong plan's)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -399,7 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         build_cache(args.checkpoint, args.lfw, args.devices_data, args.cache)
     study = Study(
-        args.checkpoint, args.cache, args.devices_data, args.split, args.devices, args.ids_per_device
+        args.checkpoint,
+        args.cache,
+        args.devices_data,
+        args.split,
+        args.devices,
+        args.ids_per_device,
+        tuple(n for n in args.exclude.split(",") if n),
     )
     settings = [SETTINGS[c] for c in args.configs.split(",")]
     results: dict[str, list[dict[str, float]]] = {"pretrained": []}
@@ -436,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {"split": args.split, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-             "devices": args.devices, "ids_per_device": args.ids_per_device,
+             "devices": args.devices, "ids_per_device": args.ids_per_device, "exclude": args.exclude,
              "settings": [asdict(s) for s in settings],
              "results": results, "table": lines},
             indent=2,

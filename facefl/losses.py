@@ -170,14 +170,21 @@ def spreadout_loss(w: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
 
 
 def pair_margin_loss(
-    embeddings: torch.Tensor, labels: torch.Tensor, threshold: float = 0.6, margin: float = 0.04
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float = 0.6,
+    margin: float = 0.04,
+    *,
+    hardest_negatives: bool = True,
 ) -> torch.Tensor:
     """dlib's ``loss_metric`` on one batch of (N, d) unnormalized embeddings and (N,) identity labels.
 
     Each same-identity pair pays ``relu(distance - (threshold - margin))``, each different-identity pair
     ``relu(threshold + margin - distance)``; only the hardest negatives count, as many as there are
     positive pairs (at least one), and the sum is divided by the number of pairs counted. The defaults are
-    dlib's (its descriptors match below a Euclidean distance of 0.6).
+    dlib's (its descriptors match below a Euclidean distance of 0.6). ``hardest_negatives=False`` (not
+    dlib's) counts every violating negative pair instead (those with a positive hinge, however many): a
+    batch with more close strangers than positive pairs then pushes all of them apart.
     """
     if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
         raise ValueError(
@@ -188,6 +195,9 @@ def pair_margin_loss(
     upper = torch.ones_like(same).triu(diagonal=1)
     positive = torch.relu(distances - (threshold - margin))[same & upper]
     negative = torch.relu(threshold + margin - distances)[~same & upper]
+    if not hardest_negatives:
+        violating = negative[negative > 0]
+        return (positive.sum() + violating.sum()) / max(positive.numel() + violating.numel(), 1)
     k = min(max(positive.numel(), 1), negative.numel())
     hardest = torch.topk(negative, k).values
     return (positive.sum() + hardest.sum()) / max(positive.numel() + k, 1)

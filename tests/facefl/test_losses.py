@@ -151,6 +151,20 @@ def test_pair_margin_loss_counts_positives_and_as_many_hardest_negatives() -> No
     assert float(pair_margin_loss(emb, torch.tensor([0, 0, 1, 1]))) == pytest.approx(1.42 / 4)
 
 
+def test_pair_margin_loss_can_count_every_violating_negative() -> None:
+    # 1-d points: identity 0 at 0 and 0.5, identity 1 at 0.1, identity 2 at 0.2 (threshold 0.6, margin 0.04)
+    # one positive pair: |0-0.5| = 0.5 < 0.56 -> 0
+    # negatives pay below 0.64: d(0,0.1) -> 0.54, d(0,0.2) -> 0.44, d(0.5,0.1) -> 0.24, d(0.5,0.2) -> 0.34,
+    # d(0.1,0.2) -> 0.54; dlib's counts the hardest one: (0 + 0.54) / 2; all five violate: (0 + 2.1) / 6
+    emb = torch.tensor([[0.0], [0.5], [0.1], [0.2]])
+    labels = torch.tensor([0, 0, 1, 2])
+    assert float(pair_margin_loss(emb, labels)) == pytest.approx(0.54 / 2)
+    assert float(pair_margin_loss(emb, labels, hardest_negatives=False)) == pytest.approx(2.1 / 6)
+    # negatives beyond threshold + margin do not count, nor dilute the mean
+    far = torch.tensor([[0.0], [1.0], [0.3], [5.0]])  # one positive (0.44), negatives 0.34 (0-0.3) only
+    assert float(pair_margin_loss(far, labels, hardest_negatives=False)) == pytest.approx(0.78 / 2)
+
+
 def test_pair_margin_loss_of_separated_identities_is_zero_and_pulls_far_positives_together() -> None:
     near = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.0, 0.2]])
     assert float(pair_margin_loss(near, torch.tensor([0, 0, 1, 1]))) == pytest.approx(0.0)
