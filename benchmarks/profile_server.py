@@ -164,16 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             up_tokens, _ = bench.register_devices(server, n, 4)
             assignments = bench.assignments_of(run(bench.checkin_reqs(up_tokens, task.id)))
             payloads = bench.make_deltas(base, n)
-            reqs = []
-            for i, a in enumerate(assignments):
-                headers = {
-                    "Authorization": f"Bearer {up_tokens[i]}",
-                    "X-Upload-Token": a["upload_token"],
-                    "Content-Type": "application/octet-stream",
-                    "X-Metrics": '{"loss": 1.0}',
-                }
-                path = f"/v1/rounds/{a['round_id']}/updates?num_samples={50 + i}"
-                reqs.append(bench.Req("POST", path, headers, payloads[i], 202))
+            reqs = bench.upload_reqs(up_tokens, assignments, payloads)
             bench.run_load(server, reqs[:2], 2)  # warm-up
             log(f"upload: {args.uploads} x {len(payloads[0]) / 1e6:.2f} MB (the last one aggregates)")
             with sampled(server.pid, out / "upload.txt", args.rate):

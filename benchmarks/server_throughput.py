@@ -330,6 +330,21 @@ def make_deltas(base: dict[str, np.ndarray], count: int, seed: int = 0) -> list[
     return payloads
 
 
+def upload_reqs(tokens: list[str], assignments: list[dict[str, Any]], payloads: list[bytes]) -> list[Req]:
+    """One upload request per device: its token, its assignment's upload token, its own payload."""
+    reqs = []
+    for i, (token, a) in enumerate(zip(tokens, assignments, strict=True)):
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "X-Upload-Token": a["upload_token"],
+            "Content-Type": "application/octet-stream",
+            "X-Metrics": '{"loss": 1.0}',
+        }
+        path = f"/v1/rounds/{a['round_id']}/updates?num_samples={50 + i}"
+        reqs.append(Req("POST", path, headers, payloads[i], 202))
+    return reqs
+
+
 def bench_upload(
     facefl: ServerProcess, bare: ServerProcess, sizes: Sizes, log: Callable[[str], None]
 ) -> tuple[dict, dict[str, np.ndarray]]:
@@ -358,19 +373,10 @@ def bench_upload(
         assignments = assignments_of(run_load(facefl, checkin_reqs(tokens, task.id), c))
         payloads = make_deltas(base, total)
 
+        uploads = upload_reqs(tokens, assignments, payloads)
+
         def ours(lo: int, hi: int) -> list[Req]:
-            reqs = []
-            for i in range(lo, hi):
-                a = assignments[i]
-                headers = {
-                    "Authorization": f"Bearer {tokens[i]}",
-                    "X-Upload-Token": a["upload_token"],
-                    "Content-Type": "application/octet-stream",
-                    "X-Metrics": '{"loss": 1.0}',
-                }
-                path = f"/v1/rounds/{a['round_id']}/updates?num_samples={50 + i}"
-                reqs.append(Req("POST", path, headers, payloads[i], 202))
-            return reqs
+            return uploads[lo:hi]
 
         def bare_reqs(fsync: int, lo: int, hi: int) -> list[Req]:
             headers = {"Content-Type": "application/octet-stream"}

@@ -58,18 +58,7 @@ def prepare(server: StackServer, count: int, concurrency: int) -> list[bench.Req
     assignments = bench.assignments_of(
         bench.run_load(server, bench.checkin_reqs(tokens, task.id), concurrency)
     )
-    payloads = bench.make_deltas(base, count)
-    reqs = []
-    for i, (token, a) in enumerate(zip(tokens, assignments, strict=True)):
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "X-Upload-Token": a["upload_token"],
-            "Content-Type": "application/octet-stream",
-            "X-Metrics": '{"loss": 1.0}',
-        }
-        path = f"/v1/rounds/{a['round_id']}/updates?num_samples={50 + i}"
-        reqs.append(bench.Req("POST", path, headers, payloads[i], 202))
-    return reqs
+    return bench.upload_reqs(tokens, assignments, bench.make_deltas(base, count))
 
 
 def main(argv: list[str] | None = None) -> int:
