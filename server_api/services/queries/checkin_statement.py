@@ -38,8 +38,6 @@ from sqlalchemy import (
     ColumnElement,
     and_,
     bindparam,
-    false,
-    insert,
     literal,
     literal_column,
     select,
@@ -54,6 +52,8 @@ from server_api.services.queries.hot_path import (
     _CHECKIN_VIEW_DEFAULT,
     _CHECKIN_VIEW_OF_TASK,
     CheckinView,
+    assignment_of_claim,
+    claim_slot,
     view_of_row,
 )
 
@@ -97,32 +97,12 @@ def _statement(view_select: Prepared, with_capabilities: bool) -> Prepared:
         task_status == TASK_RUNNING, round_status == ROUND_OPEN, deadline > bindparam("now")
     )
     claimed = (
-        update(r)
-        .where(
-            r.c.id == select(round_id).where(takes_checkins, assignment_id.is_(None)).scalar_subquery(),
-            r.c.status == ROUND_OPEN,
-            r.c.assigned < r.c.max_assignments,
-            did_touch,
-        )
-        .values(assigned=r.c.assigned + 1)
+        claim_slot(select(round_id).where(takes_checkins, assignment_id.is_(None)).scalar_subquery())
+        .where(did_touch)
         .returning(r.c.id)
         .cte("claimed")
     )
-    inserted = (
-        insert(a)
-        .from_select(
-            ["round_id", "device_id", "upload_token_hash", "issued_at", "reported"],
-            select(
-                claimed.c.id,
-                bindparam("device_id", type_=a.c.device_id.type),
-                bindparam("token_hash", type_=a.c.upload_token_hash.type),
-                bindparam("now", type_=a.c.issued_at.type),
-                false(),
-            ),
-        )
-        .returning(a.c.id)
-        .cte("inserted")
-    )
+    inserted = assignment_of_claim(claimed).returning(a.c.id).cte("inserted")
     renewed = (
         update(a)
         .where(

@@ -9,7 +9,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, false, func, insert, select, text, update
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    Insert,
+    Table,
+    and_,
+    bindparam,
+    false,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import Update as UpdateStatement
 
 from server_api.driver import DriverTransaction, Prepared
 from server_api.orm import (
@@ -166,16 +180,34 @@ def view_of_row(row: tuple[Any, ...]) -> CheckinView | None:
     )
 
 
-# a slot of the round, taken only while it is open and not full
-_claim_slot = (
-    update(_rounds)
-    .where(
-        _rounds.c.id == bindparam("round_id"),
-        _rounds.c.status == ROUND_OPEN,
-        _rounds.c.assigned < _rounds.c.max_assignments,
+def claim_slot(round_id: ColumnElement[Any]) -> UpdateStatement:
+    """A slot of round ``round_id``, taken only while it is open and not full (compare-and-set)."""
+    return (
+        update(_rounds)
+        .where(
+            _rounds.c.id == round_id,
+            _rounds.c.status == ROUND_OPEN,
+            _rounds.c.assigned < _rounds.c.max_assignments,
+        )
+        .values(assigned=_rounds.c.assigned + 1)
     )
-    .values(assigned=_rounds.c.assigned + 1)
-)
+
+
+def assignment_of_claim(claimed: CTE) -> Insert:
+    """The device's assignment, inserted exactly when ``claimed`` (a slot claim's RETURNING id) has a row."""
+    return insert(_assignments).from_select(
+        ["round_id", "device_id", "upload_token_hash", "issued_at", "reported"],
+        select(
+            claimed.c.id,
+            bindparam("device_id", type_=_assignments.c.device_id.type),
+            bindparam("token_hash", type_=_assignments.c.upload_token_hash.type),
+            bindparam("now", type_=_assignments.c.issued_at.type),
+            false(),
+        ),
+    )
+
+
+_claim_slot = claim_slot(bindparam("round_id"))
 _CLAIM_SLOT = Prepared(_claim_slot)
 _INSERT_ASSIGNMENT = Prepared(
     insert(_assignments).values(
@@ -188,18 +220,8 @@ _INSERT_ASSIGNMENT = Prepared(
 )
 # PostgreSQL: both in one statement (one round trip); the INSERT reads the UPDATE's RETURNING, so it
 # inserts a row exactly when the slot was taken
-_CLAIMED = _claim_slot.returning(_rounds.c.id).cte("claimed")
 _CLAIM_AND_INSERT_ASSIGNMENT = Prepared(
-    insert(_assignments).from_select(
-        ["round_id", "device_id", "upload_token_hash", "issued_at", "reported"],
-        select(
-            _CLAIMED.c.id,
-            bindparam("device_id", type_=_assignments.c.device_id.type),
-            bindparam("token_hash", type_=_assignments.c.upload_token_hash.type),
-            bindparam("now", type_=_assignments.c.issued_at.type),
-            false(),
-        ),
-    )
+    assignment_of_claim(_claim_slot.returning(_rounds.c.id).cte("claimed"))
 )
 _NEW_UPLOAD_TOKEN = Prepared(
     update(_assignments)
