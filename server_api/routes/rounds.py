@@ -98,7 +98,7 @@ async def upload_update(
     try:
         # one upload per assignment at a time (per worker): a second concurrent one is refused, unread
         with ctx.uploads.claim((round_id, device_id), "an upload for this assignment is already in progress"):
-            # validated, hashed and staged in one pass while it streams in
+            # validated and staged in one pass while it streams in
             await stream_body(request, ctx, staged.write_chunks, lambda: staged.failed)
             return await run_sync(
                 lambda: updates.accept(ctx, target, staged, num_samples=num_samples, metrics=metrics)

@@ -1,4 +1,4 @@
-"""An upload streaming into the staging area: written, hashed and validated in one pass over its bytes.
+"""An upload streaming into the staging area: written and validated in one pass over its bytes.
 
 The route hands the body to :meth:`StagedUpdate.write_chunks` in batches (in a worker thread, one batch
 at a time, while the event loop receives the next). Each batch is checked by the update scanner (header
@@ -40,7 +40,7 @@ class StagedUpdate:
         return self.error is not None
 
     def write(self, data: bytes | bytearray) -> None:
-        """Validate, hash and stage the next bytes (a worker thread; never two calls at once)."""
+        """Validate and stage the next bytes (a worker thread; never two calls at once)."""
         self.write_chunks([data])
 
     def write_chunks(self, chunks: Sequence[bytes | bytearray]) -> None:

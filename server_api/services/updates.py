@@ -124,17 +124,13 @@ def preflight(ctx: ServiceContext, round_id: int, device_id: str, upload_token: 
     )
 
 
-def staged_update(ctx: ServiceContext, target: UploadTarget) -> StagedUpdate:
-    """The staging file the body streams into, validated on the way (server_api.services.intake)."""
-    return StagedUpdate(ctx.blobs, target.expected, target.extras)
-
-
 def open_upload(
     ctx: ServiceContext, round_id: int, device_id: str, upload_token: str
 ) -> tuple[UploadTarget, StagedUpdate]:
-    """:func:`preflight`, then the staging file the body streams into (one thread hop for both)."""
+    """:func:`preflight`, then the staging file the body streams into, validated on the way
+    (server_api.services.intake): one thread hop for both."""
     target = preflight(ctx, round_id, device_id, upload_token)
-    return target, staged_update(ctx, target)
+    return target, StagedUpdate(ctx.blobs, target.expected, target.extras)
 
 
 def validate(target: UploadTarget, staged: StagedUpdate) -> float:
@@ -211,4 +207,4 @@ def accept(
     return UpdateAccepted(update_id=update_id, round_id=target.round_id, reports=reports)
 
 
-__all__ = ["UploadTarget", "accept", "open_upload", "parse_metrics", "preflight", "staged_update", "validate"]
+__all__ = ["UploadTarget", "accept", "open_upload", "parse_metrics", "preflight", "validate"]

@@ -109,8 +109,7 @@ def _report(ctx: ServiceContext, value: float, num_samples: int) -> int:
     assert isinstance(action, TrainAction), action
     a = action.assignment
     delta = {k: np.full_like(v, value) for k, v in _weights(ctx, a.base_version).items()}
-    target = updates.preflight(ctx, a.round_id, device_id, a.upload_token)
-    staged = updates.staged_update(ctx, target)
+    target, staged = updates.open_upload(ctx, a.round_id, device_id, a.upload_token)
     try:
         staged.write(codec.encode(delta))
         updates.accept(ctx, target, staged, num_samples=num_samples, metrics={"loss": value})

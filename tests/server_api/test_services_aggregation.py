@@ -86,8 +86,7 @@ def _report(
     a = action.assignment
     delta = {k: np.full_like(v, value) for k, v in _weights(ctx, a.base_version).items()}
     # the route's three steps: preflight, the body streamed into a validating staging file, accept
-    target = updates.preflight(ctx, a.round_id, device_id, a.upload_token)
-    staged = updates.staged_update(ctx, target)
+    target, staged = updates.open_upload(ctx, a.round_id, device_id, a.upload_token)
     try:
         staged.write(codec.encode({**delta, **(extras or {})}))
         accepted = updates.accept(
