@@ -21,7 +21,9 @@ class Settings(BaseSettings):
         default="sqlite:///facefl-data/facefl.db",
         description="SQLAlchemy URL; SQLite file by default, postgresql+psycopg://... for several workers",
     )
-    data_dir: Path = Field(default=Path("facefl-data"), description="blob store root (content-addressed)")
+    data_dir: Path = Field(
+        default=Path("facefl-data"), description="blob store root (model versions content-addressed)"
+    )
     dev_mode: bool = Field(default=False, description="allow the well-known dev admin token and secret")
     admin_token: SecretStr | None = None
     enrollment_secret: SecretStr | None = None
