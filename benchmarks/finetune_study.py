@@ -27,10 +27,13 @@ device's images (``strangers``; ``hardstrangers``: only the 64 closest to the de
 (default the strong profile's 6 x 8).
 
 ``--split val`` (the default) draws each seed's devices from CelebA identities that the strong profile's
-plan of that seed does not use (less any ``--exclude``: CelebA 07392 and 07393 are one person, and a
-plan splitting them over two devices caps both devices' DIR whatever the model), and evaluates LFW on
-folds 4-5: choose settings here. ``--split test`` uses the plan's own devices and LFW folds 6-10: run it
-only for a setting chosen on ``val``.
+plan of that seed does not use, and evaluates LFW on folds 4-5: choose settings here. ``--split test``
+uses the plan's own devices and LFW folds 6-10: run it only for a setting chosen on ``val``. Every plan
+leaves out ``--exclude`` (by default the audited data defects, ``accuracy.EXCLUDED_IDENTITIES``).
+
+Device columns come twice: ``device_*`` with the other devices' test images as the only impostors (the
+first studies' protocol), ``*_strangers`` with the people on no device as impostors too (val: the
+unused identities no device drew; test: the plan's held-out ones, as ``benchmarks/accuracy.py`` does).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+from accuracy import EXCLUDED_IDENTITIES  # noqa: E402
 from finetune_settings import SETTINGS, Setting  # noqa: E402
 
 DEVICES, IDS_PER_DEVICE, HELDOUT, TEST_FRACTION, BATCH = 6, 8, 50, 0.3, 32
@@ -157,23 +161,26 @@ class Study:
         self.lfw_index, self.lfw_same = c[f"lfw_{split}_index"], c[f"lfw_{split}_same"]
         self.lfw_folds = c[f"lfw_{split}_folds"]
 
-    def plan(self, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
-        """The seed's devices (val: identities the strong plan of this seed leaves unused) and the
-        plan's held-out identities (the stand-in public set)."""
+    def plan(self, seed: int) -> tuple[list[dict[str, Any]], list[str], np.ndarray]:
+        """The seed's devices (val: identities the strong plan of this seed leaves unused), the plan's
+        held-out identities (the stand-in public set) and the rows of the strangers: faces of people on
+        no device, impostors for every device (val: the unused identities no device drew; test: the
+        held-out ones, as in ``benchmarks/accuracy.py``), less ``--exclude``."""
         from facefl.data.protocol import device_split, plan_devices
 
         n, k = self.devices, self.ids_per_device
-        p = plan_devices(self.folder, n, k, HELDOUT, seed)
-        groups = p.devices
+        p = plan_devices(self.folder, n, k, HELDOUT, seed, exclude=self.exclude)
+        groups, stranger_names = p.devices, list(p.heldout)
         if self.split == "val":
             # the identities the strong profile's plan (6 x 8 + 50 held out) of this seed leaves unused
-            strong = plan_devices(self.folder, DEVICES, IDS_PER_DEVICE, HELDOUT, seed)
+            strong = plan_devices(self.folder, DEVICES, IDS_PER_DEVICE, HELDOUT, seed, exclude=self.exclude)
             used = {n for d in strong.devices for n in d} | set(strong.heldout)
             rest = [n for n in self.names if n not in used and n not in self.exclude]
             if len(rest) < n * k:
                 raise SystemExit(f"--split val has {len(rest)} unused identities, fewer than {n} x {k}")
             pick = [str(n) for n in np.random.default_rng(1000 + seed).permutation(rest)]
             groups = [pick[i * k : (i + 1) * k] for i in range(n)]
+            stranger_names = pick[n * k :]
         devices, offset = [], 0
         for names in groups:
             index = [self.names.index(n) for n in names]
@@ -186,7 +193,8 @@ class Study:
                  "offset": offset}
             )  # fmt: skip
             offset += len(names)
-        return devices, list(p.heldout)
+        strangers = np.flatnonzero(np.isin(self.labels, [self.names.index(n) for n in stranger_names]))
+        return devices, list(p.heldout), strangers
 
     def embed(self, model: Any, x: np.ndarray) -> np.ndarray:
         import torch
@@ -196,7 +204,11 @@ class Study:
             t = torch.from_numpy(np.asarray(x, np.float32))
             return torch.cat([model(t[i : i + 512]) for i in range(0, len(t), 512)]).numpy()
 
-    def evaluate(self, models: list[Any], devices: list[dict[str, Any]]) -> dict[str, float]:
+    def evaluate(
+        self, models: list[Any], devices: list[dict[str, Any]], strangers: np.ndarray
+    ) -> dict[str, float]:
+        """Device columns twice: against the other devices' test images only (``device_*``, the
+        protocol of the first studies), and with the strangers as impostors too (``*_strangers``)."""
         from facefl.metrics import cosine_scores, personalized_report, verification_report
 
         def device_of(key: str) -> np.ndarray:
@@ -205,17 +217,18 @@ class Study:
         def ids(key: str) -> np.ndarray:
             return np.concatenate([d[f"{key}_y"] + d["offset"] for d in devices])
 
-        per_device = []
+        per_device, with_strangers = [], []
         for k, model in enumerate(models):
             train = np.concatenate([self.embed(model, self.x[d["train"]]) for d in devices])
             test = np.concatenate([self.embed(model, self.x[d["test"]]) for d in devices])
-            r = personalized_report(
-                train, ids("train"), device_of("train"), test, ids("test"), device_of("test"), (FAR,)
-            )
+            args = (train, ids("train"), device_of("train"), test, ids("test"), device_of("test"), (FAR,))
+            r = personalized_report(*args)
+            rs = personalized_report(*args, stranger_emb=self.embed(model, self.x[strangers]))
             if len(models) == 1:
-                per_device = r["per_device"]
+                per_device, with_strangers = r["per_device"], rs["per_device"]
                 break
             per_device.append(next(e for e in r["per_device"] if e["device"] == k))
+            with_strangers.append(next(e for e in rs["per_device"] if e["device"] == k))
         e = self.embed(models[0], self.lfw.numpy())
         g = verification_report(
             cosine_scores(e[self.lfw_index[:, 0]], e[self.lfw_index[:, 1]]), self.lfw_same, self.lfw_folds
@@ -223,6 +236,8 @@ class Study:
         return {
             "device_tar": float(np.mean([r["tar@far=1e-3"] for r in per_device])),
             "device_dir": float(np.mean([r["dir@far=1e-3"] for r in per_device])),
+            "device_tar_strangers": float(np.mean([r["tar@far=1e-3"] for r in with_strangers])),
+            "device_dir_strangers": float(np.mean([r["dir@far=1e-3"] for r in with_strangers])),
             "lfw_accuracy": float(g["accuracy"]),
             "lfw_tar": float(g["tar@far=1e-3"]),
         }
@@ -322,14 +337,14 @@ class Study:
     def run(self, s: Setting, seed: int) -> dict[str, float]:
         import torch
 
-        devices, heldout = self.plan(seed)
+        devices, heldout, strangers = self.plan(seed)
         gen = torch.Generator().manual_seed(seed)
         if s.local:
             bank = self.public_bank(self.base, heldout, s)
             models = [
                 self.train_device(self.base, d, s, s.rounds * s.epochs, gen, None, bank)[0] for d in devices
             ]
-            return self.evaluate(models, devices)
+            return self.evaluate(models, devices, strangers)
         model, heads = copy.deepcopy(self.base), [None] * len(devices)
         weights = np.array([len(d["train"]) for d in devices], float)
         weights /= weights.sum()
@@ -348,8 +363,8 @@ class Study:
                 self.train_device(model, d, s, s.personalize_epochs, gen, heads[k], bank)[0]
                 for k, d in enumerate(devices)
             ]
-            return self.evaluate(models, devices)
-        return self.evaluate([model], devices)
+            return self.evaluate(models, devices, strangers)
+        return self.evaluate([model], devices, strangers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ids-per-device", type=int, default=IDS_PER_DEVICE)
     p.add_argument(
         "--exclude",
-        default="",
-        help="val only: comma-separated CelebA identities never drawn (e.g. one of a duplicate person)",
+        default=",".join(EXCLUDED_IDENTITIES),
+        help=(
+            "comma-separated CelebA identities left out of every plan (the strong profile's too, as "
+            "benchmarks/accuracy.py's EXCLUDED_IDENTITIES): default those"
+        ),
     )
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--lfw", type=Path, default=SHARED / "lfw")
@@ -377,8 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.configs.split(",") if c not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
-    if args.exclude and args.split != "val":
-        p.error("--exclude changes the devices, so only --split val takes it (test is the strong plan's)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -397,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = [SETTINGS[c] for c in args.configs.split(",")]
     results: dict[str, list[dict[str, float]]] = {"pretrained": []}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        devices, _ = study.plan(seed)
-        results["pretrained"].append(study.evaluate([study.base], devices))
+        devices, _, strangers = study.plan(seed)
+        results["pretrained"].append(study.evaluate([study.base], devices, strangers))
         for s in settings:
             results.setdefault(s.name, []).append(study.run(s, seed))
         log(f"seed {seed} done")

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("facefl.pretrain", "centralized CosFace pretraining on the public split (LFW layout)"),
     "export": ("export.cli", "a checkpoint or a device's personalized model to ONNX (int8, parity check)"),
     "eval": ("facefl.evaluation", "generic (LFW) and personalized metrics of a checkpoint or ONNX model"),
+    "audit-data": ("facefl.audit", "flag identity folders filed twice or mixing people (label noise)"),
     "import-model": (
         "facefl.importers.cli",
         "dlib's pretrained face ResNet as a facefl checkpoint",

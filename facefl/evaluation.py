@@ -131,12 +131,22 @@ def load_devices(
     seed: int,
     image_size: int,
     max_images_per_identity: int | None = None,
+    exclude: Iterable[str] = (),
 ) -> list[DeviceData]:
-    """Devices exactly as `facefl simulate --data ROOT` builds them (same plan and train/test split)."""
+    """Devices exactly as `facefl simulate --data ROOT` builds them (same plan and train/test split;
+    ``exclude`` as its ``--exclude-identities``)."""
     from facefl.data.protocol import device_split, load_identities, plan_devices
 
     folder = ImageFolder(root)
-    plan = plan_devices(folder, num_devices, ids_per_device, heldout_ids, seed, max_images_per_identity)
+    plan = plan_devices(
+        folder,
+        num_devices,
+        ids_per_device,
+        heldout_ids,
+        seed,
+        max_images_per_identity,
+        exclude=frozenset(exclude),
+    )
     out: list[DeviceData] = []
     offset = 0
     for d, names in enumerate(plan.devices):
@@ -148,42 +158,83 @@ def load_devices(
     return out
 
 
+def load_strangers(
+    root: str | Path,
+    *,
+    num_devices: int,
+    ids_per_device: int,
+    heldout_ids: int,
+    seed: int,
+    image_size: int,
+    max_images_per_identity: int | None = None,
+    exclude: Iterable[str] = (),
+) -> np.ndarray:
+    """uint8 images of the held-out identities of the plan of :func:`load_devices` (the same arguments
+    give the same plan): people on no device, the impostors every device meets besides the other
+    devices' test images."""
+    from facefl.data.protocol import load_identities, plan_devices
+
+    plan = plan_devices(
+        ImageFolder(root),
+        num_devices,
+        ids_per_device,
+        heldout_ids,
+        seed,
+        max_images_per_identity,
+        exclude=frozenset(exclude),
+    )
+    images, _ = load_identities(root, plan.heldout, image_size, max_images_per_identity)
+    return images
+
+
 def evaluate_personalized(
     embedders: Embedder | Sequence[Embedder],
     devices: Sequence[DeviceData],
     fars: Sequence[float] = (1e-2, 1e-3),
+    strangers: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean over devices of 1:1 TAR@FAR and 1:N DIR@FAR (facefl.metrics.personalized_report).
 
     One embedder: the same model on every device (a generic model). One per device: device d's own
     model embeds everything device d sees (its gallery, its probes and every impostor), as on a phone.
+    ``strangers`` (images of people on no device, :func:`load_strangers`) are impostors for every
+    device; the report then also holds each metric without them, as ``others_only/<metric>`` (the other
+    devices' test images as the only impostors), from the same embeddings.
     """
+    train_labels = np.concatenate([d.train_labels for d in devices])
+    train_devices = np.concatenate([np.full(len(d.train_labels), d.device) for d in devices])
+    test_labels = np.concatenate([d.test_labels for d in devices])
+    test_devices = np.concatenate([np.full(len(d.test_labels), d.device) for d in devices])
 
-    def report(embedder: Embedder) -> dict[str, Any]:
-        train = np.concatenate([d.train_images for d in devices])
-        test = np.concatenate([d.test_images for d in devices])
-        return personalized_report(
-            embedder.embed(train),
-            np.concatenate([d.train_labels for d in devices]),
-            np.concatenate([np.full(len(d.train_labels), d.device) for d in devices]),
-            embedder.embed(test),
-            np.concatenate([d.test_labels for d in devices]),
-            np.concatenate([np.full(len(d.test_labels), d.device) for d in devices]),
-            fars,
-        )
+    def per_device(embedder: Embedder) -> list[dict[str, float]]:
+        train = embedder.embed(np.concatenate([d.train_images for d in devices]))
+        test = embedder.embed(np.concatenate([d.test_images for d in devices]))
+        args = (train, train_labels, train_devices, test, test_labels, test_devices, fars)
+        rows: list[dict[str, float]] = personalized_report(*args)["per_device"]
+        if strangers is None:
+            return rows
+        with_strangers = personalized_report(*args, stranger_emb=embedder.embed(strangers))["per_device"]
+        for row, other in zip(with_strangers, rows, strict=True):
+            row.update({f"others_only/{k}": v for k, v in other.items() if k not in _COUNTS})
+        return with_strangers
 
     if not isinstance(embedders, Sequence):
-        return report(embedders)
-    if len(embedders) != len(devices):
+        rows = per_device(embedders)
+    elif len(embedders) != len(devices):
         raise ValueError(f"{len(embedders)} embedders for {len(devices)} devices")
-    rows = [
-        next(e for e in report(emb)["per_device"] if e["device"] == d.device)
-        for emb, d in zip(embedders, devices, strict=True)
-    ]
-    keys = [k for k in rows[0] if k not in ("device", "identities", "test_images")]
+    else:
+        rows = [
+            next(e for e in per_device(emb) if e["device"] == d.device)
+            for emb, d in zip(embedders, devices, strict=True)
+        ]
+    keys = [k for k in rows[0] if k not in _COUNTS]
     result: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    result.update(devices=float(len(rows)), per_device=rows)
+    result.update(devices=float(len(rows)), strangers=float(0 if strangers is None else len(strangers)))
+    result["per_device"] = rows
     return result
+
+
+_COUNTS = ("device", "identities", "test_images")  # per-device entries that are not metrics
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -201,6 +252,16 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3, help="test share of each identity (0.3)")
     p.add_argument("--images-per-id", type=int, default=None, help="cap of images per identity")
     p.add_argument("--seed", type=int, default=0, help="seed of the device plan and splits (0)")
+    p.add_argument(
+        "--no-strangers",
+        action="store_true",
+        help="impostors are only the other devices' test images (by default the held-out people too)",
+    )
+    p.add_argument(
+        "--exclude-identities",
+        default="",
+        help="comma-separated identity folders left out of the plan (facefl audit-data finds candidates)",
+    )
     p.add_argument("--flip", action="store_true", help="average each embedding with its mirror image's")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--roc", help="draw the generic ROC curve to this PNG")
@@ -229,6 +290,7 @@ def run(args: Any) -> int:
             if args.roc:
                 _plot_roc(scores, vset.is_same, Path(args.roc), f"{Path(args.model).name} on {vset.name}")
         if args.devices_data:
+            excluded = [n.strip() for n in args.exclude_identities.split(",") if n.strip()]
             devices = load_devices(
                 args.devices_data,
                 num_devices=args.devices,
@@ -238,8 +300,21 @@ def run(args: Any) -> int:
                 seed=args.seed,
                 image_size=embedder.image_size,
                 max_images_per_identity=args.images_per_id,
+                exclude=excluded,
             )
-            personal = evaluate_personalized(embedder, devices)
+            strangers = None
+            if not args.no_strangers:
+                strangers = load_strangers(
+                    args.devices_data,
+                    num_devices=args.devices,
+                    ids_per_device=args.ids_per_device,
+                    heldout_ids=args.heldout_ids,
+                    seed=args.seed,
+                    image_size=embedder.image_size,
+                    max_images_per_identity=args.images_per_id,
+                    exclude=excluded,
+                )
+            personal = evaluate_personalized(embedder, devices, strangers=strangers)
             report["personalized"] = {k: v for k, v in personal.items() if k != "per_device"}
     except (DataError, ValueError, OSError) as exc:
         print(f"facefl eval: error: {exc}", file=sys.stderr)

@@ -394,6 +394,7 @@ def personalized_report(
     test_identity: ArrayLike,
     test_device: ArrayLike,
     fars: Sequence[float] = (1e-2, 1e-3),
+    stranger_emb: ArrayLike | None = None,
 ) -> dict[str, Any]:
     """Per-device personalized metrics, averaged over devices.
 
@@ -410,6 +411,10 @@ def personalized_report(
       training embeddings, re-normalized. Probes are ``d``'s test images (genuine) and every other
       device's test images (impostors). ``dir@far=<far>`` via :func:`dir_at_far` and ``rank1`` via
       :func:`rank1_accuracy`.
+    - ``stranger_emb`` (optional, (S, D)): faces of people on no device (e.g. the plan's held-out
+      identities). They are impostors for every device, in both protocols: 1:1 pairs with each of
+      ``d``'s test images, 1:N probes. Without them a device meets only the ~hundreds of other devices'
+      test images, so FAR 1e-3 is the single highest impostor score, set by one look-alike.
 
     Returns ``{"tar@far=1e-2": mean over devices, ..., "dir@far=1e-2": ..., "rank1": ..., "devices":
     number of devices (float), "per_device": [{"device": id, "identities": gallery size, "test_images":
@@ -419,6 +424,12 @@ def personalized_report(
     te = _unit_rows(_embeddings_2d(test_emb, "test_emb"), "test_emb")
     if tr.shape[1] != te.shape[1]:
         raise ValueError(f"train_emb has dimension {tr.shape[1]} but test_emb has {te.shape[1]}")
+    if stranger_emb is None:
+        st = np.zeros((0, te.shape[1]))
+    else:
+        st = _unit_rows(_embeddings_2d(stranger_emb, "stranger_emb"), "stranger_emb")
+        if st.shape[1] != te.shape[1]:
+            raise ValueError(f"stranger_emb has dimension {st.shape[1]} but test_emb has {te.shape[1]}")
     tr_id = _int_labels(train_identity, "train_identity", tr.shape[0])
     tr_dev = _int_labels(train_device, "train_device", tr.shape[0])
     te_id = _int_labels(test_identity, "test_identity", te.shape[0])
@@ -451,7 +462,9 @@ def personalized_report(
         raise ValueError("personalized evaluation needs test images from at least two devices")
 
     test_vs_test = te @ te.T
-    test_vs_gallery = te @ gallery.T
+    test_vs_stranger = te @ st.T
+    # probes of the 1:N protocol: every test image, then every stranger (never enrolled anywhere)
+    probe_vs_gallery = np.concatenate([te, st]) @ gallery.T
     keys_tar = [f"tar@far={far_key(f)}" for f in far_list]
     keys_dir = [f"dir@far={far_key(f)}" for f in far_list]
     per_device: list[dict[str, float]] = []
@@ -460,8 +473,8 @@ def personalized_report(
         # 1:1 against all test images, self-pairs removed
         valid = np.ones((rows.size, te.shape[0]), dtype=bool)
         valid[np.arange(rows.size), rows] = False
-        scores = test_vs_test[rows][valid]
-        same = (te_id[rows][:, None] == te_id[None, :])[valid]
+        scores = np.r_[test_vs_test[rows][valid], test_vs_stranger[rows].ravel()]
+        same = np.r_[(te_id[rows][:, None] == te_id[None, :])[valid], np.zeros(rows.size * st.shape[0], bool)]
         if not same.any():
             raise ValueError(
                 f"device {int(d)} has no genuine test pair: give one of its identities >= 2 test images"
@@ -477,9 +490,9 @@ def personalized_report(
         cols = np.flatnonzero(gal_dev == d)
         entry["identities"] = int(cols.size)
         position = {int(i): k for k, i in enumerate(gal_ids[cols])}
-        probe_index = np.full(te.shape[0], -1, dtype=np.int64)
+        probe_index = np.full(te.shape[0] + st.shape[0], -1, dtype=np.int64)
         probe_index[rows] = [position[int(i)] for i in te_id[rows]]
-        sim = test_vs_gallery[:, cols]
+        sim = probe_vs_gallery[:, cols]
         for key, f in zip(keys_dir, far_list, strict=True):
             entry[key] = dir_at_far(sim, probe_index, f)
         entry["rank1"] = rank1_accuracy(sim, probe_index)
@@ -489,5 +502,6 @@ def personalized_report(
         key: float(np.mean([e[key] for e in per_device])) for key in [*keys_tar, *keys_dir, "rank1"]
     }
     report["devices"] = float(devices.size)
+    report["strangers"] = float(st.shape[0])
     report["per_device"] = per_device
     return report

@@ -111,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "test images (0)",
     )
     g.add_argument(
+        "--exclude-identities",
+        default="",
+        help="with an image folder: comma-separated identity folders left out of the plan "
+        "(facefl audit-data finds candidates: a person filed twice, a folder mixing people)",
+    )
+    g.add_argument(
         "--initial-model",
         default=None,
         help="start from these weights (a `facefl pretrain` checkpoint) instead of a random model",
@@ -313,6 +319,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         trainable=[g.strip() for g in args.trainable.split(",") if g.strip()] if args.trainable else None,
         gate=args.gate,
         test_fraction=args.test_fraction,
+        exclude_identities=tuple(n.strip() for n in args.exclude_identities.split(",") if n.strip()),
         server=args.server,
         db=args.db,
         admin_token=args.admin_token,

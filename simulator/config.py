@@ -44,6 +44,8 @@ class SimulationConfig:
     # with an image folder: the share of each identity's images kept off training (the device's test
     # images, for personalized evaluation; facefl.data.protocol.device_split with the same seed)
     test_fraction: float = 0.0
+    # with an image folder: identity folders left out of the plan (facefl.data.protocol.plan_devices)
+    exclude_identities: tuple[str, ...] = ()
     server: str | None = None
     db: str | None = None
     admin_token: str | None = None
@@ -161,6 +163,10 @@ class SimulationConfig:
             )
         need(self.heldout_ids >= 2, f"--heldout-ids must be >= 2 (got {self.heldout_ids})")
         need(0.0 <= self.test_fraction < 1.0, f"--test-fraction must be in [0, 1) (got {self.test_fraction})")
+        need(
+            not self.exclude_identities or self.data != "synthetic",
+            "--exclude-identities needs --data DIR (an image folder)",
+        )
         if self.data == "synthetic":
             need(
                 self.images_per_id is not None and self.images_per_id >= 2,

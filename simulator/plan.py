@@ -54,6 +54,7 @@ def plan_data(cfg: SimulationConfig, image_size: int) -> DataPlan:
         cfg.seed,
         cfg.images_per_id,
         min_device_images=1 if cfg.skip_small_devices else 2,
+        exclude=frozenset(cfg.exclude_identities),
     )
     parts = device_plan.devices
     if cfg.skip_small_devices:

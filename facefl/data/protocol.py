@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +32,33 @@ def plan_devices(
     seed: int,
     max_images_per_identity: int | None = None,
     min_device_images: int = 2,
+    exclude: Collection[str] = (),
 ) -> DevicePlan:
-    """Held-out identities first (seeded order, >= 2 images each), then devices from the rest."""
+    """Held-out identities first (seeded order, >= 2 images each), then devices from the rest.
+
+    ``exclude``: identity folders left out of the plan altogether (a person filed twice, a folder mixing
+    people: ``facefl audit-data``); a name that is not a folder of ``folder`` is a DataError.
+    """
+    unknown = sorted(set(exclude) - set(folder.identities))
+    if unknown:
+        raise DataError(f"excluded identities not in {folder.root}: {', '.join(unknown[:5])}")
     counts = Counter(label for _, label in folder.samples)
     cap = max_images_per_identity
-    usable = {name: min(counts[i], cap) if cap else counts[i] for i, name in enumerate(folder.identities)}
-    order = [folder.identities[int(i)] for i in np.random.default_rng(seed).permutation(len(usable))]
+    usable = {
+        name: min(counts[i], cap) if cap else counts[i]
+        for i, name in enumerate(folder.identities)
+        if name not in exclude
+    }
+    names = list(usable)  # folder order, less the excluded
+    order = [names[int(i)] for i in np.random.default_rng(seed).permutation(len(names))]
     heldout = [name for name in order if usable[name] >= 2][:heldout_ids]
     taken = set(heldout)
     rest = [name for name in order if name not in taken]
     needed = num_devices * ids_per_device
     if len(heldout) < heldout_ids or len(rest) < needed:
         raise DataError(
-            f"{folder.root} has {len(usable)} identity folders ({sum(c >= 2 for c in usable.values())} with "
+            f"{folder.root} has {len(usable)} identity folders{' not excluded' if exclude else ''} "
+            f"({sum(c >= 2 for c in usable.values())} with "
             f"two or more images); the plan needs {heldout_ids} held-out identities with >= 2 images plus "
             f"{needed} device identities ({num_devices} devices x {ids_per_device})"
         )

@@ -12,7 +12,13 @@ from facefl.checkpoint import save_checkpoint
 from facefl.cli import main
 from facefl.data import DataError, write_image_folder
 from facefl.embedders import TorchEmbedder
-from facefl.evaluation import VerificationSet, evaluate_personalized, evaluate_verification, load_devices
+from facefl.evaluation import (
+    VerificationSet,
+    evaluate_personalized,
+    evaluate_verification,
+    load_devices,
+    load_strangers,
+)
 from facefl.models import build_backbone
 
 
@@ -54,6 +60,37 @@ def test_generic_and_personalized_reports(faces: Path) -> None:
         assert per_device[key] == pytest.approx(shared[key])
 
 
+def test_strangers_are_the_held_out_people_and_impostors_for_every_device(faces: Path) -> None:
+    from facefl.data import ImageFolder
+    from facefl.data.protocol import plan_devices
+
+    plan_args = {"num_devices": 3, "ids_per_device": 3, "heldout_ids": 2, "seed": 0, "image_size": 64}
+    devices = load_devices(faces, test_fraction=0.34, **plan_args)
+    plan = plan_devices(ImageFolder(faces), 3, 3, 2, 0)
+    strangers = load_strangers(faces, **plan_args)
+    assert len(strangers) == 12  # the 2 held-out identities x 6 images
+    # an excluded identity is neither a stranger nor on a device (the plan is drawn without it)
+    excluded = [plan.heldout[0], plan.devices[0][0]]
+    replan = plan_devices(ImageFolder(faces), 3, 3, 2, 0, exclude=excluded)
+    assert not set(excluded) & {*replan.heldout, *(n for d in replan.devices for n in d)}
+    assert len(load_strangers(faces, exclude=excluded, **plan_args)) == 12
+    kept = load_devices(faces, test_fraction=0.34, exclude=excluded, **plan_args)
+    assert sum(len(d.train_labels) + len(d.test_labels) for d in kept) == 9 * 6
+    with pytest.raises(DataError, match="excluded identities not in"):
+        load_strangers(faces, exclude=["no-such-person"], **plan_args)
+
+    embedder = TorchEmbedder(build_backbone("small", seed=1).eval(), "small")
+    without = evaluate_personalized(embedder, devices)
+    report = evaluate_personalized(embedder, devices, strangers=strangers)
+    per_device = evaluate_personalized([embedder] * 3, devices, strangers=strangers)
+    assert report["strangers"] == 12.0 and without["strangers"] == 0.0
+    for key in ("tar@far=1e-2", "dir@far=1e-2", "rank1"):
+        # the "others_only/" keys are the report without strangers, from the same embeddings
+        assert report[f"others_only/{key}"] == pytest.approx(without[key])
+        assert per_device[key] == pytest.approx(report[key])
+    assert report["rank1"] == pytest.approx(without["rank1"])  # strangers are never ranked
+
+
 def test_eval_command_writes_json_and_roc(faces: Path, checkpoint: Path, tmp_path: Path) -> None:
     out, roc = tmp_path / "r.json", tmp_path / "roc.png"
     argv = ["eval", str(checkpoint), "--lfw", str(faces), "--devices-data", str(faces), "--devices", "3",
@@ -63,13 +100,24 @@ def test_eval_command_writes_json_and_roc(faces: Path, checkpoint: Path, tmp_pat
     report = json.loads(out.read_text())
     assert set(report["generic"]) >= {"accuracy", "auc", "tar@far=1e-2", "tar@far=1e-3"}
     assert set(report["personalized"]) >= {"tar@far=1e-2", "dir@far=1e-2", "rank1"}
+    assert report["personalized"]["strangers"] > 0  # the held-out people, by default
     assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv, "--no-strangers"]) == 0
+    report = json.loads(out.read_text())
+    assert report["personalized"]["strangers"] == 0.0
+    assert not any(k.startswith("others_only/") for k in report["personalized"])
 
 
 def test_eval_command_errors(faces: Path, checkpoint: Path, tmp_path: Path) -> None:
     assert main(["eval", str(checkpoint)]) == 2  # no set to evaluate on
     assert main(["eval", str(tmp_path / "missing.safetensors"), "--lfw", str(faces)]) == 1
     assert main(["eval", str(checkpoint), "--lfw", str(tmp_path / "nowhere")]) == 1
+    # an excluded identity that is no folder of the data is an error, not a silent no-op
+    argv = ["eval", str(checkpoint), "--devices-data", str(faces), "--devices", "3",
+            "--ids-per-device", "3", "--heldout-ids", "2", "--test-fraction", "0.34",
+            "--exclude-identities", "id_000001,no-such-person"]  # fmt: skip
+    assert main(argv) == 1
+    assert main([*argv[:-1], "id_000001"]) == 0
 
 
 def test_onnx_and_checkpoint_agree(faces: Path, checkpoint: Path, tmp_path: Path) -> None:

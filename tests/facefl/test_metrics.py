@@ -310,10 +310,11 @@ def test_personalized_report_hand_computed() -> None:
     )
 
 
-def _naive_personalized(tr, tr_id, tr_dev, te, te_id, te_dev, far):  # type: ignore[no-untyped-def]
+def _naive_personalized(tr, tr_id, tr_dev, te, te_id, te_dev, far, st=None):  # type: ignore[no-untyped-def]
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
+    st = np.zeros((0, te.shape[1])) if st is None else st
     tars, dirs, r1s = [], [], []
     for d in np.unique(te_dev):
         scores, same = [], []
@@ -322,12 +323,16 @@ def _naive_personalized(tr, tr_id, tr_dev, te, te_id, te_dev, far):  # type: ign
                 if i != j:
                     scores.append(float(unit(te[i]) @ unit(te[j])))
                     same.append(te_id[i] == te_id[j])
+            for stranger in st:
+                scores.append(float(unit(te[i]) @ unit(stranger)))
+                same.append(False)
         tars.append(_naive_tar_at_far(np.array(scores), np.array(same), far))
         ids = np.unique(tr_id[tr_dev == d])
         gallery = np.stack([unit(unit(tr[tr_id == k]).mean(axis=0)) for k in ids])
-        sim = unit(te) @ gallery.T
+        sim = unit(np.concatenate([te, st])) @ gallery.T
         truth = np.array(
             [int(np.flatnonzero(ids == k)[0]) if dv == d else -1 for k, dv in zip(te_id, te_dev, strict=True)]
+            + [-1] * len(st)
         )
         dirs.append(_naive_dir(sim, truth, far))
         gen = truth >= 0
@@ -362,6 +367,41 @@ def test_personalized_report_matches_brute_force_on_random_data() -> None:
     assert rep["dir@far=1e-1"] == pytest.approx(dir_)
     assert rep["rank1"] == pytest.approx(r1)
     assert rep["devices"] == 3.0 and len(rep["per_device"]) == 3
+    # strangers near the identities' centers: impostors for every device
+    st = centers[rng.integers(0, ids.size, 7)] + 0.8 * rng.standard_normal((7, dim))
+    rep_st = m.personalized_report(tr, tr_id, tr_dev, te, te_id, te_dev, fars=(0.1,), stranger_emb=st)
+    tar_st, dir_st, r1_st = _naive_personalized(tr, tr_id, tr_dev, te, te_id, te_dev, 0.1, st)
+    assert rep_st["tar@far=1e-1"] == pytest.approx(tar_st)
+    assert rep_st["dir@far=1e-1"] == pytest.approx(dir_st)
+    assert rep_st["rank1"] == pytest.approx(r1_st) == pytest.approx(r1)  # strangers are never ranked
+    assert rep_st["strangers"] == 7.0 and rep["strangers"] == 0.0
+
+
+def test_personalized_report_strangers_hand_computed() -> None:
+    # the fixture above plus two strangers: s1=e0 (looks like identity 10), s2=-e1
+    # 1:1, device 0: 8 more impostor pairs: s1 vs 10a/10b at 1.0, the rest at 0 or -1 -> impostors at
+    #   1.0: 4 of 32 (without strangers 2 of 24) -> far=.1: threshold inf -> TAR 0 (without: .083 -> 1)
+    # 1:1, device 1: s1 vs 21b=e0 at 1.0 -> 3 of 32 at 1.0 (.094) -> far=.1: TAR .5 (as without)
+    # 1:N, device 0: impostor maxes 0, 0, 0, 1 (21b), 1 (s1), 0 (s2) -> far=.25: 2/6 > .25 -> DIR 0
+    #   (without: 1/4 -> DIR 1); device 1: every impostor max is 0 -> DIR 3/4, with or without
+    strangers = np.array([E[0], -E[1]])
+    args = (TRAIN, TRAIN_ID, TRAIN_DEV, TEST, TEST_ID, TEST_DEV, (0.25, 0.1))
+    without = m.personalized_report(*args)
+    rep = m.personalized_report(*args, stranger_emb=strangers)
+    assert [d["tar@far=1e-1"] for d in without["per_device"]] == [1.0, 0.5]
+    assert [d["tar@far=1e-1"] for d in rep["per_device"]] == [0.0, 0.5]
+    assert [d["tar@far=2.5e-1"] for d in rep["per_device"]] == [1.0, 0.5]
+    assert [d["dir@far=2.5e-1"] for d in without["per_device"]] == [1.0, 0.75]
+    assert [d["dir@far=2.5e-1"] for d in rep["per_device"]] == [0.0, 0.75]
+    assert rep["dir@far=1e-1"] == pytest.approx(0.375)
+    assert rep["rank1"] == without["rank1"] == pytest.approx((1.0 + 0.75) / 2)
+    assert rep["strangers"] == 2.0
+    with pytest.raises(ValueError, match="stranger_emb has dimension"):
+        m.personalized_report(*args, stranger_emb=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="stranger_emb is empty"):
+        m.personalized_report(*args, stranger_emb=np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="stranger_emb contains NaN"):
+        m.personalized_report(*args, stranger_emb=np.array([[np.nan, 0, 0, 1.0]]))
 
 
 def test_personalized_report_errors() -> None:

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
         (["--gate", "auc:0.01"], "--gate needs --eval-set"),
         (["--eval-set", "/tmp", "--gate", "auc"], "--gate expects METRIC:MAX_DROP"),
         (["--eval-set", "/tmp", "--gate", "auc:2"], "--gate expects METRIC:MAX_DROP"),
+        (["--exclude-identities", "07392"], "--exclude-identities needs --data DIR"),
     ],
 )
 def test_invalid_combinations_exit_2_with_a_clear_message(

@@ -44,6 +44,28 @@ def test_folder_plan_keeps_heldout_identities_off_devices(tmp_path: Path) -> Non
         plan_data(too_many, image_size=64)
 
 
+def test_folder_plan_leaves_excluded_identities_out(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "faces", range(12), images_per_identity=3, image_size=72)
+    base = SimulationConfig(devices=3, ids_per_device=2, heldout_ids=4, data=str(root)).validate()
+    before = plan_data(base, image_size=64)
+    dropped = (before.device_specs[0].identities[0], before.heldout.identities[0])
+    cfg = SimulationConfig(
+        devices=3,
+        ids_per_device=2,
+        heldout_ids=4,
+        data=str(root),
+        exclude_identities=tuple(map(str, dropped)),
+    ).validate()
+    plan = plan_data(cfg, image_size=64)
+    used = {n for spec in plan.device_specs for n in spec.identities} | set(plan.heldout.identities)
+    assert len(used) == 10 and not used & set(dropped)
+    typo = SimulationConfig(
+        devices=3, ids_per_device=2, heldout_ids=4, data=str(root), exclude_identities=("x",)
+    )
+    with pytest.raises(ValueError, match="excluded identities not in"):
+        plan_data(typo.validate(), image_size=64)
+
+
 def test_rank1_identification() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 16))

@@ -28,6 +28,21 @@ def test_plan_refuses_too_few_identities(folder: ImageFolder) -> None:
         plan_devices(folder, num_devices=5, ids_per_device=2, heldout_ids=4, seed=0)
 
 
+def test_plan_leaves_excluded_identities_out(folder: ImageFolder) -> None:
+    plan = plan_devices(folder, num_devices=3, ids_per_device=2, heldout_ids=4, seed=7)
+    # nothing excluded: the same plan as before the option existed (the seeded order is unchanged)
+    assert plan == plan_devices(folder, num_devices=3, ids_per_device=2, heldout_ids=4, seed=7, exclude=())
+    excluded = {plan.heldout[0], plan.devices[1][0]}
+    replan = plan_devices(folder, num_devices=3, ids_per_device=2, heldout_ids=4, seed=7, exclude=excluded)
+    used = {*replan.heldout, *(n for part in replan.devices for n in part)}
+    assert len(used) == 10 and not used & excluded
+    with pytest.raises(DataError, match=r"excluded identities not in .*: nobody"):
+        plan_devices(folder, num_devices=3, ids_per_device=2, heldout_ids=4, seed=7, exclude={"nobody"})
+    # 12 folders less 3 excluded cannot hold 4 + 3 x 2
+    with pytest.raises(DataError, match="9 identity folders not excluded"):
+        plan_devices(folder, 3, 2, 4, 7, exclude=set(folder.identities[:3]))
+
+
 def test_load_identities_and_split(folder: ImageFolder) -> None:
     names = [folder.identities[3], folder.identities[0]]
     images, labels = load_identities(folder.root, names, image_size=16, max_images_per_identity=3)
