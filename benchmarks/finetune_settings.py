@@ -57,6 +57,8 @@ SETTINGS = {
         Setting("metric-adam-2e-5", "adam", 2e-5, loss="metric"),
         Setting("metric-adam-1e-5-6rounds", "adam", 1e-5, rounds=6, loss="metric"),
         Setting("metric-adam-1e-5-2epochs", "adam", 1e-5, epochs=2, loss="metric"),
+        Setting("metric-adam-1e-5-10rounds", "adam", 1e-5, rounds=10, loss="metric"),
+        Setting("metric-allneg-adam-1e-5-6rounds", "adam", 1e-5, rounds=6, loss="metric", all_negatives=True),
         Setting("metric-public-adam-1e-5", "adam", 1e-5, loss="metric", public=True),
         Setting("metric-sgd-1e-4", "sgd", 1e-4, loss="metric"),
         Setting("metric-allneg-adam-1e-5", "adam", 1e-5, loss="metric", all_negatives=True),
