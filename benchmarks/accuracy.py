@@ -634,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(ckpt),
         "eval_set": str(lfw),
         "public_set": str(public or args.lfw),
+        "excluded_identities": list(excluded_identities(args.devices_data)),
         "methods": [m.name for m in methods],
         "rows": [asdict(r) | {"personalized": _flat(r.personalized)} for r in rows],
         "rounds": result["curves"],
