@@ -23,6 +23,9 @@ checkpoint:
   use the final global model on every device. FedFace trains one identity per device: the same
   identities, each on its own device, with the same train/test images
   (facefl.data.protocol.device_split is keyed on identity names).
+Device impostors are the other devices' test images and the plan's held-out people ("strangers",
+facefl.evaluation.load_strangers); the ``no strangers`` columns leave the latter out. Every plan leaves out
+the audited CelebA defects (``EXCLUDED_IDENTITIES``).
 Hyper-parameters come from the profile and the papers; none is chosen by looking at folds 6-10.
 Writes a markdown table to stdout, JSON and per-round curves (PNG) to --out.
 
