@@ -209,7 +209,8 @@ class Study:
     ) -> dict[str, float]:
         """Device columns twice: against the other devices' test images only (``device_*``, the
         protocol of the first studies), and with the strangers as impostors too (``*_strangers``)."""
-        from facefl.metrics import cosine_scores, personalized_report, verification_report
+        from facefl.device_metrics import personalized_report
+        from facefl.metrics import cosine_scores, verification_report
 
         def device_of(key: str) -> np.ndarray:
             return np.concatenate([np.full(len(d[key]), i) for i, d in enumerate(devices)])

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from facefl.data import DataError, ImageFolder, Preprocessing, load_image
+from facefl.device_metrics import personalized_report
 from facefl.embedders import Embedder
-from facefl.metrics import cosine_scores, personalized_report, verification_report
+from facefl.metrics import cosine_scores, verification_report
 
 DEFAULT_TEST_FOLDS = range(6, 11)
 MAX_GENUINE_PER_IDENTITY = 10
@@ -193,7 +194,7 @@ def evaluate_personalized(
     fars: Sequence[float] = (1e-2, 1e-3),
     strangers: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Mean over devices of 1:1 TAR@FAR and 1:N DIR@FAR (facefl.metrics.personalized_report).
+    """Mean over devices of 1:1 TAR@FAR and 1:N DIR@FAR (facefl.device_metrics.personalized_report).
 
     One embedder: the same model on every device (a generic model). One per device: device d's own
     model embeds everything device d sees (its gallery, its probes and every impostor), as on a phone.
