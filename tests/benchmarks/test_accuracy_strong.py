@@ -50,7 +50,9 @@ def test_served_cell_names_the_served_and_the_held_back_versions() -> None:
     assert served_cell(curves) == "v1 (LFW acc 0.9900); held back: v2, v3"
     rows = [Row("FedAvg", {"accuracy": 0.95}, {}, 1.0, served_cell(curves)), Row("x", {}, {}, 0.0)]
     text = table(rows, "1e-3")
-    assert text.splitlines()[0].endswith("| device DIR@1e-3 | served (gate) | seconds |")
+    assert text.splitlines()[0].endswith(
+        "| device DIR@1e-3 | TAR, no strangers | DIR, no strangers | served (gate) | seconds |"
+    )
     assert "| last version |" in text
 
 

@@ -173,7 +173,9 @@ def test_a_concurrent_checkin_of_the_same_device_is_seen(world: tuple[ServiceCon
         assert queries.take_assignment(tx, round_id, device_id, "first", now)
         checkin.start()
         # ... while the statement's check-in (its snapshot taken) waits for that row
-        with ctx.db.engine.connect() as watch:
+        # autocommit: each poll its own transaction, since PostgreSQL keeps one pg_stat_activity snapshot
+        # per transaction (polling inside one would never see a wait that starts after the first poll)
+        with ctx.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
             waiting = (
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE wait_event_type = 'Lock' AND datname = current_database()"
