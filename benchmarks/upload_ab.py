@@ -140,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/upload_ab.py", *(sys.argv[1:] if argv is None else argv)])
     rows = []
     for variant in variants:
-        per_s = medians[f"{variant}_per_s"]
+        per_s, cpu_ms = medians[f"{variant}_per_s"], medians[f"{variant}_cpu_ms"]
         rows.append({
-            "server": variant, "cpu_ms": medians[f"{variant}_cpu_ms"], "uploads_per_s": per_s,
+            "server": variant, "cpu_ms": cpu_ms, "uploads_per_s": per_s,
             "per_s_over_bare_fsync": per_s / medians["bare_fsync_per_s"],
-            "bare_fsync_cpu_over_cpu": medians["bare_fsync_cpu_ms"] / medians[f"{variant}_cpu_ms"],
+            # None: CPU time is read in clock ticks (10 ms), 0 for a tiny run's few uploads
+            "bare_fsync_cpu_over_cpu": medians["bare_fsync_cpu_ms"] / cpu_ms if cpu_ms > 0 else None,
         })  # fmt: skip
     result: dict[str, Any] = {
         "meta": {
