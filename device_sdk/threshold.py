@@ -7,8 +7,9 @@ and at most :data:`CALIBRATION_MARGIN` above the rejected one, so at most a ``ta
 accepted and float noise between embedding paths cannot flip a pair. This is a 1:1 rate: ``identify``
 accepts a stranger who reaches the best of several templates, so its stranger rate is higher (a
 10-person phone on dlib-resnet: 12.6% of CelebA strangers' images at 1e-3; benchmarks/openset_threshold.py
-measures it, and what a threshold chosen on public strangers would give instead). It needs at least ``ceil(1 / target_far)`` impostor pairs (e.g. 1,000 for 1e-3: five
-people with ten images each give 1,000); with less data the threshold falls back to the model's
+measures it, and what a threshold chosen on public strangers would give instead). It needs at least
+``ceil(1 / target_far)`` impostor pairs (e.g. 1,000 for 1e-3: five people with ten images each give
+1,000); with less data the threshold falls back to the model's
 ``facefl.default_threshold`` metadata if present, else :data:`DEFAULT_THRESHOLD`.
 """
 
