@@ -24,8 +24,8 @@ checkpoint:
   identities, each on its own device, with the same train/test images
   (facefl.data.protocol.device_split is keyed on identity names).
 Device impostors are the other devices' test images and the plan's held-out people ("strangers",
-facefl.evaluation.load_strangers); the ``no strangers`` columns leave the latter out. Every plan leaves out
-the audited CelebA defects (``EXCLUDED_IDENTITIES``).
+facefl.evaluation.load_device_protocol); the ``no strangers`` columns leave the latter out. Every plan
+leaves out the audited CelebA defects (``EXCLUDED_IDENTITIES``).
 Hyper-parameters come from the profile and the papers; none is chosen by looking at folds 6-10.
 Writes a markdown table to stdout, JSON and per-round curves (PNG) to --out.
 
@@ -264,8 +264,7 @@ def evaluate_rows(
         VerificationSet,
         evaluate_personalized,
         evaluate_verification,
-        load_devices,
-        load_strangers,
+        load_device_protocol,
     )
     from facefl.models import backbone_from_weights
 
@@ -274,22 +273,12 @@ def evaluate_rows(
     checkpoint = load_checkpoint(ckpt)
     image_size = checkpoint.image_size
     vset = VerificationSet.from_dir(lfw, image_size)
-    devices = load_devices(
+    devices, strangers = load_device_protocol(
         celeba,
         num_devices=profile.devices,
         ids_per_device=profile.ids_per_device,
         heldout_ids=profile.heldout_ids,
         test_fraction=profile.test_fraction,
-        seed=profile.seed,
-        image_size=image_size,
-        max_images_per_identity=profile.images_per_id,
-        exclude=excluded,
-    )
-    strangers = load_strangers(
-        celeba,
-        num_devices=profile.devices,
-        ids_per_device=profile.ids_per_device,
-        heldout_ids=profile.heldout_ids,
         seed=profile.seed,
         image_size=image_size,
         max_images_per_identity=profile.images_per_id,
@@ -398,7 +387,7 @@ def run_federated(
     embedder_for: Any,
     public: Path | None = None,
 ) -> tuple[tuple[dict[str, float], dict[str, float]], list[dict[str, Any]]]:
-    """``device_data``: the devices (facefl.evaluation.load_devices) and the strangers' images."""
+    """``device_data``: the devices and the strangers' images (facefl.evaluation.load_device_protocol)."""
     from device_sdk import AdminClient, load_personalized_model
     from facefl.algorithms import registry
     from facefl.embedders import TorchEmbedder

@@ -122,6 +122,58 @@ class DeviceData:
     test_labels: np.ndarray
 
 
+def _plan(
+    root: str | Path,
+    num_devices: int,
+    ids_per_device: int,
+    heldout_ids: int,
+    seed: int,
+    max_images_per_identity: int | None,
+    exclude: Iterable[str],
+) -> Any:
+    from facefl.data.protocol import plan_devices
+
+    return plan_devices(
+        ImageFolder(root),
+        num_devices,
+        ids_per_device,
+        heldout_ids,
+        seed,
+        max_images_per_identity,
+        exclude=frozenset(exclude),
+    )
+
+
+def _devices_of(
+    root: str | Path,
+    plan: Any,
+    test_fraction: float,
+    seed: int,
+    image_size: int,
+    max_images_per_identity: int | None,
+) -> list[DeviceData]:
+    from facefl.data.protocol import device_split, load_identities
+
+    out: list[DeviceData] = []
+    offset = 0
+    for d, names in enumerate(plan.devices):
+        images, labels = load_identities(root, names, image_size, max_images_per_identity)
+        train, test = device_split(labels, test_fraction, seed, names)
+        labels = labels + offset  # global identity numbers: devices hold disjoint identities
+        out.append(DeviceData(d, images[train], labels[train], images[test], labels[test]))
+        offset += len(names)
+    return out
+
+
+def _strangers_of(
+    root: str | Path, plan: Any, image_size: int, max_images_per_identity: int | None
+) -> np.ndarray:
+    from facefl.data.protocol import load_identities
+
+    images, _ = load_identities(root, plan.heldout, image_size, max_images_per_identity)
+    return images
+
+
 def load_devices(
     root: str | Path,
     *,
@@ -136,27 +188,8 @@ def load_devices(
 ) -> list[DeviceData]:
     """Devices exactly as `facefl simulate --data ROOT` builds them (same plan and train/test split;
     ``exclude`` as its ``--exclude-identities``)."""
-    from facefl.data.protocol import device_split, load_identities, plan_devices
-
-    folder = ImageFolder(root)
-    plan = plan_devices(
-        folder,
-        num_devices,
-        ids_per_device,
-        heldout_ids,
-        seed,
-        max_images_per_identity,
-        exclude=frozenset(exclude),
-    )
-    out: list[DeviceData] = []
-    offset = 0
-    for d, names in enumerate(plan.devices):
-        images, labels = load_identities(root, names, image_size, max_images_per_identity)
-        train, test = device_split(labels, test_fraction, seed, names)
-        labels = labels + offset  # global identity numbers: devices hold disjoint identities
-        out.append(DeviceData(d, images[train], labels[train], images[test], labels[test]))
-        offset += len(names)
-    return out
+    plan = _plan(root, num_devices, ids_per_device, heldout_ids, seed, max_images_per_identity, exclude)
+    return _devices_of(root, plan, test_fraction, seed, image_size, max_images_per_identity)
 
 
 def load_strangers(
@@ -173,19 +206,26 @@ def load_strangers(
     """uint8 images of the held-out identities of the plan of :func:`load_devices` (the same arguments
     give the same plan): people on no device, the impostors every device meets besides the other
     devices' test images."""
-    from facefl.data.protocol import load_identities, plan_devices
+    plan = _plan(root, num_devices, ids_per_device, heldout_ids, seed, max_images_per_identity, exclude)
+    return _strangers_of(root, plan, image_size, max_images_per_identity)
 
-    plan = plan_devices(
-        ImageFolder(root),
-        num_devices,
-        ids_per_device,
-        heldout_ids,
-        seed,
-        max_images_per_identity,
-        exclude=frozenset(exclude),
-    )
-    images, _ = load_identities(root, plan.heldout, image_size, max_images_per_identity)
-    return images
+
+def load_device_protocol(
+    root: str | Path,
+    *,
+    num_devices: int,
+    ids_per_device: int,
+    heldout_ids: int,
+    test_fraction: float,
+    seed: int,
+    image_size: int,
+    max_images_per_identity: int | None = None,
+    exclude: Iterable[str] = (),
+) -> tuple[list[DeviceData], np.ndarray]:
+    """:func:`load_devices` and :func:`load_strangers` of the same arguments, from one plan."""
+    plan = _plan(root, num_devices, ids_per_device, heldout_ids, seed, max_images_per_identity, exclude)
+    devices = _devices_of(root, plan, test_fraction, seed, image_size, max_images_per_identity)
+    return devices, _strangers_of(root, plan, image_size, max_images_per_identity)
 
 
 def evaluate_personalized(
@@ -291,30 +331,21 @@ def run(args: Any) -> int:
             if args.roc:
                 _plot_roc(scores, vset.is_same, Path(args.roc), f"{Path(args.model).name} on {vset.name}")
         if args.devices_data:
-            excluded = [n.strip() for n in args.exclude_identities.split(",") if n.strip()]
-            devices = load_devices(
-                args.devices_data,
-                num_devices=args.devices,
-                ids_per_device=args.ids_per_device,
-                heldout_ids=args.heldout_ids,
-                test_fraction=args.test_fraction,
-                seed=args.seed,
-                image_size=embedder.image_size,
-                max_images_per_identity=args.images_per_id,
-                exclude=excluded,
-            )
-            strangers = None
-            if not args.no_strangers:
-                strangers = load_strangers(
-                    args.devices_data,
-                    num_devices=args.devices,
-                    ids_per_device=args.ids_per_device,
-                    heldout_ids=args.heldout_ids,
-                    seed=args.seed,
-                    image_size=embedder.image_size,
-                    max_images_per_identity=args.images_per_id,
-                    exclude=excluded,
-                )
+            protocol: dict[str, Any] = {
+                "num_devices": args.devices,
+                "ids_per_device": args.ids_per_device,
+                "heldout_ids": args.heldout_ids,
+                "test_fraction": args.test_fraction,
+                "seed": args.seed,
+                "image_size": embedder.image_size,
+                "max_images_per_identity": args.images_per_id,
+                "exclude": [n.strip() for n in args.exclude_identities.split(",") if n.strip()],
+            }
+            strangers: np.ndarray | None = None
+            if args.no_strangers:
+                devices = load_devices(args.devices_data, **protocol)
+            else:
+                devices, strangers = load_device_protocol(args.devices_data, **protocol)
             personal = evaluate_personalized(embedder, devices, strangers=strangers)
             report["personalized"] = {k: v for k, v in personal.items() if k != "per_device"}
     except (DataError, ValueError, OSError) as exc:

@@ -16,6 +16,7 @@ from facefl.evaluation import (
     VerificationSet,
     evaluate_personalized,
     evaluate_verification,
+    load_device_protocol,
     load_devices,
     load_strangers,
 )
@@ -69,6 +70,12 @@ def test_strangers_are_the_held_out_people_and_impostors_for_every_device(faces:
     plan = plan_devices(ImageFolder(faces), 3, 3, 2, 0)
     strangers = load_strangers(faces, **plan_args)
     assert len(strangers) == 12  # the 2 held-out identities x 6 images
+    # both from one plan: the same devices and strangers as the two loaders apart
+    both, both_strangers = load_device_protocol(faces, test_fraction=0.34, **plan_args)
+    np.testing.assert_array_equal(both_strangers, strangers)
+    for a, b in zip(both, devices, strict=True):
+        np.testing.assert_array_equal(a.test_images, b.test_images)
+        np.testing.assert_array_equal(a.train_labels, b.train_labels)
     # an excluded identity is neither a stranger nor on a device (the plan is drawn without it)
     excluded = [plan.heldout[0], plan.devices[0][0]]
     replan = plan_devices(ImageFolder(faces), 3, 3, 2, 0, exclude=excluded)
