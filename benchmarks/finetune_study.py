@@ -209,7 +209,7 @@ class Study:
     ) -> dict[str, float]:
         """Device columns twice: against the other devices' test images only (``device_*``, the
         protocol of the first studies), and with the strangers as impostors too (``*_strangers``)."""
-        from facefl.device_metrics import personalized_report
+        from facefl.device_metrics import OTHERS_ONLY, personalized_report
         from facefl.metrics import cosine_scores, verification_report
 
         def device_of(key: str) -> np.ndarray:
@@ -218,27 +218,27 @@ class Study:
         def ids(key: str) -> np.ndarray:
             return np.concatenate([d[f"{key}_y"] + d["offset"] for d in devices])
 
-        per_device, with_strangers = [], []
+        per_device = []
         for k, model in enumerate(models):
             train = np.concatenate([self.embed(model, self.x[d["train"]]) for d in devices])
             test = np.concatenate([self.embed(model, self.x[d["test"]]) for d in devices])
-            args = (train, ids("train"), device_of("train"), test, ids("test"), device_of("test"), (FAR,))
-            r = personalized_report(*args)
-            rs = personalized_report(*args, stranger_emb=self.embed(model, self.x[strangers]))
+            r = personalized_report(
+                train, ids("train"), device_of("train"), test, ids("test"), device_of("test"), (FAR,),
+                stranger_emb=self.embed(model, self.x[strangers]),
+            )  # fmt: skip
             if len(models) == 1:
-                per_device, with_strangers = r["per_device"], rs["per_device"]
+                per_device = r["per_device"]
                 break
             per_device.append(next(e for e in r["per_device"] if e["device"] == k))
-            with_strangers.append(next(e for e in rs["per_device"] if e["device"] == k))
         e = self.embed(models[0], self.lfw.numpy())
         g = verification_report(
             cosine_scores(e[self.lfw_index[:, 0]], e[self.lfw_index[:, 1]]), self.lfw_same, self.lfw_folds
         )
         return {
-            "device_tar": float(np.mean([r["tar@far=1e-3"] for r in per_device])),
-            "device_dir": float(np.mean([r["dir@far=1e-3"] for r in per_device])),
-            "device_tar_strangers": float(np.mean([r["tar@far=1e-3"] for r in with_strangers])),
-            "device_dir_strangers": float(np.mean([r["dir@far=1e-3"] for r in with_strangers])),
+            "device_tar": float(np.mean([r[f"{OTHERS_ONLY}tar@far=1e-3"] for r in per_device])),
+            "device_dir": float(np.mean([r[f"{OTHERS_ONLY}dir@far=1e-3"] for r in per_device])),
+            "device_tar_strangers": float(np.mean([r["tar@far=1e-3"] for r in per_device])),
+            "device_dir_strangers": float(np.mean([r["dir@far=1e-3"] for r in per_device])),
             "lfw_accuracy": float(g["accuracy"]),
             "lfw_tar": float(g["tar@far=1e-3"]),
         }

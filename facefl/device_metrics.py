@@ -21,7 +21,10 @@ from facefl.metrics import (
     tar_at_far,
 )
 
-__all__ = ["personalized_report"]
+__all__ = ["OTHERS_ONLY", "personalized_report"]
+
+#: prefix of the report's figures without the strangers, when it has strangers
+OTHERS_ONLY = "others_only/"
 
 
 def personalized_report(
@@ -52,7 +55,8 @@ def personalized_report(
     - ``stranger_emb`` (optional, (S, D)): faces of people on no device (e.g. the plan's held-out
       identities). They are impostors for every device, in both protocols: 1:1 pairs with each of
       ``d``'s test images, 1:N probes. Without them a device meets only the ~hundreds of other devices'
-      test images, so FAR 1e-3 is the single highest impostor score, set by one look-alike.
+      test images, so FAR 1e-3 is the single highest impostor score, set by one look-alike. With
+      strangers, every metric also comes without them, as ``others_only/<metric>``.
 
     Returns ``{"tar@far=1e-2": mean over devices, ..., "dir@far=1e-2": ..., "rank1": ..., "devices":
     number of devices (float), "per_device": [{"device": id, "identities": gallery size, "test_images":
@@ -124,6 +128,7 @@ def personalized_report(
         }
         for key, f in zip(keys_tar, far_list, strict=True):
             entry[key] = tar_at_far(scores, same, f)
+        others = int(valid.sum())  # the pairs within the devices' test images come first
         # 1:N with the device's enrolled identities; other devices' test images are impostors
         cols = np.flatnonzero(gal_dev == d)
         entry["identities"] = int(cols.size)
@@ -134,11 +139,20 @@ def personalized_report(
         for key, f in zip(keys_dir, far_list, strict=True):
             entry[key] = dir_at_far(sim, probe_index, f)
         entry["rank1"] = rank1_accuracy(sim, probe_index)
+        if st.shape[0]:
+            # the same without the strangers (the other devices' test images as the only impostors);
+            # strangers are never ranked, so rank-1 is the same
+            for key, f in zip(keys_tar, far_list, strict=True):
+                entry[f"{OTHERS_ONLY}{key}"] = tar_at_far(scores[:others], same[:others], f)
+            for key, f in zip(keys_dir, far_list, strict=True):
+                entry[f"{OTHERS_ONLY}{key}"] = dir_at_far(sim[: te.shape[0]], probe_index[: te.shape[0]], f)
+            entry[f"{OTHERS_ONLY}rank1"] = entry["rank1"]
         per_device.append(entry)
 
-    report: dict[str, Any] = {
-        key: float(np.mean([e[key] for e in per_device])) for key in [*keys_tar, *keys_dir, "rank1"]
-    }
+    metrics = [*keys_tar, *keys_dir, "rank1"]
+    if st.shape[0]:
+        metrics += [f"{OTHERS_ONLY}{key}" for key in metrics]
+    report: dict[str, Any] = {key: float(np.mean([e[key] for e in per_device])) for key in metrics}
     report["devices"] = float(devices.size)
     report["strangers"] = float(st.shape[0])
     report["per_device"] = per_device

@@ -240,7 +240,7 @@ def evaluate_personalized(
     model embeds everything device d sees (its gallery, its probes and every impostor), as on a phone.
     ``strangers`` (images of people on no device, :func:`load_strangers`) are impostors for every
     device; the report then also holds each metric without them, as ``others_only/<metric>`` (the other
-    devices' test images as the only impostors), from the same embeddings.
+    devices' test images as the only impostors), from the same embeddings (personalized_report).
     """
     train_labels = np.concatenate([d.train_labels for d in devices])
     train_devices = np.concatenate([np.full(len(d.train_labels), d.device) for d in devices])
@@ -250,14 +250,19 @@ def evaluate_personalized(
     def per_device(embedder: Embedder) -> list[dict[str, float]]:
         train = embedder.embed(np.concatenate([d.train_images for d in devices]))
         test = embedder.embed(np.concatenate([d.test_images for d in devices]))
-        args = (train, train_labels, train_devices, test, test_labels, test_devices, fars)
-        rows: list[dict[str, float]] = personalized_report(*args)["per_device"]
-        if strangers is None:
-            return rows
-        with_strangers = personalized_report(*args, stranger_emb=embedder.embed(strangers))["per_device"]
-        for row, other in zip(with_strangers, rows, strict=True):
-            row.update({f"others_only/{k}": v for k, v in other.items() if k not in _COUNTS})
-        return with_strangers
+        stranger_emb = None if strangers is None else embedder.embed(strangers)
+        report = personalized_report(
+            train,
+            train_labels,
+            train_devices,
+            test,
+            test_labels,
+            test_devices,
+            fars,
+            stranger_emb=stranger_emb,
+        )
+        rows: list[dict[str, float]] = report["per_device"]
+        return rows
 
     if not isinstance(embedders, Sequence):
         rows = per_device(embedders)

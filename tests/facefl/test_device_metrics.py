@@ -139,6 +139,11 @@ def test_personalized_report_strangers_hand_computed() -> None:
     assert rep["dir@far=1e-1"] == pytest.approx(0.375)
     assert rep["rank1"] == without["rank1"] == pytest.approx((1.0 + 0.75) / 2)
     assert rep["strangers"] == 2.0
+    # the report also holds the figures without the strangers, equal to a report that never had them
+    for key in ("tar@far=1e-1", "tar@far=2.5e-1", "dir@far=1e-1", "dir@far=2.5e-1", "rank1"):
+        assert rep[f"others_only/{key}"] == without[key]
+        assert [d[f"others_only/{key}"] for d in rep["per_device"]] == [d[key] for d in without["per_device"]]
+    assert not any(k.startswith("others_only/") for k in without)
     with pytest.raises(ValueError, match="stranger_emb has dimension"):
         personalized_report(*args, stranger_emb=np.ones((2, 3)))
     with pytest.raises(ValueError, match="stranger_emb is empty"):
