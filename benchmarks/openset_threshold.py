@@ -35,6 +35,7 @@ for entry in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(entry))
 
 from accuracy import EXCLUDED_IDENTITIES  # noqa: E402
+from recognizer_celeba import eligible_identities, phone_people  # noqa: E402
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -72,21 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     from facefl.embedders import load_embedder
 
     embedder = load_embedder(args.model)
-    names = list(ImageFolder(args.celeba).identities)
+    folder = ImageFolder(args.celeba)
+    names = list(folder.identities)
     images, labels = load_identities(args.celeba, names, embedder.image_size)
     emb = embedder.embed(images).astype(np.float64)
     public_set = load_public_set(args.lfw, embedder.image_size)
     public = embedder.embed(public_set.images[spread_sample(public_set.labels, args.public)]).astype(
         np.float64
     )
-    counts = np.bincount(labels, minlength=len(names))
-    dropped = {n for n in args.exclude.split(",") if n}
-    # recognizer_celeba.py's draw: identities with two or more images, in folder order, permuted by seed
-    eligible = [n for n, c in zip(names, counts, strict=True) if c >= 2 and n not in dropped]
+    # recognizer_celeba.py's draw
+    eligible = eligible_identities(folder, {n for n in args.exclude.split(",") if n})
     phones: list[dict[str, Any]] = []
     for seed in range(args.phones):
-        order = [eligible[int(i)] for i in np.random.default_rng(seed).permutation(len(eligible))]
-        enrolled, others = order[: args.people], order[args.people : args.people + args.strangers]
+        enrolled, others = phone_people(eligible, args.people, args.strangers, seed)
         rows = [np.flatnonzero(labels == names.index(n)) for n in enrolled]
         person = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
         flat = np.concatenate(rows)

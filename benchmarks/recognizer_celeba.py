@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,18 @@ def model_threshold(path: Path) -> float | None:
     return float(props[DEFAULT_THRESHOLD_KEY]) if DEFAULT_THRESHOLD_KEY in props else None
 
 
+def eligible_identities(folder: Any, exclude: Collection[str] = ()) -> list[str]:
+    """The identities a phone may draw: those with two or more images, in folder order, less ``exclude``."""
+    counts = np.bincount(folder.labels, minlength=len(folder.identities))
+    return [name for name, c in zip(folder.identities, counts, strict=True) if c >= 2 and name not in exclude]
+
+
+def phone_people(eligible: list[str], people: int, strangers: int, seed: int) -> tuple[list[str], list[str]]:
+    """Phone ``seed``'s enrolled people and its strangers, drawn from ``eligible``."""
+    order = [eligible[int(i)] for i in np.random.default_rng(seed).permutation(len(eligible))]
+    return order[:people], order[people : people + strangers]
+
+
 def run_phone(
     model: Path,
     folder: Any,
@@ -100,9 +113,7 @@ def run_phone(
     from facefl.data.folder import load_image
     from facefl.data.protocol import device_split
 
-    rng = np.random.default_rng(seed)
-    order = [eligible[int(i)] for i in rng.permutation(len(eligible))]
-    enrolled, others = order[:people], order[people : people + strangers]
+    enrolled, others = phone_people(eligible, people, strangers, seed)
     paths: dict[str, list[Path]] = {}
     for path, label in folder.samples:
         paths.setdefault(folder.identities[label], []).append(path)
@@ -248,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models = {path.name: path for path in args.onnx}
         folder = ImageFolder(args.celeba)
-        counts = np.bincount(folder.labels, minlength=len(folder.identities))
-        eligible = [name for name, c in zip(folder.identities, counts, strict=True) if c >= 2]
+        eligible = eligible_identities(folder)
         rows: list[dict[str, Any]] = []
         raw: dict[str, Any] = {}
         for key, path in models.items():
