@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from facefl.data import DataError, ImageFolder, Preprocessing, load_image
+from facefl.data.protocol import DevicePlan
 from facefl.device_metrics import personalized_report
 from facefl.embedders import Embedder
 from facefl.metrics import cosine_scores, verification_report
@@ -130,7 +131,7 @@ def _plan(
     seed: int,
     max_images_per_identity: int | None,
     exclude: Iterable[str],
-) -> Any:
+) -> DevicePlan:
     from facefl.data.protocol import plan_devices
 
     return plan_devices(
@@ -146,7 +147,7 @@ def _plan(
 
 def _devices_of(
     root: str | Path,
-    plan: Any,
+    plan: DevicePlan,
     test_fraction: float,
     seed: int,
     image_size: int,
@@ -166,7 +167,7 @@ def _devices_of(
 
 
 def _strangers_of(
-    root: str | Path, plan: Any, image_size: int, max_images_per_identity: int | None
+    root: str | Path, plan: DevicePlan, image_size: int, max_images_per_identity: int | None
 ) -> np.ndarray:
     from facefl.data.protocol import load_identities
 
