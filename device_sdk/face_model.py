@@ -3,7 +3,8 @@
 Any ONNX face-embedding model with one float NCHW input ``(N, 3, S, S)`` works. The input size is read
 from the model; the preprocessing from its ``facefl.preprocessing`` metadata (written by ``facefl
 export``), else the default ``(x / 255 - 0.5) / 0.5`` on RGB (see :mod:`facefl.embedders`). A model is
-known by the SHA-256 of its file: gallery embeddings made by another file are stale.
+known by the SHA-256 of its file: gallery embeddings made by another file are stale. A model exported with
+``--threshold-set`` also carries a stranger bank (:mod:`facefl.stranger_bank`), read and checked here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ class FaceModel:
             raise RecognizerError(f"cannot use {path} as a face-embedding model: {exc}") from exc
         self.path = path
         self.sha256 = sha256_file(path)
+        self.stranger_bank = self._read_stranger_bank()
+
+    def _read_stranger_bank(self) -> np.ndarray | None:
+        """The model's stranger bank (unit (n, d) float32), None if it has none; RecognizerError naming
+        the file when the bank is malformed or its width is not the model's embedding size."""
+        from facefl.stranger_bank import STRANGER_BANK_KEY, decode_stranger_bank
+
+        text = self.embedder.metadata.get(STRANGER_BANK_KEY)
+        if text is None:
+            return None
+        try:
+            bank = decode_stranger_bank(text)
+        except ValueError as exc:
+            raise RecognizerError(f"{self.path}: bad {STRANGER_BANK_KEY} metadata: {exc}") from exc
+        width = self.embedder.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and bank.shape[1] != width:
+            raise RecognizerError(
+                f"{self.path}: the {STRANGER_BANK_KEY} metadata holds {bank.shape[1]}-d embeddings, "
+                f"the model outputs {width}-d ones"
+            )
+        return bank
 
     @property
     def image_size(self) -> int:

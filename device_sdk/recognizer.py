@@ -27,11 +27,14 @@ connection. The file is created readable by its owner only, and deletions overwr
 cosine between a probe's embedding and a template. ``verify`` accepts when score >= threshold;
 ``identify`` returns the best-scoring person if their score reaches the threshold, else ``None``.
 
-**Threshold.** Fixed when ``threshold=`` is given. Otherwise calibrated on the device's own enrolled data
-for ``target_far`` (:mod:`device_sdk.threshold`), falling back to the model's
-``facefl.default_threshold`` metadata if present, else :data:`DEFAULT_THRESHOLD`, while the gallery is
-too small. :attr:`Recognizer.threshold_info` says which one is in force. It is recalibrated after every
-enroll, forget and model swap.
+**Threshold.** Fixed when ``threshold=`` is given. Otherwise, for ``target_far``
+(:mod:`device_sdk.threshold`): set on the model's stranger bank (public faces a ``facefl export
+--threshold-set`` stores in the model) so that at most ``target_far`` of those strangers would be
+identified as an enrolled person; without a bank (or with ``stranger_bank=False``), calibrated on pairs
+of the device's own enrolled images, falling back to the model's ``facefl.default_threshold`` metadata
+if present, else :data:`DEFAULT_THRESHOLD`, while the gallery is too small.
+:attr:`Recognizer.threshold_info` says which one is in force. It is set again after every enroll, forget
+and model swap.
 
 **Threads.** Queries run concurrently (ONNX Runtime sessions are thread-safe) on an immutable snapshot of
 (model session, gallery embeddings, threshold); enroll, forget and swap_model are serialised and publish a
@@ -61,6 +64,7 @@ from .threshold import (
     DEFAULT_THRESHOLD_KEY,
     Threshold,
     calibrate_threshold,
+    open_set_threshold,
     threshold_for,
 )
 
@@ -75,6 +79,7 @@ __all__ = [
     "Threshold",
     "Verification",
     "calibrate_threshold",
+    "open_set_threshold",
 ]
 
 
@@ -118,8 +123,10 @@ class Recognizer:
     Args:
         model_path: an ONNX face-embedding model (NCHW float input).
         store: the SQLite gallery file (created if absent). It never leaves the device.
-        threshold: a fixed cosine threshold; ``None`` calibrates it on the gallery for ``target_far``.
-        target_far: the false-accept rate the calibrated threshold aims at (default 1e-3).
+        threshold: a fixed cosine threshold; ``None`` sets it for ``target_far`` (module docstring).
+        target_far: the false-accept rate the threshold aims at (default 1e-3).
+        stranger_bank: set the threshold on the model's stranger bank when it has one (default True);
+            False calibrates it on the gallery's own impostor pairs.
         threads: ONNX Runtime intra-op threads (``None``: its default).
         batch_size: images per inference call.
     """
@@ -131,6 +138,7 @@ class Recognizer:
         *,
         threshold: float | None = None,
         target_far: float = DEFAULT_TARGET_FAR,
+        stranger_bank: bool = True,
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
@@ -142,6 +150,7 @@ class Recognizer:
             raise RecognizerError(f"batch_size must be positive, got {batch_size}")
         self._fixed_threshold = None if threshold is None else float(threshold)
         self.target_far = float(target_far)
+        self._use_stranger_bank = bool(stranger_bank)
         self._threads = threads
         self._batch_size = int(batch_size)
         self._write_lock = threading.RLock()  # enroll / forget / swap_model / close, and the gallery
@@ -254,6 +263,8 @@ class Recognizer:
             fixed=self._fixed_threshold,
             target_far=self.target_far,
             model_default=model.default_threshold,
+            templates=templates,
+            strangers=model.stranger_bank if self._use_stranger_bank else None,
         )
         return _Snapshot(model, names, templates, threshold)
 

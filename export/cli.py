@@ -6,8 +6,9 @@
 With ``--int8``, ``--out`` receives the int8 model and the fp32 model it was made from is kept beside it as
 ``<name>.fp32.onnx``. With ``--parity DIR`` the embeddings of the images under DIR are compared between
 PyTorch and ONNX Runtime; the command fails (exit status 1) when the minimum cosine is under 0.9999 (fp32)
-or 0.998 (int8). ``--threshold-set DIR`` stores each model's operating threshold at FAR 1e-3 on a public
-set, the Recognizer's fallback when a gallery is too small to calibrate one. ``--server URL --version N``
+or 0.998 (int8). ``--threshold-set DIR`` stores in each model its operating threshold at FAR 1e-3 on a public
+set and, unless ``--no-stranger-bank``, those public faces' embeddings: the stranger bank on which the
+Recognizer sets its open-set threshold for the people enrolled on a phone. ``--server URL --version N``
 exports a model version straight from a server (a global model the simulator or a real deployment
 trained; the token comes from ``--token`` or ``FACEFL_TOKEN``); ``--server URL --task ID`` exports the
 version the server serves for that task (the last one that passed the task's release gate). A version
@@ -68,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold-images", type=int, default=2000, metavar="N", help="--threshold-set images used (2000)"
     )
+    parser.add_argument(
+        "--no-stranger-bank",
+        action="store_true",
+        help="with --threshold-set: store only the threshold, not the public faces' embeddings (the "
+        "Recognizer then calibrates on the gallery's own pairs)",
+    )
     parser.add_argument("--json", dest="json_path", type=Path, help="write the export report as JSON here")
 
 
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
     from export.quantize import quantize_static_int8
     from export.threshold import threshold_for_model
+    from facefl.stranger_bank import STRANGER_BANK_KEY, encode_stranger_bank
 
     if sum(x is not None for x in (args.model, args.personalized, args.version, args.task)) != 1:
         return _fail(
@@ -145,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("give --default-threshold or --threshold-set, not both", 2)
     if not 0.0 < args.threshold_far < 1.0:
         return _fail(f"--threshold-far must be in (0, 1), got {args.threshold_far}", 2)
+    if args.no_stranger_bank and args.threshold_set is None:
+        return _fail("--no-stranger-bank is only used with --threshold-set", 2)
     out: Path = args.out
     report: dict[str, Any] = {"out": str(out)}
     failed = []
@@ -167,12 +177,19 @@ def run(args: argparse.Namespace) -> int:
         if args.threshold_set is not None:
             report["operating_points"] = {}
             for path in [fp32_path] + ([out] if args.int8 else []):
-                point = threshold_for_model(
+                point, bank = threshold_for_model(
                     path, args.threshold_set, args.threshold_far, args.threshold_images
                 )
-                set_metadata(path, {DEFAULT_THRESHOLD_KEY: repr(point.threshold)})
-                print(f"{path.name}: {point.format()}")
-                report["operating_points"][str(path)] = point.to_dict()
+                items = {DEFAULT_THRESHOLD_KEY: repr(point.threshold)}
+                if not args.no_stranger_bank:
+                    items[STRANGER_BANK_KEY] = encode_stranger_bank(bank)
+                set_metadata(path, items)
+                stored = "" if args.no_stranger_bank else f"; stranger bank of {len(bank)} faces stored"
+                print(f"{path.name}: {point.format()}{stored}")
+                report["operating_points"][str(path)] = {
+                    **point.to_dict(),
+                    "stranger_bank": 0 if args.no_stranger_bank else len(bank),
+                }
         if args.parity is not None:
             images = load_image_dir(args.parity, source.preprocessing.image_size, limit=args.parity_images)
             checks = [(fp32_path, FP32_MIN_COSINE)] + ([(out, INT8_MIN_COSINE)] if args.int8 else [])

@@ -1,10 +1,12 @@
 """The operating threshold stored in an exported model, chosen on a public set at a target FAR.
 
-A phone with three enrolled people has three impostor pairs: far too few to calibrate a threshold for
-FAR 1e-3 (the Recognizer needs at least 1,000). It then falls back to the threshold in the model's
-metadata, which this module picks when the model is exported: the impostor scores are the cosines
-between images of different identities of a public set (an LFW-layout folder contributes only its public
-split, never the test folds), embedded by the exported ONNX model itself, exactly as a device would.
+A phone with three enrolled people has three impostor pairs: far too few to calibrate a threshold for FAR
+1e-3 (the Recognizer needs at least 1,000). It then falls back to the threshold in the model's metadata,
+which this module picks when the model is exported: the impostor scores are the cosines between images of
+different identities of a public set (an LFW-layout folder contributes only its public split, never the test
+folds), embedded by the exported ONNX model itself, exactly as a device would. The same embeddings become
+the model's stranger bank (:mod:`facefl.stranger_bank`), on which a Recognizer sets its open-set threshold
+for its own enrolled people.
 """
 
 from __future__ import annotations
@@ -95,20 +97,28 @@ def operating_point(embeddings: np.ndarray, labels: np.ndarray, far: float) -> O
     )
 
 
+def embed_public_set(
+    model: str | Path, public_root: str | Path, max_images: int = DEFAULT_THRESHOLD_IMAGES
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, labels) of a spread sample of the public set, embedded by the ONNX ``model``."""
+    from facefl.data.public import load_public_set
+    from facefl.embedders import OnnxEmbedder
+
+    embedder = OnnxEmbedder(model)
+    public = load_public_set(public_root, embedder.preprocessing.image_size)
+    keep = spread_sample(public.labels, max_images)
+    return embedder.embed(public.images[keep]), public.labels[keep]
+
+
 def threshold_for_model(
     model: str | Path,
     public_root: str | Path,
     far: float = DEFAULT_THRESHOLD_FAR,
     max_images: int = DEFAULT_THRESHOLD_IMAGES,
-) -> OperatingPoint:
-    """Embed (a spread sample of) the public set with the ONNX ``model`` and pick its operating point."""
-    from facefl.data.public import load_public_set
-    from facefl.embedders import OnnxEmbedder
-
+) -> tuple[OperatingPoint, np.ndarray]:
+    """Embed (a spread sample of) the public set with the ONNX ``model``; its operating point at ``far``
+    and the embeddings (the model's stranger bank)."""
     if not 0.0 < far < 1.0:
         raise ExportError(f"the threshold FAR must be in (0, 1), got {far}")
-    embedder = OnnxEmbedder(model)
-    public = load_public_set(public_root, embedder.preprocessing.image_size)
-    keep = spread_sample(public.labels, max_images)
-    embeddings = embedder.embed(public.images[keep])
-    return operating_point(embeddings, public.labels[keep], far)
+    embeddings, labels = embed_public_set(model, public_root, max_images)
+    return operating_point(embeddings, labels, far), embeddings

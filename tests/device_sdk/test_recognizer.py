@@ -24,9 +24,10 @@ from device_sdk import (
 )
 from device_sdk.align import detection_available
 from device_sdk.recognizer import CALIBRATION_MARGIN, DEFAULT_THRESHOLD, calibrate_threshold
-from export.onnx import export_onnx, load_generic
+from export.onnx import export_onnx, load_generic, set_metadata
 from export.personalize import refresh_recognizer
 from facefl.embedders import OnnxEmbedder
+from facefl.stranger_bank import STRANGER_BANK_KEY, encode_stranger_bank
 from tests.export.helpers import faces, write_checkpoint, write_device_state
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -228,6 +229,25 @@ def test_calibrated_threshold_and_fallbacks(models: tuple[Path, Path], tmp_path:
     )
     with Recognizer(meta_model, store=tmp_path / "g2.db") as rec:
         assert (rec.threshold, rec.threshold_info.source) == (0.61, "model default")
+
+
+def test_a_malformed_stranger_bank_is_refused_naming_the_file(tmp_path: Path) -> None:
+    model = export_onnx(load_generic(write_checkpoint(tmp_path / "m.safetensors")), tmp_path / "m.onnx")
+    dim = OnnxEmbedder(model).embed(faces(range(1), 1)).shape[1]
+    set_metadata(model, {STRANGER_BANK_KEY: "{truncated"})
+    with pytest.raises(RecognizerError, match=f"{model}: bad {STRANGER_BANK_KEY} metadata: .*not JSON"):
+        Recognizer(model, store=tmp_path / "g.db")
+    set_metadata(model, {STRANGER_BANK_KEY: encode_stranger_bank(np.eye(dim + 1))})
+    with pytest.raises(RecognizerError, match=f"holds {dim + 1}-d embeddings, the model outputs {dim}-d"):
+        Recognizer(model, store=tmp_path / "g.db")
+    assert not (tmp_path / "g.db").exists()  # refused before the gallery was created
+    # a valid bank of the right width is used from the first enrolled person on
+    bank = np.random.default_rng(0).normal(size=(40, dim))
+    set_metadata(model, {STRANGER_BANK_KEY: encode_stranger_bank(bank)})
+    with Recognizer(model, store=tmp_path / "g.db", target_far=0.05) as rec:
+        assert rec.threshold_info.source == "default"  # no one enrolled yet
+        rec.enroll("p0", list(faces(range(1), 2)))
+        assert (rec.threshold_info.source, rec.threshold_info.strangers) == ("strangers", 40)
 
 
 def test_gallery_persists_privately_and_forget_erases(models: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The operating threshold an export stores: hand-computed operating points, the public-split sample, and
-the command end to end (the Recognizer falls back to it with a three-person gallery)."""
+"""The operating threshold and stranger bank an export stores: hand-computed operating points, the
+public-split sample, and the command end to end (a three-person phone's Recognizer sets its threshold on
+the bank, or falls back to the stored threshold without one)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from export.threshold import operating_point, spread_sample
 from facefl.cli import main
 from facefl.data import LfwProtocol, write_image_folder, write_synthetic_lfw
 from facefl.embedders import OnnxEmbedder
+from facefl.stranger_bank import STRANGER_BANK_KEY, decode_stranger_bank
 from tests.device_sdk.test_recognizer import faces
 from tests.export.helpers import write_checkpoint
 
@@ -67,14 +69,45 @@ def test_export_stores_the_public_operating_threshold_and_the_recognizer_uses_it
     public = LfwProtocol.from_root(lfw).public_identities
     for path, point in points.items():
         assert point["identities"] <= len(public) and point["measured_far"] <= 0.01
-        stored = OnnxEmbedder(path).metadata["facefl.default_threshold"]
-        assert float(stored) == point["threshold"]
-    # three enrolled people: 3 x 3 x 3 = 27 impostor pairs, too few for FAR 1e-3: the stored one is used
+        metadata = OnnxEmbedder(path).metadata
+        assert float(metadata["facefl.default_threshold"]) == point["threshold"]
+        # the bank is the threshold set itself, embedded by this very model
+        bank = decode_stranger_bank(metadata[STRANGER_BANK_KEY])
+        assert len(bank) == point["images"] == point["stranger_bank"]
+    bank = decode_stranger_bank(OnnxEmbedder(out).metadata[STRANGER_BANK_KEY])
+    enrolled = [faces(range(k, k + 1), 3, seed=4) for k in range(3)]
+    embedder = OnnxEmbedder(out)
+    templates = np.stack([embedder.embed(images).mean(axis=0) for images in enrolled])
+    templates /= np.linalg.norm(templates, axis=1, keepdims=True)
+    best = (bank @ templates.T).max(axis=1)  # each stranger's score under identify
+    far = 0.05
+    assert len(bank) >= 1 / far
+    # three enrolled people: the threshold is set on the bank's strangers against their templates
+    with Recognizer(out, store=tmp_path / "g.db", target_far=far) as rec:
+        for k, images in enumerate(enrolled):
+            rec.enroll(f"p{k}", list(images))
+        info = rec.threshold_info
+        assert (info.source, info.strangers) == ("strangers", len(bank))
+        # recomputed outside the Recognizer (no PNG round trip, another batch): compared with a tolerance
+        # far above float noise, so no stranger sits on the boundary
+        assert (best >= info.value + 1e-4).mean() <= far
+        assert (best >= info.value - 1e-3 - 1e-4).mean() > far  # the tightest such threshold
+    # 27 impostor pairs are too few for FAR 1e-3, and so are the bank's faces: the stored threshold
     with Recognizer(out, store=tmp_path / "g.db") as rec:
-        for k in range(3):
-            rec.enroll(f"p{k}", list(faces(range(k, k + 1), 3, seed=4)))
         info = rec.threshold_info
         assert info.source == "model default" and info.value == points[str(out)]["threshold"]
+    # without the bank, the same phone calibrates on its own 27 impostor pairs (enough for FAR 0.05)
+    with Recognizer(out, store=tmp_path / "g.db", target_far=far, stranger_bank=False) as rec:
+        assert (rec.threshold_info.source, rec.threshold_info.impostor_pairs) == ("calibrated", 27)
+
+
+def test_export_without_a_stranger_bank(lfw: Path, tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(ckpt), "--out", str(out), "--threshold-set", str(lfw),
+                 "--threshold-far", "0.01", "--no-stranger-bank"]) == 0  # fmt: skip
+    metadata = OnnxEmbedder(out).metadata
+    assert "facefl.default_threshold" in metadata and STRANGER_BANK_KEY not in metadata
 
 
 def test_export_threshold_usage_errors(lfw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,6 +119,8 @@ def test_export_threshold_usage_errors(lfw: Path, tmp_path: Path, capsys: pytest
     far_one = ["--threshold-set", str(lfw), "--threshold-far", "1"]
     assert main(["export", "--model", ckpt, "--out", out, *far_one]) == 2
     assert "--threshold-far must be in (0, 1)" in capsys.readouterr().err
+    assert main(["export", "--model", ckpt, "--out", out, "--no-stranger-bank"]) == 2
+    assert "only used with --threshold-set" in capsys.readouterr().err
     # the synthetic public split has far fewer than the 1,000 impostor pairs FAR 1e-3 needs
     assert main(["export", "--model", ckpt, "--out", out, "--threshold-set", str(lfw),
                  "--threshold-images", "6"]) == 1  # fmt: skip
