@@ -9,9 +9,10 @@ reaches any one of the enrolled templates. This replays ``benchmarks/recognizer_
 and calibration), in NumPy on embeddings computed once, and compares two thresholds:
 
 - ``pairwise``: the Recognizer's own (falling back to ``--fallback`` when the gallery is too small);
-- ``open-set``: chosen so that at most ``--far`` of a public stranger set's probes (``--public``
-  images of the LFW public split, spread over identities as ``facefl export --threshold-set`` takes
-  them) reach their best template: the rate ``identify`` actually has for strangers.
+- ``open-set``: the Recognizer's rule with a stranger bank (``device_sdk.threshold.open_set_threshold``):
+  at most ``--far`` of a public stranger set's probes (``--public`` images of the LFW public split, spread
+  over identities as ``facefl export --threshold-set`` takes them and stores them as the model's bank)
+  reach their best template: the rate ``identify`` actually has for strangers.
 
 Reported per threshold, mean +- std over phones: the share of enrolled people's test images identified
 correctly above the threshold, and the share of strangers' images rejected. ``--exclude`` leaves folders
@@ -42,13 +43,6 @@ def unit(a: np.ndarray) -> np.ndarray:
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
 
 
-def open_set_threshold(public: np.ndarray, templates: np.ndarray, far: float) -> float:
-    """The lowest score at which at most ``far`` of the public probes reach their best template."""
-    best = np.sort((public @ templates.T).max(axis=1))[::-1]
-    k = int(np.floor(far * len(best)))  # this many may be accepted; the (k+1)-th highest must not be
-    return float(np.nextafter(best[k], np.inf))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="a facefl checkpoint or ONNX model")
@@ -65,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "openset_threshold.json")
     args = p.parse_args(argv)
 
-    from device_sdk.threshold import calibrate_threshold
+    from device_sdk.threshold import calibrate_threshold, open_set_threshold
     from export.threshold import spread_sample
     from facefl.data import ImageFolder
     from facefl.data.protocol import device_split, load_identities
@@ -95,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         probes = emb[flat[test]] @ templates.T
         strangers = emb[np.isin(labels, [names.index(n) for n in others])] @ templates.T
         pairwise = calibrate_threshold(gallery, person[train], args.far, args.fallback, "model default")
+        open_set = open_set_threshold(public, templates, args.far)
+        if open_set is None:
+            raise SystemExit(f"--public {len(public)} faces are too few for FAR {args.far}")
         phone: dict[str, Any] = {"seed": seed, "pairwise_source": pairwise.source}
         for key, t in (
             ("pairwise", pairwise.value),
-            ("open_set", open_set_threshold(public, templates, args.far)),
+            ("open_set", open_set.value),
         ):
             hit = (probes.argmax(axis=1) == person[test]) & (probes.max(axis=1) >= t)
             phone[key] = {

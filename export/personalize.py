@@ -7,12 +7,18 @@ gallery's own crops -- checks parity against PyTorch on those crops, and swaps t
 recognizer (which re-embeds its gallery). The personalized model, the crops and the gallery never leave
 the device.
 
+A stranger bank (:mod:`facefl.stranger_bank`) holds embeddings of one model, so the previous model's bank
+cannot be carried over: given ``public_faces`` (public face crops the device holds, e.g. FedFR's public
+set; never its gallery), the new model embeds them into its own bank, and the Recognizer keeps an
+open-set threshold; without them it calibrates on the gallery's own pairs (``device_sdk.threshold``).
+
 It lives in ``export`` (which may import ``device_sdk``; ``device_sdk`` never imports ``export``): the SDK
 trains and recognizes, the export package turns a model into ONNX, here on the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,7 @@ import numpy as np
 from device_sdk.errors import RecognizerError
 from device_sdk.recognizer import Recognizer
 from export.errors import ExportError
-from export.onnx import SOURCE_SHA256_KEY, export_onnx, load_personalized
+from export.onnx import SOURCE_SHA256_KEY, export_onnx, load_personalized, set_metadata
 from export.parity import FP32_MIN_COSINE, INT8_MIN_COSINE, parity_report
 from export.quantize import quantize_static_int8
 
@@ -37,6 +43,7 @@ def refresh_recognizer(
     *,
     int8: bool = False,
     check_parity: bool = True,
+    public_faces: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Export the personalized model of ``state_dir`` into ``work_dir`` and swap it into ``recognizer``.
 
@@ -44,7 +51,8 @@ def refresh_recognizer(
     there are removed once the swap succeeded). ``int8`` quantizes with the gallery's crops as calibration
     images (it needs an enrolled gallery). With ``check_parity`` the new model must reproduce the PyTorch
     embeddings of up to 32 gallery crops (cosine >= 0.9999 fp32, >= 0.998 int8), else RecognizerError and
-    the recognizer keeps its current model.
+    the recognizer keeps its current model. ``public_faces`` (HxWx3 uint8 crops of people who are not
+    enrolled) become the new model's stranger bank (module docstring).
     """
     work = Path(work_dir)
     try:
@@ -68,10 +76,22 @@ def refresh_recognizer(
                 if not report.passed:
                     out.unlink(missing_ok=True)
                     raise RecognizerError(f"the rebuilt model failed its parity check: {report.format()}")
-    except ExportError as exc:
+        if public_faces:
+            _store_stranger_bank(out, public_faces)
+    except (ExportError, ValueError) as exc:
         raise RecognizerError(f"cannot rebuild the personalized model from {state_dir}: {exc}") from exc
     recognizer.swap_model(out)
     for old in work.glob("personalized-*.onnx"):
         if old != out and old.resolve() != out.resolve():
             old.unlink(missing_ok=True)
     return out
+
+
+def _store_stranger_bank(model: Path, public_faces: Sequence[np.ndarray]) -> None:
+    """Embed ``public_faces`` with the ONNX ``model`` (as a device embeds) and store them as its bank."""
+    from facefl.embedders import OnnxEmbedder
+    from facefl.stranger_bank import STRANGER_BANK_KEY, encode_stranger_bank
+
+    embedder = OnnxEmbedder(model)
+    images = np.stack([embedder.preprocessing.to_uint8(face) for face in public_faces])
+    set_metadata(model, {STRANGER_BANK_KEY: encode_stranger_bank(embedder.embed(images))})

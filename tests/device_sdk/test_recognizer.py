@@ -27,7 +27,7 @@ from device_sdk.recognizer import CALIBRATION_MARGIN, DEFAULT_THRESHOLD, calibra
 from export.onnx import export_onnx, load_generic, set_metadata
 from export.personalize import refresh_recognizer
 from facefl.embedders import OnnxEmbedder
-from facefl.stranger_bank import STRANGER_BANK_KEY, encode_stranger_bank
+from facefl.stranger_bank import STRANGER_BANK_KEY, decode_stranger_bank, encode_stranger_bank
 from tests.export.helpers import faces, write_checkpoint, write_device_state
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -357,6 +357,26 @@ def test_refresh_recognizer_swaps_in_the_personalized_model(
         with pytest.raises(RecognizerError, match="cannot rebuild"):
             refresh_recognizer(rec, tmp_path / "no-state", work)
         assert rec.model_path == second
+    # with public faces the rebuilt model carries its own stranger bank, embedded by itself
+    public = list(faces(range(10, 30), 2, seed=5))
+    with Recognizer(model, store=tmp_path / "g.db", target_far=0.05) as rec:
+        # the generic model has no bank, and 9 impostor pairs are too few to calibrate for 0.05
+        assert rec.threshold_info.source == "default"
+        third = refresh_recognizer(
+            rec, write_device_state(tmp_path / "s3", seed=3), work, public_faces=public
+        )
+        info = rec.threshold_info
+        assert (rec.model_path, info.source, info.strangers) == (third, "strangers", 40)
+        bank = decode_stranger_bank(OnnxEmbedder(third).metadata[STRANGER_BANK_KEY])
+        assert np.allclose(bank, OnnxEmbedder(third).embed(np.stack(public)), atol=1e-5)
+        with pytest.raises(RecognizerError, match="cannot rebuild"):
+            refresh_recognizer(
+                rec,
+                write_device_state(tmp_path / "s4", seed=4),
+                work,
+                public_faces=[np.zeros((4, 4), np.uint8)],
+            )
+        assert rec.model_path == third
 
 
 # ------------------------------------------------------------------------------- detection (dlib)
