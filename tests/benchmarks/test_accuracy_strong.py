@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.accuracy import PROFILES, Row, capped_public_set, served_cell, small_lfw, table
+from benchmarks.accuracy import DLIB_LOSS, PROFILES, Row, capped_public_set, served_cell, small_lfw, table
 from facefl.data.lfw import LfwProtocol, write_synthetic_lfw
 from facefl.data.public import load_public_set
 from facefl.models import resolve_trainable
@@ -57,8 +57,18 @@ def test_served_cell_names_the_served_and_the_held_back_versions() -> None:
 
 
 def test_strong_profiles_are_valid() -> None:
-    for name in ("strong", "strong-smoke"):
+    for name in ("strong", "strong-18", "strong-smoke"):
         p = PROFILES[name]
         assert p.model == "dlib-resnet" and p.import_pretrained == "dlib-resnet" and p.fars == "1e-3"
         assert resolve_trainable(p.model, p.trainable) == ("level0.", "fc.")
         assert p.gate is not None and p.gate.startswith("accuracy:")
+    wide = PROFILES["strong-18"]
+    assert (wide.devices, wide.methods, wide.local_only) == (18, (DLIB_LOSS,), False)
+    # the same training as strong's row, only more devices
+    strong = PROFILES["strong"]
+    assert (wide.lr, wide.rounds, wide.trainable, wide.gate) == (
+        strong.lr,
+        strong.rounds,
+        strong.trainable,
+        strong.gate,
+    )
