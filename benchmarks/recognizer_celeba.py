@@ -4,9 +4,9 @@
     python benchmarks/recognizer_celeba.py --onnx a.onnx --onnx b.onnx         # already exported models
 
 The models are exported with the real command, ``facefl export --model CKPT --out X.onnx --threshold-set
-LFW`` (and ``--int8 --calibration CELEBA`` for the int8 variant), so each carries the operating threshold
-at FAR 1e-3 chosen on the LFW public split (never the test folds): the Recognizer's fallback when a
-gallery is too small to calibrate its own.
+LFW`` (and ``--int8 --calibration CELEBA`` for the int8 variant), so each carries a stranger bank of
+2,000 faces of the LFW public split (never the test folds), on which the Recognizer sets its open-set
+threshold, and the operating threshold at FAR 1e-3 chosen on them (the fallback without a bank).
 
 A phone (``--phones`` of them per gallery size, seeds 0, 1, ...) enrolls ``--people`` CelebA identities
 drawn at random among those with two or more images; each person's images split into enrollment and test
@@ -18,8 +18,8 @@ enrolled on that phone, all their images) are the impostor probes. For every pho
 - correct: share of the enrolled people's test images identified as the right person;
 - wrong: share identified as someone else enrolled (a false accept of another person);
 - stranger rejected: share of the strangers' images for which ``identify`` returns no one;
-- the threshold in force and its source ("model default" when the gallery has fewer impostor pairs than
-  ``1 / target_far``, "calibrated" otherwise).
+- the threshold in force and its source ("strangers" when set on the model's bank; without one,
+  "model default" when the gallery has fewer impostor pairs than ``1 / target_far``, else "calibrated").
 
 Reported as mean +- std over phones. The int8 model is calibrated on the first 200 images of ``--celeba``
 (unlabelled, as a phone would calibrate on its own gallery), so they may include the phones' people.
