@@ -60,10 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from device_sdk.threshold import calibrate_threshold, open_set_threshold
-    from export.threshold import spread_sample
+    from export.threshold import embed_public_set
     from facefl.data import ImageFolder
     from facefl.data.protocol import device_split, load_identities
-    from facefl.data.public import load_public_set
     from facefl.embedders import load_embedder
 
     embedder = load_embedder(args.model)
@@ -71,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(folder.identities)
     images, labels = load_identities(args.celeba, names, embedder.image_size)
     emb = embedder.embed(images).astype(np.float64)
-    public_set = load_public_set(args.lfw, embedder.image_size)
-    public = embedder.embed(public_set.images[spread_sample(public_set.labels, args.public)]).astype(
-        np.float64
-    )
+    public = embed_public_set(embedder, args.lfw, args.public)[0].astype(np.float64)
     # recognizer_celeba.py's draw
     eligible = eligible_identities(folder, {n for n in args.exclude.split(",") if n})
     phones: list[dict[str, Any]] = []

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from export.errors import ExportError
+
+if TYPE_CHECKING:
+    from facefl.embedders import Embedder
 
 #: The FAR the stored threshold aims at (the Recognizer's default target).
 DEFAULT_THRESHOLD_FAR = 1e-3
@@ -98,14 +101,13 @@ def operating_point(embeddings: np.ndarray, labels: np.ndarray, far: float) -> O
 
 
 def embed_public_set(
-    model: str | Path, public_root: str | Path, max_images: int = DEFAULT_THRESHOLD_IMAGES
+    embedder: Embedder, public_root: str | Path, max_images: int = DEFAULT_THRESHOLD_IMAGES
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, labels) of a spread sample of the public set, embedded by the ONNX ``model``."""
+    """(embeddings, labels) of the spread sample of the public set that an export embeds: its threshold
+    set and stranger bank (``benchmarks/openset_threshold.py`` takes the same faces)."""
     from facefl.data.public import load_public_set
-    from facefl.embedders import OnnxEmbedder
 
-    embedder = OnnxEmbedder(model)
-    public = load_public_set(public_root, embedder.preprocessing.image_size)
+    public = load_public_set(public_root, embedder.image_size)
     keep = spread_sample(public.labels, max_images)
     return embedder.embed(public.images[keep]), public.labels[keep]
 
@@ -118,7 +120,9 @@ def threshold_for_model(
 ) -> tuple[OperatingPoint, np.ndarray]:
     """Embed (a spread sample of) the public set with the ONNX ``model``; its operating point at ``far``
     and the embeddings (the model's stranger bank)."""
+    from facefl.embedders import OnnxEmbedder
+
     if not 0.0 < far < 1.0:
         raise ExportError(f"the threshold FAR must be in (0, 1), got {far}")
-    embeddings, labels = embed_public_set(model, public_root, max_images)
+    embeddings, labels = embed_public_set(OnnxEmbedder(model), public_root, max_images)
     return operating_point(embeddings, labels, far), embeddings
